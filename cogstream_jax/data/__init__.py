@@ -1,0 +1,1 @@
+"""Input side of CogReasoner: video decoding, image processing, chat template, dataset, pipelines."""
