@@ -1,0 +1,138 @@
+"""Basic layers with PyTorch-matching numerics and logical sharding axes.
+
+Every parameter carries an `axes` metadata tuple of logical axis names (see `cogstream_jax.sharding`), so one
+rules table maps the whole model onto a mesh. `Linear` holds named LoRA adapters beside its frozen kernel
+(PEFT semantics: A [in, r], B [r, out], scale alpha/r, dropout on A's input); the active adapter is a static
+attribute, so switching adapters retraces instead of touching base weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import zlib
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key: jax.Array | None) -> Iterator[None]:
+    """Enable LoRA dropout for the model calls traced inside this block (None = deterministic).
+
+    Each adapted Linear derives its own mask key from `key` and a hash of its module path, so no RNG has to be
+    threaded through every module call.
+    """
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+class LoraWeights(nnx.Module):
+    """One adapter's low-rank pair. `lora_a` is Kaiming-uniform like PEFT; `lora_b` starts at zero."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 in_axis: str | None, out_axis: str | None, salt: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        bound = 1.0 / (in_features ** 0.5)  # kaiming_uniform_(a=sqrt(5)) on [r, in] gives U(-1/sqrt(in), 1/sqrt(in))
+        a = jax.random.uniform(rngs.params(), (in_features, r), jnp.float32, -bound, bound).astype(dtype)
+        self.lora_a = nnx.LoRAParam(a, axes=(in_axis, "lora_rank"))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), dtype), axes=("lora_rank", out_axis))
+        self.r = r
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.salt = salt
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def delta(self, x: jax.Array, dtype) -> jax.Array:
+        key = _DROPOUT_KEY.get()
+        if key is not None and self.dropout > 0.0:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
+        h = x.astype(dtype) @ self.lora_a.value.astype(dtype)
+        return (h @ self.lora_b.value.astype(dtype)) * jnp.asarray(self.scale, dtype)
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias` with kernel [in, out] (PyTorch weight transposed) and optional LoRA adapters."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32, dtype=jnp.float32):
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel = nnx.Param(_normal(rngs.params(), (in_features, out_features), param_dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],)) if use_bias else None
+        self.axes = axes
+        self.dtype = dtype
+        self.adapters = nnx.Dict()
+        self.active_adapter: str | None = None
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, path: str, *, rngs: nnx.Rngs,
+                    dtype=jnp.float32) -> None:
+        salt = zlib.crc32(path.encode()) & 0x7FFFFFFF
+        self.adapters[name] = LoraWeights(self.in_features, self.out_features, r, alpha, dropout,
+                                          self.axes[0], self.axes[1], salt, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.dtype
+        y = x.astype(dtype) @ self.kernel.value.astype(dtype)
+        if self.bias is not None:
+            y = y + self.bias.value.astype(dtype)
+        if self.active_adapter is not None:
+            y = y + self.adapters[self.active_adapter].delta(x, dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with weight and bias, statistics in fp32 and the result cast back to the input dtype."""
+
+    def __init__(self, features: int, eps: float, *, axis_name: str, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), axes=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype), axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight."""
+
+    def __init__(self, features: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        return self.weight.value.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, hidden] (not scaled)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 dtype=jnp.float32):
+        self.embedding = nnx.Param(_normal(rngs.params(), (num_embeddings, features), param_dtype),
+                                   axes=("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)

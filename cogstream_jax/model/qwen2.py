@@ -1,0 +1,140 @@
+"""Qwen2 decoder (spec videollama3.md section 3) with a functional KV cache.
+
+The cache is a pytree of fixed-size arrays passed in and returned, so prefill and decode are pure functions
+that jit once per shape and can donate the cache. Causality uses cache slot indices; RoPE uses the caller's
+positions, so left-padded batches and compressed sequences both work.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from cogstream_jax.config import TextConfig
+from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, text_rope
+from cogstream_jax.model.layers import Embed, Linear, RMSNorm
+
+
+@struct.dataclass
+class KVCache:
+    """k/v [layers, B, S, kv_heads, head_dim]; `valid` [B, S] marks written, non-padding slots; `index` = next slot."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: TextConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """Per-call attention context shared by all layers."""
+
+    cos: jax.Array
+    sin: jax.Array
+    mask: MaskSpec
+    impl: Impl
+    chunk_size: int
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.q_proj = Linear(d, cfg.num_attention_heads * hd, use_bias=True, axes=("embed", "q_heads"), **kw)
+        self.k_proj = Linear(d, cfg.num_key_value_heads * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(d, cfg.num_key_value_heads * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(cfg.num_attention_heads * hd, d, use_bias=False, axes=("q_heads", "embed"), **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+
+    def __call__(self, x: jax.Array, step: _Step, kv: tuple[jax.Array, jax.Array] | None, index: jax.Array | None,
+                 layer: int = 0):
+        """`kv` holds every layer's cache [layers, B, S, K, D]; this layer writes its slice in place."""
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), step.cos, step.sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), step.cos, step.sin)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        new_kv = None
+        if kv is not None:  # write this step's keys/values at slots [index, index + t)
+            ck = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), (layer, 0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), (layer, 0, index, 0, 0))
+            new_kv, k, v = (ck, cv), ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
+        out = attend(q, k, v, step.mask, impl=step.impl, chunk_size=step.chunk_size)
+        return self.o_proj(out.reshape(b, t, -1)), new_kv
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        kw = dict(use_bias=False, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Qwen2Attention(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = Qwen2MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+    def __call__(self, x, step: _Step, kv, index, layer: int = 0):
+        h, new_kv = self.self_attn(self.input_layernorm(x), step, kv, index, layer)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+class Qwen2Model(nnx.Module):
+    """Embedding, decoder layers and the final norm (the lm_head lives on the top-level model)."""
+
+    def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.layers = nnx.List([Qwen2DecoderLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
+                 cache: KVCache | None, *, impl: Impl = "auto", chunk_size: int = 512,
+                 remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache)."""
+        b, t, _ = embeds.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        cos, sin = text_rope(positions, self.config.head_dim, self.config.rope_theta)
+        if cache is None:
+            slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            mask = MaskSpec(causal=True, q_index=slots, kv_index=slots,
+                            kv_valid=None if attention_mask is None else valid)
+            index, new_valid = None, None
+        else:
+            index = cache.index
+            new_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
+            q_slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            kv_slots = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32), (b, cache.length))
+            mask = MaskSpec(causal=True, q_index=q_slots, kv_index=kv_slots, kv_valid=new_valid)
+        step = _Step(cos, sin, mask, impl, chunk_size)
+        kv = None if cache is None else (cache.k, cache.v)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            if remat:
+                x, kv = nnx.remat(lambda lyr, y, c, i=i: lyr(y, step, c, index, i))(layer, x, kv)
+            else:
+                x, kv = layer(x, step, kv, index, i)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(k=kv[0], v=kv[1], valid=new_valid, index=index + t)

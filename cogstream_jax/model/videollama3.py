@@ -1,0 +1,163 @@
+"""The VideoLLaMA3 model: vision tower + projector + Qwen2 + untied lm_head.
+
+`forward` is the traced computation (call it inside your own jit, e.g. a train step, with a static
+`VisualLayout` and feature count). `__call__` is the eager convenience API: it validates inputs on the host
+(clear errors for inconsistent pixel rows or placeholder counts), derives the static metadata and runs a cached
+jit of `forward`. The lm_head runs only where logits are requested, so a 152k vocabulary never produces
+[L, V] logits unless asked to.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from cogstream_jax.config import ModelConfig
+from cogstream_jax.errors import InputError
+from cogstream_jax.model.attention import Impl
+from cogstream_jax.model.layers import Linear
+from cogstream_jax.model.qwen2 import KVCache, Qwen2Model
+from cogstream_jax.model.vision import Projector, VisionEncoder, VisualLayout
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: jax.Array | None
+    cache: KVCache | None = None
+    hidden_states: jax.Array | None = None
+
+
+class VideoLlama3(nnx.Module):
+    """Attribute names follow the original checkpoint: `vision_encoder`, `mm_projector`, `language_model`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None, param_dtype: Any = jnp.float32,
+                 dtype: Any = jnp.float32):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.vision_encoder = VisionEncoder(config.vision, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.mm_projector = Projector(config, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.language_model = Qwen2Model(config.text, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, use_bias=False, axes=("embed", "vocab"),
+                              rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.attn_impl: Impl = "auto"
+        self.attn_chunk_size = 512
+
+    # ------------------------------------------------------------------------------------------ traced parts
+    def encode_visual(self, pixel_values: jax.Array, layout: VisualLayout) -> jax.Array:
+        """Vision tower + projector: [N, 588] -> [num merged tokens, hidden] in item order."""
+        feats = self.vision_encoder(pixel_values.astype(self.dtype), layout, impl=self.attn_impl)
+        return self.mm_projector(feats)
+
+    def embed(self, input_ids: jax.Array, visual: jax.Array | None, compression_mask: jax.Array | None,
+              num_kept: int) -> jax.Array:
+        """Token embeddings with placeholder slots filled, in order, by the (kept) visual features."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        if visual is None:
+            return embeds
+        if compression_mask is not None:
+            keep = jnp.nonzero(compression_mask, size=num_kept, fill_value=0)[0]
+            visual = visual[keep]
+        b, length, d = embeds.shape
+        is_slot = jnp.isin(input_ids, jnp.asarray(self.config.placeholder_ids)).reshape(-1)
+        order = jnp.clip(jnp.cumsum(is_slot) - 1, 0, max(num_kept - 1, 0))
+        filled = jnp.where(is_slot[:, None], visual[order].astype(embeds.dtype), embeds.reshape(-1, d))
+        return filled.reshape(b, length, d)
+
+    def logits_at(self, hidden: jax.Array, positions: jax.Array | None) -> jax.Array:
+        """lm_head in fp32 at `positions` [B, P] (all positions when None)."""
+        if positions is not None:
+            hidden = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def forward(self, input_ids: jax.Array, *, pixel_values: jax.Array | None = None,
+                layout: VisualLayout | None = None, visual_features: jax.Array | None = None,
+                compression_mask: jax.Array | None = None, num_kept: int | None = None,
+                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                cache: KVCache | None = None, logits_positions: jax.Array | None = None,
+                compute_logits: bool = True, remat: bool = False) -> ModelOutput:
+        """The whole model as a traceable function (static: layout, num_kept, compute_logits, remat)."""
+        if visual_features is None and pixel_values is not None:
+            visual_features = self.encode_visual(pixel_values, layout)
+        if visual_features is not None and num_kept is None:
+            num_kept = visual_features.shape[0]
+        embeds = self.embed(input_ids, visual_features, compression_mask, num_kept or 0)
+        b, length = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache.index
+            positions = start + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        hidden, cache = self.language_model(embeds, positions, attention_mask, cache, impl=self.attn_impl,
+                                            chunk_size=self.attn_chunk_size, remat=remat)
+        logits = self.logits_at(hidden, logits_positions) if compute_logits else None
+        return ModelOutput(logits=logits, cache=cache, hidden_states=hidden)
+
+    # ------------------------------------------------------------------------------------------ eager API
+    def __call__(self, input_ids, pixel_values=None, grid_sizes=None, merge_sizes=None, compression_mask=None,
+                 attention_mask=None, positions=None, cache: KVCache | None = None, logits_positions=None,
+                 return_hidden: bool = False) -> ModelOutput:
+        """Validate on the host, then run the jitted forward. Same inputs as transformers, packed visual rows."""
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        layout, num_kept = check_inputs(self.config, input_ids, pixel_values, grid_sizes, merge_sizes, compression_mask)
+        graphdef, state = nnx.split(self)
+        out = _jit_forward(graphdef, state, jnp.asarray(input_ids, jnp.int32),
+                           None if pixel_values is None else jnp.asarray(pixel_values),
+                           None if compression_mask is None else jnp.asarray(compression_mask, bool),
+                           None if attention_mask is None else jnp.asarray(attention_mask),
+                           None if positions is None else jnp.asarray(positions, jnp.int32),
+                           cache, None if logits_positions is None else jnp.asarray(logits_positions, jnp.int32),
+                           layout=layout, num_kept=num_kept)
+        return out if return_hidden else out.replace(hidden_states=None)
+
+    def generate(self, input_ids, *, max_new_tokens: int, **kwargs) -> np.ndarray:
+        """Greedy decoding (see `cogstream_jax.model.generate.greedy_generate`)."""
+        from cogstream_jax.model.generate import greedy_generate
+
+        return greedy_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "num_kept"))
+def _jit_forward(graphdef, state, input_ids, pixel_values, compression_mask, attention_mask, positions, cache,
+                 logits_positions, *, layout, num_kept):
+    model = nnx.merge(graphdef, state)
+    return model.forward(input_ids, pixel_values=pixel_values, layout=layout, compression_mask=compression_mask,
+                         num_kept=num_kept, attention_mask=attention_mask, positions=positions, cache=cache,
+                         logits_positions=logits_positions)
+
+
+def check_inputs(config: ModelConfig, input_ids: np.ndarray, pixel_values, grid_sizes, merge_sizes,
+                 compression_mask) -> tuple[VisualLayout | None, int | None]:
+    """Host-side consistency checks with messages naming the tensor at fault; returns the static metadata."""
+    n_slots = int(np.isin(input_ids, config.placeholder_ids).sum())
+    if pixel_values is None:
+        if n_slots:
+            raise InputError(f"input_ids hold {n_slots} visual placeholders but no pixel_values were given")
+        if compression_mask is not None:
+            raise InputError("compression_mask given without pixel_values")
+        return None, None
+    if grid_sizes is None:
+        raise InputError("pixel_values given without grid_sizes")
+    if merge_sizes is None:
+        merge_sizes = np.ones(len(np.asarray(grid_sizes).reshape(-1, 3)), np.int64)
+    layout = VisualLayout.from_arrays(grid_sizes, merge_sizes)
+    pv_shape = np.shape(pixel_values)
+    if len(pv_shape) != 2 or pv_shape[1] != config.vision.patch_dim:
+        raise InputError(f"pixel_values must be [N, {config.vision.patch_dim}], got {pv_shape}")
+    layout.check_pixels(pixel_values)
+    num_kept = layout.num_tokens
+    if compression_mask is not None:
+        mask = np.asarray(compression_mask)
+        if mask.shape != (layout.num_tokens,):
+            raise InputError(f"compression_mask has shape {mask.shape}; the visual input has {layout.num_tokens} "
+                             "merged tokens")
+        num_kept = int(mask.astype(bool).sum())
+    if n_slots != num_kept:
+        what = "kept visual features (compression_mask)" if compression_mask is not None else "visual features"
+        raise InputError(f"input_ids hold {n_slots} visual placeholders but there are {num_kept} {what}; drop the "
+                         "masked placeholders from input_ids first")
+    return layout, num_kept
