@@ -108,7 +108,7 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     axes = var.get_metadata().get("axes")
-    return NamedSharding(mesh, logical_to_spec(axes, var.value.shape, mesh, rules))
+    return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
@@ -121,6 +121,6 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> None:
     """Move every variable of a concrete model onto the mesh according to its logical axes, in place."""
     state = nnx.state(model)
     for _, var in nnx.to_flat_state(state):
-        if isinstance(var, nnx.Variable) and hasattr(var.value, "shape"):
-            var.value = jax.device_put(var.value, variable_sharding(var, mesh, rules))
+        if isinstance(var, nnx.Variable) and hasattr(var, "shape"):
+            var.set_value(jax.device_put(var[...], variable_sharding(var, mesh, rules)))
     nnx.update(model, state)

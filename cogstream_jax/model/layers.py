@@ -62,8 +62,8 @@ class LoraWeights(nnx.Module):
         if key is not None and self.dropout > 0.0:
             keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
-        h = x.astype(dtype) @ self.lora_a.value.astype(dtype)
-        return (h @ self.lora_b.value.astype(dtype)) * jnp.asarray(self.scale, dtype)
+        h = x.astype(dtype) @ self.lora_a[...].astype(dtype)
+        return (h @ self.lora_b[...].astype(dtype)) * jnp.asarray(self.scale, dtype)
 
 
 class Linear(nnx.Module):
@@ -87,9 +87,9 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype
-        y = x.astype(dtype) @ self.kernel.value.astype(dtype)
+        y = x.astype(dtype) @ self.kernel[...].astype(dtype)
         if self.bias is not None:
-            y = y + self.bias.value.astype(dtype)
+            y = y + self.bias[...].astype(dtype)
         if self.active_adapter is not None:
             y = y + self.adapters[self.active_adapter].delta(x, dtype)
         return y
@@ -108,7 +108,7 @@ class LayerNorm(nnx.Module):
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -122,7 +122,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
-        return self.weight.value.astype(x.dtype) * y.astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -135,4 +135,4 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.value, ids, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)

@@ -41,7 +41,7 @@ class StrictAssigner:
 
     def expected_shape(self, key: str) -> tuple[int, ...] | None:
         entry = self.table.get(key)
-        return None if entry is None else tuple(self.leaves[entry.our_path].value.shape)
+        return None if entry is None else tuple(self.leaves[entry.our_path].shape)
 
     def add(self, key: str, tensor: np.ndarray) -> None:
         entry = self.table.get(key)
@@ -50,11 +50,11 @@ class StrictAssigner:
             return
         var = self.leaves[entry.our_path]
         value = entry.to_ours(tensor)
-        if tuple(value.shape) != tuple(var.value.shape):
+        if tuple(value.shape) != tuple(var.shape):
             self.mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} -> {tuple(value.shape)}, "
-                                   f"model expects {tuple(var.value.shape)}")
+                                   f"model expects {tuple(var.shape)}")
             return
-        var.value = self.place(value, var)
+        var.set_value(self.place(value, var))
         self.filled.add(key)
 
     def finish(self) -> None:
@@ -79,7 +79,7 @@ def assign_hf_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray
 
     state = nnx.state(model, nnx.Param)
     assigner = StrictAssigner(state, hf_key_table(model.config, layout), source,
-                              lambda a, var: jnp.asarray(a, dtype=var.value.dtype))
+                              lambda a, var: jnp.asarray(a, dtype=var.dtype))
     for key, tensor in tensors:
         assigner.add(key, np.asarray(tensor))
     assigner.finish()
@@ -90,4 +90,4 @@ def export_hf_tensors(model: nnx.Module, layout: Layout):
     """Yield (checkpoint key, numpy array) for every parameter, in checkpoint order."""
     leaves = param_leaves(nnx.state(model, nnx.Param))
     for key, entry in hf_key_table(model.config, layout).items():
-        yield key, entry.to_hf(np.asarray(jax.device_get(leaves[entry.our_path].value)), model.config)
+        yield key, entry.to_hf(np.asarray(jax.device_get(leaves[entry.our_path][...])), model.config)
