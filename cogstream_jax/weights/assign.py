@@ -58,18 +58,25 @@ class StrictAssigner:
         self.filled.add(key)
 
     def finish(self) -> None:
-        missing = sorted(set(self.table) - self.filled)
-        problems = []
-        if self.unknown:
-            problems.append(f"{len(self.unknown)} unknown key(s): {', '.join(sorted(self.unknown)[:10])}"
-                            + (" ..." if len(self.unknown) > 10 else ""))
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:10])}"
-                            + (" ..." if len(missing) > 10 else ""))
-        if self.mismatched:
-            problems.append(f"{len(self.mismatched)} shape mismatch(es): {'; '.join(self.mismatched[:10])}")
-        if problems:
-            raise WeightError(f"{self.source}: checkpoint does not match the model config: " + " | ".join(problems))
+        error = coverage_error(self.source, self.unknown, sorted(set(self.table) - self.filled), self.mismatched)
+        if error is not None:
+            raise error
+
+
+def coverage_error(source: str, unknown: list[str], missing: list[str], mismatched: list[str]) -> WeightError | None:
+    """One error listing every unknown key, missing key and shape mismatch (None when there are none)."""
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown key(s): {', '.join(sorted(unknown)[:10])}"
+                        + (" ..." if len(unknown) > 10 else ""))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(sorted(missing)[:10])}"
+                        + (" ..." if len(missing) > 10 else ""))
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:10])}")
+    if not problems:
+        return None
+    return WeightError(f"{source}: checkpoint does not match the model config: " + " | ".join(problems))
 
 
 def assign_hf_tensors(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], layout: Layout,
