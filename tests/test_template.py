@@ -32,7 +32,7 @@ WORKED_EXAMPLE_IDS = (
 @pytest.fixture(scope="module")
 def tokenizer():
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(REFERENCE))
+    return transformers.AutoTokenizer.from_pretrained(str(REFERENCE), trust_remote_code=False)
 
 
 def jinja_render(conversation, video_timestamps, add_system_prompt=True, add_generation_prompt=True) -> str:
