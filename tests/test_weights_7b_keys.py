@@ -71,15 +71,19 @@ def config(request, reference_dir):
     return videollama3_7b() if request.param == "preset" else ModelConfig.from_hf_config(reference_dir)
 
 
+@pytest.fixture(scope="module")
+def leaves(config):
+    """{our path: Variable holding a ShapeDtypeStruct} of an abstract bf16 7B model."""
+    return param_leaves(nnx.state(abstract_model(config, jnp.bfloat16, jnp.bfloat16), nnx.Param))
+
+
 def test_real_config_equals_the_preset(reference_dir):
     assert ModelConfig.from_hf_config(reference_dir / "config.json") == videollama3_7b()
 
 
-def test_every_released_key_maps_to_one_parameter_of_the_implied_shape(index, config):
+def test_every_released_key_maps_to_one_parameter_of_the_implied_shape(index, config, leaves):
     keys = list(index["weight_map"])
     assert len(keys) == 779 and detect_layout(keys) == "original"
-    state = nnx.state(abstract_model(config, jnp.bfloat16, jnp.bfloat16), nnx.Param)
-    leaves = param_leaves(state)
     assert all(isinstance(v.get_value(), jax.ShapeDtypeStruct) for v in leaves.values())  # nothing allocated
     table = hf_key_table(config, "original")
     assert set(table) == set(keys)
@@ -96,11 +100,10 @@ def test_every_released_key_maps_to_one_parameter_of_the_implied_shape(index, co
     assert total == index["metadata"]["total_size"]
 
 
-def test_loader_preflight_accepts_the_real_headers_and_rejects_a_wrong_config(index, config):
+def test_loader_preflight_accepts_the_real_headers_and_rejects_a_wrong_config(index, config, leaves):
     """check_headers runs on the headers alone; with 27 vs 28 LLM layers it must list the 12 unknown keys."""
     infos = {k: TensorInfo(k, f, jnp.dtype(jnp.bfloat16), expected_shape(k, config), 0, 0)
              for k, f in index["weight_map"].items()}
-    leaves = param_leaves(nnx.state(abstract_model(config, jnp.bfloat16, jnp.bfloat16), nnx.Param))
     check_headers("index", hf_key_table(config, "original"), leaves, infos)
     smaller = ModelConfig(vision=config.vision, text=config.text.__class__(num_hidden_layers=27))
     small_leaves = param_leaves(nnx.state(abstract_model(smaller, jnp.bfloat16, jnp.bfloat16), nnx.Param))

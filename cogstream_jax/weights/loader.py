@@ -104,11 +104,15 @@ def check_headers(source: str, table: Mapping[str, TensorEntry], leaves: Mapping
     unknown = [k for k in tensors if k not in table]
     missing = [k for k in table if k not in tensors]
     mismatched = []
+    converted: dict[tuple, tuple[int, ...]] = {}  # the transform depends only on kind, leaf and shape
     for key, info in tensors.items():
         entry = table.get(key)
         if entry is None:
             continue
-        ours = jax.eval_shape(entry.to_ours, jax.ShapeDtypeStruct(info.shape, jnp.float32)).shape
+        signature = (entry.module.kind, entry.our_leaf, info.shape)
+        if signature not in converted:
+            converted[signature] = jax.eval_shape(entry.to_ours, jax.ShapeDtypeStruct(info.shape, jnp.float32)).shape
+        ours = converted[signature]
         expected = tuple(leaves[entry.our_path].get_value().shape)
         if tuple(ours) != expected:
             mismatched.append(f"{key} in {os.path.basename(info.file)}: checkpoint {info.shape} -> {tuple(ours)}, "
