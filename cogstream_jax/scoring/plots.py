@@ -45,18 +45,19 @@ def _grouped_bars(ax: Any, groups: list[str], series: dict[str, list[float]]) ->
         ax.bar([g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))], values, width, label=name)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(series))
 
 
 def capability_figure(path: Path, report: dict[str, Any]) -> Path:
     fig, ax = plt.subplots(figsize=SIZES_INCH[path.name])
-    groups = [f"{short}\n{name.split('/')[1][:10]}" for name, short in CAPABILITIES] + ["Avg."]
+    groups = [f"{short}\n{name.split('/')[1].replace(' ', chr(10))}" for name, short in CAPABILITIES] + ["Avg."]
     ours = [report["overall"]["capabilities"][name] for name, _ in CAPABILITIES] + [report["overall"]["Avg"]]
     series = {"this run": _none_to_zero(ours)} | {name: list(values) for name, values in PAPER_ROWS.items()}
     _grouped_bars(ax, groups, series)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 115)
     ax.set_ylabel("score (0-100)")
     ax.set_title("Per-capability judge score")
+    fig.subplots_adjust(bottom=0.2)
     ax.tick_params(axis="x", labelsize=7)
     return _save(fig, path)
 
@@ -78,7 +79,7 @@ def retrieval_figure(path: Path, report: dict[str, Any]) -> Path:
     series = {"flattened": [retrieval["flattened"][n] for n in names],
               "per-QA macro": [retrieval["per_qa_macro"][n] for n in names]}
     _grouped_bars(ax, names, series)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)
     ax.set_title("Historic dialogue retrieval")
     return _save(fig, path)
 
