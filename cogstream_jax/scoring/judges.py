@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from cogstream_jax.errors import ConfigError, UserError
 from cogstream_jax.scoring.judge_prompts import JudgeRequest
-from cogstream_jax.scoring.nlp_metrics import rouge_l, token_f1, tokenize
+from cogstream_jax.scoring.nlp_metrics import rouge_l, token_f1, words
 
 Scores = dict[str, int]
 
@@ -99,8 +99,8 @@ def parse_scores(reply: str, expected_keys: tuple[str, ...]) -> Scores:
 
 
 def similarity_score(answer: str, prediction: str) -> int:
-    """0..10 from the mean of ROUGE-L F1 and token F1 of the tokenised texts (10 for identical answers)."""
-    ref, hyp = tokenize(answer), tokenize(prediction)
+    """0..10 from the mean of ROUGE-L F1 and token F1 over lower-cased words (10 for identical answers)."""
+    ref, hyp = words(answer), words(prediction)
     if ref == hyp:
         return 10
     if not ref or not hyp:

@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Sequence
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+_WORD = re.compile(r"\w+")
 METEOR_UNAVAILABLE = ("METEOR needs WordNet data (nltk.download('wordnet')) or the METEOR 1.5 Java jar; neither is "
                       "installed and there is no network, so it is not computed")
 
@@ -24,6 +25,11 @@ METEOR_UNAVAILABLE = ("METEOR needs WordNet data (nltk.download('wordnet')) or t
 def tokenize(text: str) -> list[str]:
     """Lower-cased words and punctuation marks (stand-in for NLTK word_tokenize, which is not installed)."""
     return _TOKEN.findall(text.lower())
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words only: punctuation and casing never change a similarity judgement."""
+    return _WORD.findall(text.lower())
 
 
 def ngram_counts(tokens: Sequence[str], order: int) -> Counter:
