@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cogstream_jax.data.image import (
     compute_mixed_resize,
@@ -18,32 +17,7 @@ from cogstream_jax.data.image import (
 from cogstream_jax.data.video import load_video
 from cogstream_jax.errors import InputError
 from tests.mp4s import write_test_video
-
-
-def naive_pixels(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Spec 4.3 written out: PIL bicubic on uint8, x * (1/255) in float64 -> float32, (v - 0.5) / 0.5."""
-    out = []
-    for frame in frames:
-        resized = np.array(Image.fromarray(frame).resize((size[1], size[0]), Image.BICUBIC))
-        chw = resized.transpose(2, 0, 1)
-        scaled = (chw.astype(np.float64) * (1 / 255)).astype(np.float32)
-        out.append((scaled - np.float32(0.5)) / np.float32(0.5))
-    return np.stack(out)
-
-
-def naive_patchify(pixels: np.ndarray, m: int) -> np.ndarray:
-    """Spec 4.4 written out with explicit loops: frame, merged block (raster), patch in block, (C, y, x)."""
-    t, c, h, w = pixels.shape
-    gh, gw = h // 14, w // 14
-    rows = []
-    for f in range(t):
-        for by in range(gh // m):
-            for bx in range(gw // m):
-                for py in range(m):
-                    for px in range(m):
-                        y0, x0 = (by * m + py) * 14, (bx * m + px) * 14
-                        rows.append(pixels[f, :, y0:y0 + 14, x0:x0 + 14].reshape(-1))
-    return np.stack(rows)
+from tests.spec_oracle import naive_patchify, naive_pixels, naive_resize
 
 
 @pytest.mark.parametrize("frames,expected", [(2, (364, 644)), (60, (336, 616)), (180, (196, 336))])
@@ -96,6 +70,7 @@ def odd_clips(tmp_path_factory):
 def test_pixels_equal_naive_pipeline_exactly(odd_clips, name, merge):
     frames = odd_clips[name]
     size = compute_resize(*frames.shape[1:3], len(frames), merge)
+    assert size == naive_resize(*frames.shape[1:3], len(frames), merge)
     expected = naive_patchify(naive_pixels(frames, size), merge)
     pixels = preprocess_frames(frames, size)
     rows, grid = patchify(pixels, merge)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,8 @@ def load_tokenizer(directory: pathlib.Path):
     except ImportError:  # pragma: no cover - transformers is a pinned dependency
         raise ConfigError(f"{directory}: loading the tokenizer needs the 'transformers' package") from None
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        with warnings.catch_warnings():  # transformers warns about the checkpoint's config.json, not the tokenizer
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{directory}: the tokenizer files cannot be loaded ({exc})") from None
