@@ -118,3 +118,16 @@ def test_greedy_generation_matches_transformers_multimodal():
     ours = jm.generate(ids, pixel_values=pix, grid_sizes=[[4, 4, 6]], merge_sizes=[2], max_new_tokens=6,
                        eos_token_ids=[159], pad_token_id=0)
     np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "jax"])
+def test_plain_causal_fast_path_equals_dense(impl):
+    q, k, v = _random_qkv(seed=3)
+    b, t = q.shape[:2]
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    spec = MaskSpec(causal=True, q_index=slots, kv_index=slots, aligned=True)
+    dense = np.asarray(attend(q, k, v, spec, impl="dense"))
+    np.testing.assert_allclose(np.asarray(attend(q, k, v, spec, impl=impl, chunk_size=8)), dense, atol=2e-5)
+    # no mask at all (vision frames)
+    free = np.asarray(attend(q, k, v, None, impl="dense"))
+    np.testing.assert_allclose(np.asarray(attend(q, k, v, None, impl=impl, chunk_size=8)), free, atol=2e-5)

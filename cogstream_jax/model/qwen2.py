@@ -46,6 +46,7 @@ class _Step:
     mask: MaskSpec
     impl: Impl
     chunk_size: int
+    fresh: bool = False  # the cache was empty: attend over this call's keys only
 
 
 class Qwen2Attention(nnx.Module):
@@ -69,7 +70,9 @@ class Qwen2Attention(nnx.Module):
         if kv is not None:  # write this step's keys/values at slots [index, index + t)
             ck = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), (layer, 0, index, 0, 0))
             cv = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), (layer, 0, index, 0, 0))
-            new_kv, k, v = (ck, cv), ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
+            new_kv = (ck, cv)
+            if not step.fresh:
+                k, v = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
         out = attend(q, k, v, step.mask, impl=step.impl, chunk_size=step.chunk_size)
         return self.o_proj(out.reshape(b, t, -1)), new_kv
 
@@ -109,24 +112,31 @@ class Qwen2Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
-                 cache: KVCache | None, *, impl: Impl = "auto", chunk_size: int = 512,
-                 remat: bool = False) -> tuple[jax.Array, KVCache | None]:
-        """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache)."""
+                 cache: KVCache | None, *, cache_is_empty: bool = False, impl: Impl = "auto",
+                 chunk_size: int = 512, remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache).
+
+        `cache_is_empty` (static) marks a prefill into a fresh cache: attention then runs over this call's keys
+        only (plain causal, fused kernels) while the cache is still written.
+        """
         b, t, _ = embeds.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         cos, sin = text_rope(positions, self.config.head_dim, self.config.rope_theta)
-        if cache is None:
+        index, new_valid = None, None
+        if cache is None or cache_is_empty:
             slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            mask = MaskSpec(causal=True, q_index=slots, kv_index=slots,
+            mask = MaskSpec(causal=True, q_index=slots, kv_index=slots, aligned=True,
                             kv_valid=None if attention_mask is None else valid)
-            index, new_valid = None, None
-        else:
+        if cache is not None and cache_is_empty:
+            index = jnp.zeros((), jnp.int32)
+            new_valid = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.valid), valid, (0, 0))
+        elif cache is not None:
             index = cache.index
             new_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
             q_slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_slots = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32), (b, cache.length))
             mask = MaskSpec(causal=True, q_index=q_slots, kv_index=kv_slots, kv_valid=new_valid)
-        step = _Step(cos, sin, mask, impl, chunk_size)
+        step = _Step(cos, sin, mask, impl, chunk_size, fresh=cache_is_empty)
         kv = None if cache is None else (cache.k, cache.v)
         x = embeds
         for i, layer in enumerate(self.layers):

@@ -78,9 +78,11 @@ class VideoLlama3(nnx.Module):
                 layout: VisualLayout | None = None, visual_features: jax.Array | None = None,
                 compression_mask: jax.Array | None = None, num_kept: int | None = None,
                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                cache: KVCache | None = None, logits_positions: jax.Array | None = None,
-                compute_logits: bool = True, remat: bool = False) -> ModelOutput:
-        """The whole model as a traceable function (static: layout, num_kept, compute_logits, remat)."""
+                cache: KVCache | None = None, cache_is_empty: bool = False,
+                logits_positions: jax.Array | None = None, compute_logits: bool = True,
+                remat: bool = False) -> ModelOutput:
+        """The whole model as a traceable function (static: layout, num_kept, cache_is_empty, compute_logits,
+        remat). `cache_is_empty` marks a prefill into a fresh cache (cheaper attention, fused kernels)."""
         if visual_features is None and pixel_values is not None:
             visual_features = self.encode_visual(pixel_values, layout)
         if visual_features is not None and num_kept is None:
@@ -90,8 +92,8 @@ class VideoLlama3(nnx.Module):
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = start + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        hidden, cache = self.language_model(embeds, positions, attention_mask, cache, impl=self.attn_impl,
-                                            chunk_size=self.attn_chunk_size, remat=remat)
+        hidden, cache = self.language_model(embeds, positions, attention_mask, cache, cache_is_empty=cache_is_empty,
+                                            impl=self.attn_impl, chunk_size=self.attn_chunk_size, remat=remat)
         logits = self.logits_at(hidden, logits_positions) if compute_logits else None
         return ModelOutput(logits=logits, cache=cache, hidden_states=hidden)
 
