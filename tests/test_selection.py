@@ -20,7 +20,7 @@ REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "refere
 @pytest.fixture(scope="module")
 def tokenizer():
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(REFERENCE_DIR))
+    return transformers.AutoTokenizer.from_pretrained(str(REFERENCE_DIR), trust_remote_code=False)
 
 
 @pytest.mark.parametrize(
