@@ -1,0 +1,207 @@
+"""The whole `python -m evaluate.metrics` pipeline: a hand-computed report.json, rendered markdown and PNGs,
+several chains per file, and bad input (named in the error, the rest still scored)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cogstream_jax.scoring.nlp_metrics import METEOR_UNAVAILABLE
+from cogstream_jax.scoring.plots import expected_pixel_size
+from evaluate.metrics import main
+from judge_server import JudgeServer
+from scoring_fixtures import QASpec, scripted, write_dataset, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+VID_A = [
+    QASpec("Basic/Attributes", 1, "What colour is the umbrella?", "red", scripted(10, 10, 10, 10, 10)),
+    QASpec("Basic/Attributes", 1, "What is its shape?", "round", scripted(8, 8, 8, 8, 8), (1,), (1,)),
+    QASpec("Streaming/Causality", 2, "Why did he open it?", "because rain", scripted(6, 4, 6, 4, 5), (1, 0), (0, 1)),
+    QASpec("Streaming/Dialogue Recalling", 2, "What did I ask first?", "umbrella colour", scripted(2, 2, 2, 2, 2),
+           (1, 0, 1), (1, 0, 0), is_visual=False, predicted_visual=False),
+    QASpec("Global/Overall Summary", 2, "Summarise the video.", "man walks rain", scripted(9, 7, 8, 6, 10),
+           (0, 0, 1, 0), (0, 0, 1), predicted_visual=False),
+]
+VID_B = [
+    QASpec("Basic/Attributes", 1, "What colour is the car?", "blue", scripted(4, 4, 4, 4, 4)),
+    QASpec("Streaming/Temporal Perception", 2, "When did it stop?", "at noon", scripted(0, 0, 0, 0, 0), (1,), ()),
+    QASpec("Streaming/Reasoning", 2, "Why did it stop?", "traffic light", scripted(7, 7, 7, 7, 7), (0, 1), (0, 1)),
+]
+R4 = lambda x: round(x, 4)  # noqa: E731
+
+
+def hand_computed_summary() -> dict:
+    """Worked by hand from VID_A and VID_B (the Temporal Perception QA is excluded from judge aggregates)."""
+    none11 = dict.fromkeys(["Basic/Attributes", "Basic/Items", "Basic/Co-reference", "Basic/Actions",
+                            "Streaming/Reasoning", "Streaming/Sequence Perception", "Streaming/Dialogue Recalling",
+                            "Streaming/Dynamic Updating", "Streaming/Object Tracking", "Global/Overall Summary",
+                            "Global/Global Analysis"])
+    basic = R4(220 / 3)
+    return {
+        "n_qas": 7, "n_excluded_qas": 1,
+        # IA 10,8,6,2,9,4,7 | DC 10,8,4,2,7,4,7 | CA 10,8,6,2,8,4,7 | TP 10,8,4,2,6,4,7 | LC 10,8,5,2,10,4,7
+        "metrics": {"IA": R4(460 / 7), "DC": 60.0, "CA": R4(450 / 7), "TP": R4(410 / 7), "LC": R4(460 / 7)},
+        "Avg": R4(2200 / 35),  # 62.8571; the mean of the 4 filled columns would be 58.33
+        "capabilities": none11 | {"Basic/Attributes": basic, "Streaming/Reasoning": 60.0,
+                                  "Streaming/Dialogue Recalling": 20.0, "Global/Overall Summary": 80.0},
+        "capability_counts": dict.fromkeys(none11, 0) | {"Basic/Attributes": 3, "Streaming/Reasoning": 2,
+                                                         "Streaming/Dialogue Recalling": 1, "Global/Overall Summary": 1},
+        "extra_capabilities": {},
+        "levels": {
+            "Basic": {"IA": basic, "DC": basic, "CA": basic, "TP": basic, "LC": basic, "Mean": basic},
+            "Streaming": {"IA": 50.0, "DC": R4(130 / 3), "CA": 50.0, "TP": R4(130 / 3), "LC": R4(140 / 3),
+                          "Mean": R4(140 / 3)},
+            "Global": {"IA": 90.0, "DC": 70.0, "CA": 80.0, "TP": 60.0, "LC": 100.0, "Mean": 80.0},
+        },
+        # inter: A seg1 (10, 8) -> 0.8, A seg2 (5, 2, 8) -> 0.55; exter: A (9, 5) -> 0.6, B (4, 7) -> 0.7
+        "coherence": {"inter": 67.5, "inter_segments": 2, "exter": 65.0, "exter_chains": 2},
+        "retrieval": {
+            # flattened: A1 tp | A2 fn fp | A3 tp tn fn | A4 tp tn tn tn | B1 fn | B2 tn tp
+            "flattened": {"accuracy": R4(9 / 13), "precision": 0.8, "recall": R4(4 / 7), "f1": R4(8 / 12),
+                          "tp": 4, "fp": 1, "fn": 3, "tn": 5},
+            "per_qa_macro": {"accuracy": R4(11 / 18), "precision": R4(4 / 6), "recall": R4(3.5 / 6),
+                             "f1": R4(11 / 18), "n_qas": 6},
+            # QA>0: A1 tp, A2 tp, A3 tn, A4 fn (visual but predicted not), B1 tp, B2 tp
+            "visual": {"accuracy": R4(5 / 6), "n_qas": 6, "tp": 4, "fp": 0, "fn": 1, "tn": 1},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def fixture_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scoring")
+    write_dataset(root / "ds", {"vidA": [VID_A, VID_B], "vidB": [VID_B]})
+    write_results(root / "res", {"vidA": [VID_A], "vidB": [VID_B]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def scripted_run(fixture_dirs):
+    out = fixture_dirs / "out"
+    with JudgeServer() as server:
+        argv = ["--results_dir", str(fixture_dirs / "res"), "--dataset-dir", str(fixture_dirs / "ds"),
+                "--output_dir", str(out), "--judge", "openai", "--judge_url", server.url, "--judge_model", "scripted",
+                "--judge_concurrency", "3"]
+        first = main(argv)
+        first_calls = len(server.requests)
+        first_report = json.loads((out / "report.json").read_text())
+        second = main(argv)
+        second_calls = len(server.requests) - first_calls
+    return {"out": out, "rc": (first, second), "calls": (first_calls, second_calls), "report": first_report,
+            "rerun_report": json.loads((out / "report.json").read_text())}
+
+
+def test_report_json_equals_hand_computed(scripted_run, fixture_dirs):
+    summary = hand_computed_summary()
+    expected = {
+        "schema": "cogstream-jax-scoring/1",
+        "inputs": {"results_dir": str(fixture_dirs / "res"), "dataset_dir": str(fixture_dirs / "ds"),
+                   "result_files": 2, "videos_scored": 2, "qas_scored": 8},
+        # vidA: 1 IA batch + 4 x 5 single-QA calls; vidB: 1 + 4 x 3
+        "judge": {"identity": "openai:scripted", "requests": 34, "cache_hits": 0, "calls": 34, "failures": []},
+        "skipped": [],
+        "question_mismatches": [],
+        "overall": summary,
+        "per_chain": {"0": summary},
+        # predictions share no token with the answers: every text metric is 0
+        "nlp": {"n_qas": 8, "tokenizer": "lower-cased regex words and punctuation (\\w+|[^\\w\\s])",
+                "BLEU-4 (corpus)": 0.0, "BLEU-4 (sentence mean, smoothing method1)": 0.0,
+                "BLEU-2 (sentence mean; the official step2c 'BLEU-4')": 0.0, "ROUGE-L": 0.0, "CIDEr-D": 0.0,
+                "METEOR": None, "METEOR_unavailable": METEOR_UNAVAILABLE},
+    }
+    assert scripted_run["rc"] == (0, 0)
+    assert scripted_run["report"] == expected
+
+
+def test_rerun_is_served_from_the_cache(scripted_run):
+    assert scripted_run["calls"] == (34, 0)
+    rerun = scripted_run["rerun_report"]
+    assert rerun["judge"]["cache_hits"] == 34 and rerun["judge"]["calls"] == 0
+    assert rerun["overall"] == scripted_run["report"]["overall"]
+
+
+def test_report_renders_markdown_and_pngs(scripted_run):
+    out = scripted_run["out"]
+    markdown = (out / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| Method"))
+    cells = [cell.strip() for cell in header.strip("|").split("|")]
+    assert cells == ["Method", "Att.", "Obj.", "Co-ref.", "Act.", "Rea.", "Seq.", "Dial.", "Dyn.", "Obj.", "Over.",
+                     "Glob.", "Avg."]
+    assert "| CogReasoner (paper) | 74.8 | 71.5 |" in markdown and "| 72.26 |" in markdown
+    assert "| **This run** | 73.3 | \u2013 | \u2013 | \u2013 | 60.0 | \u2013 | 20.0 | \u2013 | \u2013 | 80.0 | \u2013 | 62.86 |" \
+        in markdown
+    for name in ("capabilities.png", "metrics.png", "retrieval.png"):
+        assert f"]({name})" in markdown
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+            assert image.size == expected_pixel_size(name)
+            image.load()  # decodes the whole file
+
+
+def test_several_chains_are_scored_per_chain_and_overall(tmp_path):
+    good = [QASpec("Basic/Items", 1, "What is held?", "a red umbrella", "a red umbrella"),
+            QASpec("Basic/Actions", 1, "What does he do?", "he walks", "he walks", (1,), (1,))]
+    bad = [QASpec("Basic/Items", 1, "What is held?", "a red umbrella", "seven parrots"),
+           QASpec("Basic/Actions", 2, "What does he do?", "he walks", "green cheese", (1,), (0,))]
+    write_dataset(tmp_path / "ds", {"vid": [good, bad]})
+    write_results(tmp_path / "res", {"vid": [good, bad]})
+    assert main(["--results_dir", str(tmp_path / "res"), "--dataset_dir", str(tmp_path / "ds"),
+                 "--output_dir", str(tmp_path / "out"), "--no_plots"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["per_chain"]["0"]["Avg"] == 100.0 and report["per_chain"]["1"]["Avg"] == 0.0
+    assert report["overall"]["Avg"] == 50.0
+    assert report["per_chain"]["1"]["retrieval"]["flattened"]["fn"] == 1
+    assert "This run, chain 1" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_bad_inputs_are_named_and_the_rest_is_scored(tmp_path, capsys):
+    labelled = [QASpec("Basic/Items", 1, "What is held?", "a red umbrella", "a red umbrella")] * 3
+    write_dataset(tmp_path / "ds", {"good": [labelled], "short": [labelled], "nolabel": [labelled]})
+    broken = json.loads((tmp_path / "ds" / "VQA_Dataset" / "nolabel.json").read_text())
+    del broken[0]["Data"][1]["label"]
+    (tmp_path / "ds" / "VQA_Dataset" / "nolabel.json").write_text(json.dumps(broken))
+    results = write_results(tmp_path / "res", {"good": [labelled], "short": [labelled[:2]], "nolabel": [labelled],
+                                               "stranger": [labelled]})
+    (results / "corrupt.json").write_text('{"video_name": "corrupt", "Data": [[{"qa_id": 0,')
+    rc = main(["--results_dir", str(results), "--dataset_dir", str(tmp_path / "ds"), "--output_dir",
+               str(tmp_path / "out"), "--no_plots"])
+    assert rc == 1
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["inputs"]["videos_scored"] == 1 and report["overall"]["Avg"] == 100.0
+    reasons = {Path(item["file"]).stem: item["reason"] for item in report["skipped"]}
+    assert set(reasons) == {"corrupt", "short", "nolabel", "stranger"}
+    assert "corrupt.json: corrupt result JSON" in reasons["corrupt"]
+    assert "short.json: chain 0 has 2 QA results but the dataset chain has 3 QAs" in reasons["short"]
+    assert "nolabel.json" in reasons["nolabel"] and "Data[1].label: missing capability label" in reasons["nolabel"]
+    assert "stranger.json" in reasons["stranger"] and "'stranger' is not in the dataset" in reasons["stranger"]
+    err = capsys.readouterr().err
+    assert all(f"{stem}.json" in err for stem in reasons) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no_vqa", "has no VQA_Dataset folder"),
+    ("empty_results", "no result files"),
+    ("openai_without_url", "--judge openai needs --judge_url and --judge_model"),
+])
+def test_fatal_user_errors_exit_nonzero_with_one_line(tmp_path, problem, message):
+    write_dataset(tmp_path / "ds", {"v": [VID_B]})
+    write_results(tmp_path / "res", {"v": [VID_B]})
+    (tmp_path / "empty").mkdir()
+    results, dataset, extra = tmp_path / "res", tmp_path / "ds", []
+    if problem == "no_vqa":
+        dataset = tmp_path / "res"
+    elif problem == "empty_results":
+        results = tmp_path / "empty"
+    else:
+        extra = ["--judge", "openai"]
+    argv = ["--results_dir", str(results), "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"), *extra]
+    proc = subprocess.run([sys.executable, "-m", "evaluate.metrics", *argv], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
