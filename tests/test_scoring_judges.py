@@ -217,3 +217,21 @@ def test_cache_is_keyed_by_judge_and_prompt(tmp_path):
     path.write_text("{corrupt")
     assert cache.get(key) is None  # a corrupt entry is re-judged, not trusted
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_local_judge_hook_parses_the_model_reply(monkeypatch):
+    """The hook contract: cogstream_jax.inference.load_text_chat(model_path) -> callable(messages) -> text."""
+    inference = pytest.importorskip("cogstream_jax.inference")
+    seen = []
+
+    def load_text_chat(model_path):
+        def chat(messages):
+            seen.append((model_path, messages))
+            return '{"PredA0": 7}'
+        return chat
+
+    monkeypatch.setattr(inference, "load_text_chat", load_text_chat, raising=False)
+    judge = LocalJudge("/models/cogreasoner")
+    request = chain_requests(_chain(1))[0]
+    assert judge.judge(request) == {"PredA0": 7}
+    assert seen == [("/models/cogreasoner", request.messages)] and judge.identity.startswith("local:")

@@ -184,7 +184,9 @@ class LocalJudge:
     def __init__(self, model_path: str | None) -> None:
         try:
             inference = importlib.import_module("cogstream_jax.inference")
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as exc:
+            if exc.name != "cogstream_jax.inference":
+                raise
             raise JudgeUnavailableError("--judge local is not available yet: it needs cogstream_jax.inference "
                                         "(streaming-inference issue); use --judge offline or --judge openai") from None
         loader = getattr(inference, "load_text_chat", None)
