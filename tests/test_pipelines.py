@@ -20,6 +20,7 @@ from cogstream_jax.data.stage1 import (
     distinct_permutation_count,
     tokenize_sample,
 )
+from cogstream_jax.data.processor_config import load_tokenizer
 from cogstream_jax.data.synth import sample_dataset_dir
 from cogstream_jax.data.tokens import GENERATION_PROMPT_IDS, IM_END_ID, PAD_ID
 
@@ -28,8 +29,7 @@ REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "refere
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(REFERENCE_DIR), trust_remote_code=False)
+    return load_tokenizer(REFERENCE_DIR)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from cogstream_jax.data import tokens
+from cogstream_jax.data.processor_config import load_tokenizer
 from cogstream_jax.data.rewrite import (
     Frame,
     Turn,
@@ -216,8 +217,7 @@ def test_first_question_is_never_filtered():
 
 
 def test_token_ids_equal_tokenizing_the_official_text():
-    transformers = pytest.importorskip("transformers")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(REFERENCE_DIR), trust_remote_code=False)
+    tokenizer = load_tokenizer(REFERENCE_DIR)
     conv, stamps, tpf = five_qa_conversation()
     text, turns = both_ways(conv, stamps, tpf)
     hist_qs, hist_as, current = history_of(turns)

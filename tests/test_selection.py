@@ -5,22 +5,15 @@ import pathlib
 
 import pytest
 
-from cogstream_jax.data.selection import (
-    ALLOWED_TOKEN_IDS,
-    Selection,
-    allowed_token_ids,
-    gt_selection,
-    parse_selection,
-    postprocess_generated,
-)
+from cogstream_jax.data.processor_config import load_tokenizer
+from cogstream_jax.data import selection as sel
 
 REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videollama3-7b"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(REFERENCE_DIR), trust_remote_code=False)
+    return load_tokenizer(REFERENCE_DIR)
 
 
 @pytest.mark.parametrize(
@@ -42,30 +35,30 @@ def tokenizer():
     ],
 )
 def test_parse_official_rules(text, visual, indices):
-    parsed = parse_selection(text)
+    parsed = sel.parse_selection(text)
     assert (parsed.if_visual, parsed.indices) == (visual, indices)
 
 
 def test_resolve_and_relevance():
-    sel = Selection(True, (5, 1, 1, -1, -9))
-    assert sel.resolve(3) == (1, 1, 2)  # out of range dropped, duplicates kept, -1 = last
-    assert sel.relevance(3) == [0, 1, 0]
+    choice = sel.Selection(True, (5, 1, 1, -1, -9))
+    assert choice.resolve(3) == (1, 1, 2)  # out of range dropped, duplicates kept, -1 = last
+    assert choice.relevance(3) == [0, 1, 0]
 
 
 def test_postprocess_generated():
-    assert postprocess_generated("") == "[yes]"
-    assert postprocess_generated(" no,1 ") == "[no,1]"
-    assert postprocess_generated("[yes,2") == "[yes,2]"
-    assert postprocess_generated("1]") == "[1]"
+    assert sel.postprocess_generated("") == "[yes]"
+    assert sel.postprocess_generated(" no,1 ") == "[no,1]"
+    assert sel.postprocess_generated("[yes,2") == "[yes,2]"
+    assert sel.postprocess_generated("1]") == "[1]"
 
 
 def test_gt_selection_keeps_coi_order():
-    assert gt_selection(False, [3, 0]).format() == "[no,3,0]"
-    assert gt_selection(True, []).format() == "[yes]"
+    assert sel.gt_selection(False, [3, 0]).format() == "[no,3,0]"
+    assert sel.gt_selection(True, []).format() == "[yes]"
 
 
 def test_allowed_token_ids_from_real_tokenizer(tokenizer):
-    ids = allowed_token_ids(tokenizer)
-    assert ids == ALLOWED_TOKEN_IDS and len(ids) == 16
+    ids = sel.allowed_token_ids(tokenizer)
+    assert ids == sel.ALLOWED_TOKEN_IDS and len(ids) == 16
     for target in ("[yes,0,5]<|im_end|>", "[no,12]<|im_end|>", "[no]<|im_end|>"):
         assert set(tokenizer.encode(target, add_special_tokens=False)) <= set(ids)
