@@ -4,7 +4,8 @@
         [--judge offline|openai|local] [--judge_url URL --judge_model NAME --judge_concurrency N]
 
 Writes report.json, report.md and PNG figures to --output_dir; judgements are cached (default
-<output_dir>/judge_cache) so an interrupted run resumes and a rerun makes no judge calls. Exit status 0 when
+<output_dir>/judge_cache) so an interrupted run resumes and a rerun makes no judge calls. The openai judge
+sends $OPENAI_API_KEY as a bearer token when that variable is set. Exit status 0 when
 everything was scored, 1 on a user error or when some files or judgements could not be scored (the report
 still covers the rest and lists them).
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from cogstream_jax.scoring.nlp_metrics import METEOR_UNAVAILABLE
 from cogstream_jax.scoring.plots import expected_pixel_size
 from evaluate.metrics import main
-from judge_server import JudgeServer
+from judge_server import JudgeServer, always_scripted, scripted_reply
 from scoring_fixtures import QASpec, scripted, write_dataset, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +117,8 @@ def test_report_json_equals_hand_computed(scripted_run, fixture_dirs):
     }
     assert scripted_run["rc"] == (0, 0)
     assert scripted_run["report"] == expected
+    filled = [v for v in summary["capabilities"].values() if v is not None]
+    assert round(sum(filled) / len(filled), 2) == 58.33 != round(summary["Avg"], 2)  # Avg is QA-weighted
 
 
 def test_rerun_is_served_from_the_cache(scripted_run):
@@ -205,3 +208,31 @@ def test_fatal_user_errors_exit_nonzero_with_one_line(tmp_path, problem, message
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_killed_cli_run_resumes_without_repeating_answered_requests(fixture_dirs, tmp_path):
+    """A real interruption: the CLI process is killed while judge request 6 is in flight; the rerun asks only
+    for what was never answered (requests 1-5 were answered and cached before request 6 was sent)."""
+    out = tmp_path / "out"
+    behaviour = lambda call, body: (200, scripted_reply(body), 5.0 if call == 6 else 0.0)  # noqa: E731
+    with JudgeServer(behaviour) as server:
+        argv = ["--results_dir", str(fixture_dirs / "res"), "--dataset_dir", str(fixture_dirs / "ds"),
+                "--output_dir", str(out), "--judge", "openai", "--judge_url", server.url, "--judge_model", "scripted",
+                "--judge_concurrency", "1", "--no_plots"]
+        proc = subprocess.Popen([sys.executable, "-m", "evaluate.metrics", *argv], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(server.requests) < 6 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait(timeout=30)
+        assert len(server.requests) == 6 and not (out / "report.json").exists()
+        answered = {json.dumps(r["body"]["messages"]) for r in server.requests[:5]}
+        in_flight = json.dumps(server.requests[5]["body"]["messages"])
+        server.behaviour = always_scripted
+        assert main(argv) == 0
+        asked_again = [json.dumps(r["body"]["messages"]) for r in server.requests[6:]]
+    assert len(asked_again) == 34 - 5 and len(set(asked_again)) == len(asked_again)
+    assert not answered & set(asked_again) and in_flight in asked_again
+    report = json.loads((out / "report.json").read_text())
+    assert report["judge"]["cache_hits"] == 5 and report["overall"]["Avg"] == hand_computed_summary()["Avg"]
