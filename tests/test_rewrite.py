@@ -271,3 +271,24 @@ def test_bad_turns_are_rejected():
     with pytest.raises(InputError, match="video_timestamps"):
         turns_from_conversation([{"role": "user", "content": [{"type": "video", "video": {}}, {"type": "text", "text": "q"}]}],
                                 video_timestamps=[], tokens_per_frame=1)
+
+
+def test_processor_output_of_a_stage2_sample_rewrites_like_official():
+    """End to end on real MP4s: the Processor's expanded text equals our rendering of the typed turns, and
+    the gt-mode rewrite equals the official regex rewrite of that text."""
+    from cogstream_jax.data.dataset import load_dataset
+    from cogstream_jax.data.pipelines import stage2_episode
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.rewrite import turns_from_processor_output
+    from cogstream_jax.data.synth import sample_dataset_dir
+
+    video = load_dataset(sample_dataset_dir()).video("synth_0_000")
+    sample = next(s for s in stage2_episode(video, 0) if len(s.segment_paths) == 2 and s.coi)
+    output = Processor.from_pretrained(REFERENCE_DIR)(conversation=list(sample.conversation), return_text=True)
+    turns = turns_from_processor_output(list(sample.conversation), output)
+    assert render_turns(turns) == output.text
+    hist_qs, hist_as, current = history_of(turns)
+    for visual in (True, False):
+        got = rewrite_for_mode(turns, "gt", gt_coi=sample.coi, gt_visual=visual)
+        assert got.text == official_mode(output.text, hist_qs, hist_as, current, "gt", gt=sample.coi, gt_visual=visual)
+        assert len(got.kept_frames) == (output.num_frames if visual else 0)

@@ -26,6 +26,7 @@ from cogstream_jax.data.template import (
     expand_image_tokens,
     item_kind,
     render_video_frames,
+    tokens_per_frame,
 )
 from cogstream_jax.errors import InputError
 
@@ -235,6 +236,22 @@ def turns_from_conversation(
     if next(videos, None) is not None:
         raise InputError("video_timestamps: more entries than video items in the conversation")
     return turns
+
+
+def turns_from_processor_output(
+    conversation: Sequence[Mapping[str, Any]], output: Any, *, add_system_prompt: bool = True
+) -> list[Turn]:
+    """Typed turns for a conversation the Processor has just run on: per-video timestamps and per-frame token
+    counts come from its `timestamps`, `grid_sizes`, `merge_sizes` and `modals` (video-only conversations)."""
+    if any(modal != "video" for modal in output.modals):
+        raise InputError("modals: the history rewrite supports video items only (CogStream has no images)")
+    counts = tokens_per_frame(output.grid_sizes, output.merge_sizes)
+    stamps, start = [], 0
+    for grid in output.grid_sizes:
+        stamps.append(list(output.timestamps[start : start + int(grid[0])]))
+        start += int(grid[0])
+    return turns_from_conversation(conversation, video_timestamps=stamps, tokens_per_frame=counts,
+                                   add_system_prompt=add_system_prompt)
 
 
 def _tokens_at(tokens_per_frame: Sequence[int] | int, index: int) -> int:
