@@ -1,0 +1,1 @@
+"""CogReasoner streaming inference: clustering, event compression, dialogue retrieval, sessions."""
