@@ -131,3 +131,15 @@ def test_plain_causal_fast_path_equals_dense(impl):
     # no mask at all (vision frames)
     free = np.asarray(attend(q, k, v, None, impl="dense"))
     np.testing.assert_allclose(np.asarray(attend(q, k, v, None, impl=impl, chunk_size=8)), free, atol=2e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_policies_keep_gradients(policy):
+    from flax import nnx
+
+    _, jm = reference_pair()
+    ids = jnp.asarray([[5, 6, 7, 8, 9]])
+    plain = nnx.grad(lambda m: m.forward(ids).logits.sum())(jm)
+    remat = nnx.grad(lambda m: m.forward(ids, remat=policy).logits.sum())(jm)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -17,6 +17,22 @@ from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, te
 from cogstream_jax.model.layers import Embed, Linear, RMSNorm
 
 
+#: remat policy names (`--remat`): what each decoder layer keeps for the backward pass
+REMAT_POLICIES = {
+    "full": None,  # keep nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_policy(remat: bool | str):
+    """`True` means "full"; unknown names raise with the list of valid ones."""
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose from {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
 @struct.dataclass
 class KVCache:
     """k/v [layers, B, S, kv_heads, head_dim]; `valid` [B, S] marks written, non-padding slots; `index` = next slot."""
@@ -113,7 +129,7 @@ class Qwen2Model(nnx.Module):
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
                  cache: KVCache | None, *, cache_is_empty: bool = False, impl: Impl = "auto",
-                 chunk_size: int = 512, remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 chunk_size: int = 512, remat: bool | str = False) -> tuple[jax.Array, KVCache | None]:
         """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache).
 
         `cache_is_empty` (static) marks a prefill into a fresh cache: attention then runs over this call's keys
@@ -141,7 +157,8 @@ class Qwen2Model(nnx.Module):
         x = embeds
         for i, layer in enumerate(self.layers):
             if remat:
-                x, kv = nnx.remat(lambda lyr, y, c, i=i: lyr(y, step, c, index, i))(layer, x, kv)
+                x, kv = nnx.remat(lambda lyr, y, c, i=i: lyr(y, step, c, index, i),
+                                  policy=remat_policy(remat))(layer, x, kv)
             else:
                 x, kv = layer(x, step, kv, index, i)
         x = self.norm(x)

@@ -80,9 +80,9 @@ class VideoLlama3(nnx.Module):
                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                 cache: KVCache | None = None, cache_is_empty: bool = False,
                 logits_positions: jax.Array | None = None, compute_logits: bool = True,
-                remat: bool = False) -> ModelOutput:
+                remat: bool | str = False) -> ModelOutput:
         """The whole model as a traceable function (static: layout, num_kept, cache_is_empty, compute_logits,
-        remat). `cache_is_empty` marks a prefill into a fresh cache (cheaper attention, fused kernels)."""
+        remat: False or a policy name from `qwen2.REMAT_POLICIES`). `cache_is_empty` marks a prefill into a fresh cache (cheaper attention, fused kernels)."""
         if visual_features is None and pixel_values is not None:
             visual_features = self.encode_visual(pixel_values, layout)
         if visual_features is not None and num_kept is None:
