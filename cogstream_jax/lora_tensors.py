@@ -1,0 +1,211 @@
+"""One LoRA adapter as plain host tensors, independent of any model instance and of any file format.
+
+Conversions (our adapter directory <-> PEFT folder, merged export) move adapters around without building the
+7B model, so they work on `AdapterTensors`: a `LoraSpec`, `{original-layout module name: (A [in, r], B [r, out])}`
+and the base fingerprint when one is known. Module names translate between the original (VideoLLaMA3 /
+CogStream) and transformers-native layouts with the component prefixes of `cogstream_jax.weights.keys`, and are
+checked against a `ModelConfig` with the same module table: no second mapping exists here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import uuid
+from typing import Mapping
+
+import numpy as np
+
+from cogstream_jax.config import ModelConfig
+from cogstream_jax.lora import LINEAR_KINDS, AdapterError, LoraSpec
+from cogstream_jax.weights.keys import HF_PREFIX, Layout, ModuleEntry, module_entries
+
+Pair = tuple[np.ndarray, np.ndarray]
+LAYOUTS: tuple[Layout, ...] = ("original", "native")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterTensors:
+    """An adapter on the host: spec, tensors keyed by original-layout module names, optional base fingerprint."""
+
+    spec: LoraSpec
+    tensors: Mapping[str, Pair]
+    base_fingerprint: str | None
+    source: str
+
+    @property
+    def rank(self) -> int:
+        return self.spec.r
+
+
+# ---------------------------------------------------------------------------------------------- module names
+def split_module_name(name: str) -> tuple[Layout | None, str, str]:
+    """'model.language_model.layers.0.mlp.up_proj' -> ('native', 'llm', 'layers.0.mlp.up_proj').
+
+    The longest component prefix of either layout wins (the original LLM prefix 'model.' is a prefix of every
+    other one); names whose prefix both layouts share (the LM head) have layout None.
+    """
+    best: tuple[int, Layout | None, str] | None = None
+    for layout in LAYOUTS:
+        for component, prefix in HF_PREFIX[layout].items():
+            if name.startswith(prefix) and (best is None or len(prefix) > best[0]):
+                best = (len(prefix), layout, component)
+            elif best is not None and name.startswith(prefix) and len(prefix) == best[0] and best[1] != layout:
+                best = (len(prefix), None, component)
+    assert best is not None  # the head prefix is '' and matches everything
+    length, layout, component = best
+    return layout, component, name[length:]
+
+
+def module_in_layout(name: str, layout: Layout) -> str:
+    """The same module's name in `layout` (a pure prefix rename, spec section 7.2)."""
+    _, component, rel = split_module_name(name)
+    return HF_PREFIX[layout][component] + rel
+
+
+def layout_of(names, source: str) -> Layout:
+    """The one layout a set of module names uses ('original' when nothing tells them apart)."""
+    found = {split_module_name(n)[0] for n in names} - {None}
+    if len(found) > 1:
+        raise AdapterError(f"{source}: module names mix the original and the native layout")
+    return found.pop() if found else "original"
+
+
+def modules_by_name(config: ModelConfig, layout: Layout) -> dict[str, ModuleEntry]:
+    return {m.hf_module(layout): m for m in module_entries(config)}
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def check_against_config(adapter: AdapterTensors, config: ModelConfig, base: str = "the base model") -> None:
+    """Every adapted module must be a Linear of `config` with matching A/B shapes, and the fingerprint must agree."""
+    fingerprint = config.fingerprint()
+    if adapter.base_fingerprint is not None and adapter.base_fingerprint != fingerprint:
+        raise AdapterError(f"{adapter.source}: adapter made for a different base (base_fingerprint "
+                           f"{adapter.base_fingerprint}, {base} has {fingerprint})")
+    modules = modules_by_name(config, "original")
+    unknown, not_linear, mismatched = [], [], []
+    for name, (a, b) in adapter.tensors.items():
+        entry = modules.get(name)
+        if entry is None:
+            unknown.append(name)
+            continue
+        if entry.kind not in LINEAR_KINDS:
+            not_linear.append(name)
+            continue
+        in_f, out_f = _linear_shape(config, entry)
+        want_a, want_b = (in_f, adapter.rank), (adapter.rank, out_f)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            mismatched.append(f"{name}: A {tuple(a.shape)} B {tuple(b.shape)}, {base} needs A {want_a} B {want_b}")
+    problems = []
+    if unknown:
+        problems.append(f"targets module(s) that do not exist in {base}: {_few(unknown)}")
+    if not_linear:
+        problems.append(f"targets non-Linear module(s) {_few(not_linear)}")
+    if mismatched:
+        problems.append(f"adapter for a different base: {'; '.join(mismatched[:4])}")
+    if problems:
+        raise AdapterError(f"{adapter.source}: " + " | ".join(problems))
+
+
+def _linear_shape(config: ModelConfig, entry: ModuleEntry) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear module, from the abstract model's kernel shape."""
+    return _kernel_shapes(config)[entry.our_module]
+
+
+_KERNEL_CACHE: dict[str, dict[str, tuple[int, int]]] = {}
+
+
+def _kernel_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    key = config.fingerprint()
+    if key not in _KERNEL_CACHE:
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from cogstream_jax.model.layers import Linear
+        from cogstream_jax.weights.loader import abstract_model
+
+        model = abstract_model(config, jnp.float32, jnp.float32)  # shapes only, even for 7B
+        _KERNEL_CACHE[key] = {".".join(str(p) for p in path): tuple(mod.kernel.shape)
+                              for path, mod in nnx.iter_modules(model) if isinstance(mod, Linear)}
+    return _KERNEL_CACHE[key]
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def check_rank(adapter_tensors: Mapping[str, Pair], r: int, source: str, field: str) -> None:
+    """A [in, r] and B [r, out] of every module must use the declared rank."""
+    bad = [f"{name} (A {tuple(a.shape)}, B {tuple(b.shape)})" for name, (a, b) in adapter_tensors.items()
+           if a.ndim != 2 or b.ndim != 2 or a.shape[1] != r or b.shape[0] != r]
+    if bad:
+        raise AdapterError(f"{source}: rank mismatch between tensors and {field}={r}: {_few(bad, 3)}")
+
+
+def ordered(config: ModelConfig | None, tensors: Mapping[str, Pair]) -> dict[str, Pair]:
+    """Tensors in checkpoint order (when a config is known), else sorted by name."""
+    if config is None:
+        return dict(sorted(tensors.items()))
+    order = {name: i for i, name in enumerate(modules_by_name(config, "original"))}
+    return dict(sorted(tensors.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+# ---------------------------------------------------------------------------------------------- model / our dir
+def from_model(model, name: str) -> AdapterTensors:
+    """Adapter `name` of a live model, on the host."""
+    from cogstream_jax.lora import adapter_spec, adapter_tensors
+
+    return AdapterTensors(adapter_spec(model, name), adapter_tensors(model, name), model.config.fingerprint(),
+                          f"adapter {name!r} of the model")
+
+
+def read_adapter_dir(directory: str | os.PathLike) -> AdapterTensors:
+    """Our adapter directory (adapter_meta.json + orbax `lora/`) -> host tensors, without building a model."""
+    import orbax.checkpoint as ocp
+
+    from cogstream_jax import adapter_io
+
+    directory = pathlib.Path(directory).absolute()
+    meta = adapter_io.read_adapter_meta(directory)
+    tensor_dir = directory / adapter_io.TENSOR_DIR
+    if not tensor_dir.is_dir():
+        raise AdapterError(f"{tensor_dir}: missing LoRA tensor checkpoint")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore(tensor_dir)
+    except Exception as e:  # orbax raises assorted types for damaged checkpoints
+        raise AdapterError(f"{tensor_dir}: unreadable LoRA checkpoint: {e}") from None
+    flat = adapter_io._from_tree(tree)  # noqa: SLF001 - the directory layout is owned by adapter_io
+    tensors = {}
+    for name, (a, b) in flat.items():
+        if a is None or b is None:
+            raise AdapterError(f"{tensor_dir}: module {name!r} lacks lora_a or lora_b")
+        tensors[name] = (np.asarray(a), np.asarray(b))
+    check_rank(tensors, meta.spec.r, str(directory / adapter_io.META_FILE), "r")
+    return AdapterTensors(meta.spec, tensors, meta.base_fingerprint, str(directory))
+
+
+def write_adapter_dir(adapter: AdapterTensors, name: str, directory: str | os.PathLike,
+                      base_fingerprint: str, created_by: str) -> pathlib.Path:
+    """Write our adapter directory format from host tensors, atomically (the format `load_adapter` reads)."""
+    import json
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from cogstream_jax import adapter_io
+
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists() and any(directory.iterdir()) and not (directory / adapter_io.META_FILE).is_file():
+        raise AdapterError(f"{directory}: exists and is not an adapter directory; refusing to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / adapter_io.TENSOR_DIR, adapter_io._to_tree(dict(adapter.tensors)))  # noqa: SLF001
+        meta = adapter_io.AdapterMeta(name, adapter.spec, base_fingerprint, created_by)
+        (tmp / adapter_io.META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+        adapter_io._replace_dir(tmp, directory)  # noqa: SLF001
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
