@@ -1,0 +1,147 @@
+"""The jitted training steps: pure functions of (state, frozen base, batch) with explicit shardings.
+
+Stage 1 runs one optimiser update per call: a `lax.scan` over the micro-batches (leading batch axis) adds the
+per-token CE sums and their gradients in fp32, then divides once by the total number of target tokens of the
+whole accumulated batch (not a mean of per-micro-batch means). The state is donated.
+
+Stage 2 micro-batches are single QAs of different shapes (growing conversation, different visual layouts),
+which cannot share a scan, so the step is split into `grad` (one QA, mean over its answer tokens divided by the
+accumulation count, as the official `loss / 4`) and `apply` (one update from the summed gradients).
+
+LoRA dropout keys derive from (state.rng, step, micro-batch index) only, so a resumed run draws the same masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cogstream_jax.errors import ConfigError
+from cogstream_jax.model.layers import lora_dropout
+from cogstream_jax.model.vision import VisualLayout
+from cogstream_jax.sharding import MESH_AXES
+from cogstream_jax.training.losses import ce_sums
+from cogstream_jax.training.state import TrainState, replicated
+
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split the rows of a micro-batch
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    remat: bool = False
+    dropout: bool = True  # LoRA dropout during training (off for parity checks)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_sharding(mesh: Mesh, rows_axis: int = 1) -> NamedSharding:
+    """Rows (axis `rows_axis`) split over data x fsdp; everything else replicated."""
+    spec = [None] * rows_axis + [BATCH_AXES]
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def check_rows_divisible(rows: int, mesh: Mesh, what: str = "micro-batch rows") -> None:
+    n = data_parallel_size(mesh)
+    if rows % n:
+        shape = ",".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+        raise ConfigError(f"--micro_batch_size: {what} = {rows} is not divisible by the data axes data x fsdp = {n} "
+                          f"of --mesh {shape}")
+
+
+def _forward_sums(graphdef, params, frozen, batch: dict[str, jax.Array], key, allowed, options: StepOptions,
+                  layout: VisualLayout | None = None, num_kept: int | None = None):
+    model = nnx.merge(graphdef, params, frozen)
+    with lora_dropout(key if options.dropout else None):
+        out = model.forward(batch["input_ids"], pixel_values=batch.get("pixel_values"), layout=layout,
+                            compression_mask=batch.get("compression_mask"), num_kept=num_kept,
+                            attention_mask=batch.get("attention_mask"), logits_positions=batch["logits_positions"],
+                            remat=options.remat)
+    return ce_sums(out.logits, batch["targets"], batch["weights"], allowed)
+
+
+def _zeros_f32(tree):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
+def _update(state: TrainState, grads, tx: optax.GradientTransformation):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def make_accumulating_step(graphdef, tx: optax.GradientTransformation, lr_schedule: Callable, *,
+                           allowed: np.ndarray | None, options: StepOptions, state_sharding: TrainState,
+                           frozen_sharding, mesh: Mesh):
+    """jit(step)(state, frozen, batch) -> (state, metrics); batch leaves are [micro_batches, rows, ...]."""
+    allowed_arr = None if allowed is None else jnp.asarray(allowed)
+
+    def step(state: TrainState, frozen, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        n_micro = batch["input_ids"].shape[0]
+
+        def micro(carry, xs):
+            grads_acc, loss_acc, count_acc = carry
+            mb, index = xs
+            fn = lambda p: _forward_sums(graphdef, p, frozen, mb, jax.random.fold_in(key, index), allowed_arr, options)
+            (loss, count), grads = jax.value_and_grad(fn, has_aux=True)(state.params)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            return (grads_acc, loss_acc + loss, count_acc + count), None
+
+        init = (_zeros_f32(state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        metrics = {"loss": loss / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
+                   "lr": lr_schedule(state.step)}
+        return _update(state, grads, tx), metrics
+
+    rows = batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, rows),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+
+
+def make_qa_grad(graphdef, *, options: StepOptions, accumulation: int, state_sharding: TrainState, frozen_sharding,
+                 mesh: Mesh):
+    """jit(grad)(state, frozen, batch, index, layout=, num_kept=) -> (grads, loss, tokens) for ONE QA (batch 1).
+
+    grads = d(mean answer-token CE) / accumulation, so four calls summed give the official `loss / 4` update.
+    """
+    def grad(state: TrainState, frozen, batch, index, layout, num_kept):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), index)
+
+        def mean_loss(p):
+            total, count = _forward_sums(graphdef, p, frozen, batch, key, None, options, layout, num_kept)
+            return total / jnp.maximum(count, 1.0), count
+
+        (loss, count), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32) / accumulation, grads)
+        return grads, loss, count
+
+    return jax.jit(grad, static_argnames=("layout", "num_kept"),
+                   in_shardings=(state_sharding, frozen_sharding, replicated(mesh), replicated(mesh)),
+                   out_shardings=(state_sharding.params, replicated(mesh), replicated(mesh)))
+
+
+def make_apply(tx: optax.GradientTransformation, lr_schedule: Callable, *, state_sharding: TrainState, mesh: Mesh):
+    """jit(apply)(state, grads) -> (state, metrics): one optimiser update; state and grads donated."""
+    def apply(state: TrainState, grads):
+        metrics = {"grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+        return _update(state, grads, tx), metrics
+
+    return jax.jit(apply, in_shardings=(state_sharding, state_sharding.params),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0, 1))
+
+
+def add_grads(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+add_grads_jit = jax.jit(add_grads, donate_argnums=(0,))

@@ -1,0 +1,160 @@
+"""Training step numerics: the stage-1 constrained loss and LoRA gradients equal transformers + peft, the
+optimiser recipes equal torch's AdamW / schedulers, and the frozen base has no optimiser state."""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+
+from cogstream_jax import lora
+from cogstream_jax.sharding import make_mesh
+from cogstream_jax.training import optim
+from cogstream_jax.training.batching import step_batch
+from cogstream_jax.training.losses import allowed_mask, ce_sums, supervised_positions
+from cogstream_jax.training.setup import build_setup
+from cogstream_jax.training.state import init_state
+from cogstream_jax.training.step import StepOptions
+from train_helpers import ALLOWED, peft_pair, random_rows
+from torch_reference import VOCAB
+
+
+def test_supervised_positions_shift_and_pad():
+    labels = np.array([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])
+    pos, tgt, w = supervised_positions(labels, num_positions=4)
+    assert pos.tolist() == [[1, 2, 0, 0], [0, 0, 0, 0]]
+    assert tgt.tolist() == [[5, 6, 0, 0], [7, 0, 0, 0]]
+    assert w.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_constrained_ce_is_softmax_over_allowed_ids_and_padding_is_finite():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 3, 40)).astype(np.float32)
+    allowed = allowed_mask([3, 7, 9], 40)
+    targets = np.array([[3, 7, 0], [9, 9, 0]])
+    weights = np.array([[1, 1, 0], [1, 1, 0]], np.float32)
+    total, count = ce_sums(logits, targets, weights, allowed)
+    sub = logits[..., [3, 7, 9]]
+    logp = sub - np.log(np.exp(sub).sum(-1, keepdims=True))
+    idx = {3: 0, 7: 1, 9: 2}
+    expect = -sum(logp[b, p, idx[int(targets[b, p])]] for b in range(2) for p in range(2))
+    assert float(count) == 4 and abs(float(total) - expect) < 1e-5
+    grads = jax.grad(lambda x: ce_sums(x, targets, weights, allowed)[0])(logits)
+    assert np.isfinite(np.asarray(grads)).all()
+
+
+@pytest.fixture(scope="module")
+def stage1_reference():
+    """Our loss/grads (SGD lr 1 => update = -grad) and torch+peft's on the same 2 x 2-row accumulated batch."""
+    peft_model, ours, name, spec, modules = peft_pair()
+    rng = np.random.default_rng(1)
+    ids, labels, mask = random_rows(rng, rows=4, length=24, n_targets=5, pad=3)
+    labels[2, -5:-3] = -100  # unequal target counts per micro-batch: token-weighted sums matter
+    mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
+    setup = build_setup(ours, name, spec, optax.sgd(1.0), mesh, seed=0, options=StepOptions(dropout=False))
+    before = jax.tree.map(np.asarray, setup.state.params)
+    frozen_before = [np.asarray(x) for x in jax.tree.leaves(setup.frozen)]
+    step = setup.accumulating_step(allowed_mask(ALLOWED, VOCAB))
+    new_state, metrics = step(setup.state, setup.frozen, step_batch(ids, labels, mask, micro_batches=2))
+    ours_grads = jax.tree.map(lambda b, a: b - np.asarray(a), before, new_state.params)
+
+    torch_allowed = torch.full((VOCAB,), float("-inf"))
+    torch_allowed[list(ALLOWED)] = 0.0
+    total, count = 0.0, 0
+    for mb in (slice(0, 2), slice(2, 4)):  # HF-style accumulation, but summed then divided once
+        out = peft_model(input_ids=torch.as_tensor(ids[mb], dtype=torch.long),
+                         attention_mask=torch.as_tensor(mask[mb], dtype=torch.long)).logits
+        logits = (out + torch_allowed)[:, :-1]
+        tgt = torch.as_tensor(labels[mb][:, 1:], dtype=torch.long)
+        total = total + torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1),
+                                                          ignore_index=-100, reduction="sum")
+        count += int((tgt != -100).sum())
+    loss = total / count
+    loss.backward()
+    return setup, metrics, ours_grads, float(loss.detach()), modules, name, ours, frozen_before, new_state
+
+
+def test_stage1_loss_equals_peft(stage1_reference):
+    _, metrics, _, torch_loss, *_ = stage1_reference
+    assert abs(float(metrics["loss"]) - torch_loss) <= 1e-5
+    assert float(metrics["tokens"]) == 4 * 5 - 2
+
+
+def test_stage1_lora_gradients_equal_peft(stage1_reference):
+    setup, _, grads, _, modules, name, ours, _, _ = stage1_reference
+    model = setup.model(setup.state.__class__(step=None, params=grads, opt_state=None, rng=None))
+    compared = 0
+    for original, (a_var, b_var) in lora.adapter_variables(model, name).items():
+        layer = modules[original]
+        ga = layer.lora_A["default"].weight.grad.numpy().T
+        gb = layer.lora_B["default"].weight.grad.numpy().T
+        assert np.abs(np.asarray(a_var[...]) - ga).max() <= 1e-5, original
+        assert np.abs(np.asarray(b_var[...]) - gb).max() <= 1e-5, original
+        assert np.abs(ga).max() > 1e-4  # B != 0, so A receives a real gradient
+        compared += 1
+    assert compared == 7 * ours.config.text.num_hidden_layers
+
+
+def test_frozen_base_is_bit_identical_and_has_no_optimizer_state(stage1_reference):
+    setup, *_, frozen_before, new_state = stage1_reference
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(frozen_before, jax.tree.leaves(setup.frozen)))
+    n_lora = len(jax.tree.leaves(new_state.params))
+    adam = init_state(new_state.params, optax.adamw(1e-3), 0).opt_state
+    n_moments = sum(x.size > 1 or x.ndim > 0 for x in jax.tree.leaves(adam))
+    assert n_moments == 2 * n_lora  # mu and nu for LoRA tensors only, nothing for the frozen base
+
+
+def _torch_reference_update(grads: list[np.ndarray], params: list[np.ndarray], config: optim.OptimConfig, steps: int):
+    tp = [torch.nn.Parameter(torch.tensor(p)) for p in params]
+    opt = torch.optim.AdamW(tp, lr=config.learning_rate, betas=(config.b1, config.b2), eps=config.eps,
+                            weight_decay=config.weight_decay)
+    for _ in range(steps):
+        for p, g in zip(tp, grads):
+            p.grad = torch.tensor(g)
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(tp, config.max_grad_norm)
+        opt.step()
+    return [p.detach().numpy() for p in tp]
+
+
+@pytest.mark.parametrize("recipe", ["stage1", "stage2"])
+def test_optimizer_matches_torch_adamw_with_clipping(recipe):
+    config = optim.stage1_optim(100, 2e-4) if recipe == "stage1" else optim.stage2_optim(1, 4, 1e-4)
+    config = optim.OptimConfig(0.01, 100, 0.0, config.weight_decay, config.max_grad_norm)  # constant-ish lr
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
+    grads = [rng.standard_normal((3, 4)).astype(np.float32) * 3, rng.standard_normal(5).astype(np.float32)]
+    ref = _torch_reference_update(grads, params, optim.OptimConfig(0.01, 100, 0.0, config.weight_decay,
+                                                                   config.max_grad_norm), 1)
+    tx = optax.chain(*([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
+                     optax.adamw(0.01, eps=config.eps, weight_decay=config.weight_decay))
+    new = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
+    for a, b in zip(new, ref):
+        assert np.abs(np.asarray(a) - b).max() <= 1e-6
+    assert optim.make_optimizer(config) is not None
+
+
+def test_schedules_match_hf_and_torch():
+    from transformers import get_cosine_schedule_with_warmup
+
+    total = 50
+    s1 = optim.stage1_optim(total)
+    assert s1.warmup_steps == math.ceil(0.08 * total)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=s1.learning_rate)
+    sched = get_cosine_schedule_with_warmup(opt, s1.warmup_steps, total)
+    ours = optim.schedule(s1)
+    for t in range(total):
+        assert abs(float(ours(t)) - sched.get_last_lr()[0]) <= 1e-9, t
+        opt.step(); sched.step()
+    s2 = optim.stage2_optim(num_epochs=2, num_videos=5)
+    assert s2.total_steps == 2 * 2 * 20 and s2.max_grad_norm is None and s2.weight_decay == 1e-2
+    opt = torch.optim.AdamW([p], lr=s2.learning_rate)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s2.total_steps, eta_min=0)
+    ours = optim.schedule(s2)
+    for t in range(s2.total_steps):
+        assert abs(float(ours(t)) - cos.get_last_lr()[0]) <= 1e-9, t
+        opt.step(); cos.step()
