@@ -132,3 +132,14 @@ def test_invalid_json_and_unknown_mapping(dataset_copy):
     qa_file(dataset_copy).write_text("[[{")
     with pytest.raises(DataError, match=r"synth_0_000\.json: not valid JSON"):
         load_dataset(dataset_copy)
+
+
+def test_validate_cli_reports_and_fails_with_one_line(dataset_copy, capsys):
+    from cogstream_jax.data.validate import main
+
+    assert main(["--data-dir", str(dataset_copy)]) == 0
+    assert "ok: 1 videos, 0 warnings" in capsys.readouterr().out
+    edit_qa(dataset_copy, lambda d: d[0][2]["info"].update(relevance="[1]"))
+    assert main(["--data_dir", str(dataset_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "info.relevance: length 1 != ID 2" in err and "Traceback" not in err

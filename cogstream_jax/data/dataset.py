@@ -183,14 +183,15 @@ def load_dataset(root: str | os.PathLike, *, mapping: str = "zip") -> CogStreamD
     return CogStreamDataset(root=root, videos=videos, warnings=tuple(warnings))
 
 
-def validate_dataset(root: str | os.PathLike) -> CogStreamDataset:
-    """Load with the zip rule and add a warning for every QA whose explicit, time-based segment differs."""
-    dataset = load_dataset(root, mapping="zip")
+def validate_dataset(root: str | os.PathLike, *, mapping: str = "zip") -> CogStreamDataset:
+    """Load (zip rule by default) and warn for every QA whose zip and explicit, time-based segments differ."""
+    dataset = load_dataset(root, mapping=mapping)
     warnings = list(dataset.warnings)
     for video in dataset.videos:
         vqa_file = dataset.root / VQA_DIR / video.qa_file.name
         ends = segment_ends(video.segments, _read_json(vqa_file) if vqa_file.is_file() else None)
-        for chain, zipped in zip(video.chains, video.segment_of_qa):
+        for chain in video.chains:
+            zipped = zip_mapping(chain, len(video.segments), str(video.qa_file))
             explicit = explicit_mapping(chain, ends, str(video.qa_file))
             for qa, z, e in zip(chain.qas, zipped, explicit):
                 if z != e:

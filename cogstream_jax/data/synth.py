@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cogstream_jax.cli_utils import ArgumentParser, run_cli
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR
 from cogstream_jax.data.mp4_writer import write_mp4
 from cogstream_jax.data.synth_qa import DraftQA, build_chains
@@ -142,11 +143,11 @@ def sample_dataset_dir() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cogstream_jax.data.synth", description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", "--output-dir", required=True, help="dataset root to write")
+    parser = ArgumentParser(prog="python -m cogstream_jax.data.synth", description=__doc__.split("\n")[0])
+    parser.add_argument("--output_dir", required=True, help="dataset root to write")
     parser.add_argument("--videos", type=int, default=4, help="number of short streams (default 4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--long_videos", "--long-videos", type=int, default=0,
+    parser.add_argument("--long_videos", type=int, default=0,
                         help="number of 56x56, 2 fps, 150 s streams (event compression runs on them)")
     parser.add_argument("--chains", type=int, default=3, help="dialogue chains per video (default 3)")
     return parser
@@ -154,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         root = generate_dataset(args.output_dir, args.videos, args.seed, long_videos=args.long_videos,
                                 chains=args.chains)
-    except (UserError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.videos + args.long_videos} videos to {root}")
-    return 0
+        print(f"wrote {args.videos + args.long_videos} videos to {root}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
