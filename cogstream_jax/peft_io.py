@@ -243,3 +243,13 @@ def load_peft_adapter(model, directory: str | os.PathLike, name: str, adapter_na
         delete_adapter(model, name)
         raise
     return name
+
+
+def read_any_adapter(directory: str | os.PathLike, adapter_name: str | None = None) -> AdapterTensors:
+    """Our adapter directory (adapter_meta.json) or a PEFT folder (adapter_config.json), whichever it is."""
+    from cogstream_jax.adapter_io import META_FILE
+    from cogstream_jax.lora_tensors import read_adapter_dir
+
+    if (pathlib.Path(directory) / META_FILE).is_file():
+        return read_adapter_dir(directory)
+    return read_peft_adapter(directory, adapter_name)

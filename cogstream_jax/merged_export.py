@@ -1,0 +1,120 @@
+"""Merged export: base checkpoint + one LoRA adapter -> a plain checkpoint with W' = W + (alpha/r) B A.
+
+The base safetensors (either layout) stream one tensor at a time into shard files of the chosen layout: each
+adapted weight is merged in fp32 (PyTorch orientation: B [out, r] @ A [r, in]) and cast back to the output
+dtype, every other tensor is copied. The header of every output shard is planned from the base headers before
+any tensor is read, so a 7B export needs about one tensor of host memory. The key tables of
+`cogstream_jax.weights.keys` decide every name in both layouts; the result loads in
+`transformers.VideoLlama3ForConditionalGeneration.from_pretrained` (native layout) and in `load_pretrained`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cogstream_jax.config import ModelConfig
+from cogstream_jax.errors import ConfigError, WeightError
+from cogstream_jax.lora_tensors import AdapterTensors, check_against_config
+from cogstream_jax.weights.assign import param_leaves
+from cogstream_jax.weights.keys import Layout, TensorEntry, detect_layout, hf_key_table
+from cogstream_jax.weights.loader import abstract_model, check_headers
+from cogstream_jax.weights.safetensors_io import INDEX_NAME, Checkpoint, TensorSpec, read_tensor, write_checkpoint, \
+    write_json_atomic
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+#: base-folder files copied along (tokenizer, processor, generation settings), never weights or config.json
+_SIDE_FILE_SUFFIXES = (".json", ".txt", ".py", ".model", ".jinja", ".gz")
+_NOT_COPIED = ("config.json", INDEX_NAME, "adapter_config.json")
+
+
+def merged_weight(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """W [out, in] + scale * (A [in, r] @ B [r, out]).T, in fp32 (the caller casts)."""
+    delta = (np.asarray(a, np.float32) @ np.asarray(b, np.float32)).T
+    return weight.astype(np.float32) + np.float32(scale) * delta
+
+
+def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output_dir: str | os.PathLike,
+                  layout: Layout = "original", dtype: str | None = None,
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write config.json + (sharded) safetensors of base + merged adapter; returns the weight file names.
+
+    `dtype`: "float32" | "bfloat16" output dtype; default keeps each base tensor's dtype.
+    """
+    model_path, output_dir = os.fspath(model_path), os.fspath(output_dir)
+    if layout not in ("original", "native"):
+        raise ConfigError(f"layout={layout!r}: expected 'original' or 'native'")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: expected one of {sorted(OUTPUT_DTYPES)}")
+    if os.path.abspath(model_path) == os.path.abspath(output_dir):
+        raise ConfigError(f"--output_dir {output_dir}: must differ from --model_path")
+    _refuse_orbax(model_path)
+    config = ModelConfig.from_hf_config(model_path)
+    check_against_config(adapter, config, base=f"the base model {model_path}")
+    checkpoint = Checkpoint(model_path)
+    source_table = hf_key_table(config, detect_layout(checkpoint.keys()))
+    _, state = nnx.split(abstract_model(config, jnp.float32, jnp.float32))
+    check_headers(checkpoint.path, source_table, param_leaves(state), checkpoint.tensors)
+    source_key = {(e.module.our_module, e.our_leaf): key for key, e in source_table.items()}
+    target_table = hf_key_table(config, layout)
+    out_dtype = OUTPUT_DTYPES.get(dtype) if dtype else None
+    specs = []
+    for key, entry in target_table.items():
+        info = checkpoint.tensors[source_key[(entry.module.our_module, entry.our_leaf)]]
+        specs.append(TensorSpec(key, info.shape, out_dtype or info.dtype))
+
+    def produce(spec: TensorSpec) -> np.ndarray:
+        entry = target_table[spec.name]
+        tensor = read_tensor(checkpoint.tensors[source_key[(entry.module.our_module, entry.our_leaf)]])
+        pair = _adapted_pair(adapter, entry)
+        if pair is not None:
+            tensor = merged_weight(tensor, *pair, adapter.spec.scale)
+        return tensor.astype(spec.dtype, copy=False)
+
+    os.makedirs(output_dir, exist_ok=True)
+    files = write_checkpoint(output_dir, specs, produce, max_shard_bytes)
+    hf_config = config.to_hf_config(layout)
+    written = {str(s.dtype) for s in specs}
+    hf_config["torch_dtype" if layout == "original" else "dtype"] = written.pop() if len(written) == 1 else "float32"
+    write_json_atomic(os.path.join(output_dir, "config.json"), hf_config)
+    _copy_side_files(model_path, output_dir)
+    return files
+
+
+def _adapted_pair(adapter: AdapterTensors, entry: TensorEntry) -> tuple[np.ndarray, np.ndarray] | None:
+    """The adapter's (A, B) for a Linear weight it adapts (never for biases)."""
+    if entry.hf_suffix != "weight":
+        return None
+    return adapter.tensors.get(entry.module.hf_module("original"))
+
+
+def _refuse_orbax(model_path: str) -> None:
+    from cogstream_jax.weights.orbax_io import is_orbax_folder
+
+    if os.path.isdir(model_path) and is_orbax_folder(model_path):
+        raise WeightError(f"{model_path}: --model_path is an orbax folder; merged export streams safetensors, so "
+                          "first run `python -m convert.orbax_to_hf --model_path ... --output_dir BASE`")
+
+
+def _copy_side_files(model_path: str, output_dir: str) -> None:
+    """Tokenizer / processor files of the base, so the merged folder is usable on its own."""
+    for name in sorted(os.listdir(model_path)):
+        src = os.path.join(model_path, name)
+        if (os.path.isfile(src) and name.endswith(_SIDE_FILE_SUFFIXES) and name not in _NOT_COPIED
+                and not name.endswith(".safetensors")):
+            tmp = os.path.join(output_dir, f".{name}.tmp{os.getpid()}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, os.path.join(output_dir, name))
+
+
+def export_merged_from_dir(model_path: str | os.PathLike, adapter_dir: str | os.PathLike,
+                           output_dir: str | os.PathLike, adapter_name: str | None = None, **kwargs: Any) -> list[str]:
+    """`export_merged` with the adapter read from our adapter directory or a PEFT folder."""
+    from cogstream_jax.peft_io import read_any_adapter
+
+    return export_merged(model_path, read_any_adapter(adapter_dir, adapter_name), output_dir, **kwargs)
