@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from cogstream_jax import __version__
-from cogstream_jax.lora import (AdapterError, LoraSpec, adapter_names, adapter_spec, adapter_tensors, adapter_variables,
+from cogstream_jax.lora import (AdapterError, LoraSpec, adapter_names, adapter_spec, adapter_variables,
                                 add_adapter, delete_adapter, set_adapter_tensors)
 
 META_FILE = "adapter_meta.json"
@@ -110,7 +110,9 @@ def save_adapter(model: nnx.Module, name: str, directory: str | os.PathLike) -> 
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / TENSOR_DIR, _to_tree(adapter_tensors(model, name)))
+            # device arrays as they are (sharded ones included): orbax writes each shard from its owner
+            arrays = {hf: (a[...], b[...]) for hf, (a, b) in adapter_variables(model, name).items()}
+            checkpointer.save(tmp / TENSOR_DIR, _to_tree(arrays))
         meta = AdapterMeta(name, spec, model.config.fingerprint(),
                            f"cogstream_jax {__version__} (cogstream_jax.adapter_io.save_adapter)")
         (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
