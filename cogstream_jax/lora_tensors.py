@@ -143,9 +143,9 @@ def check_rank(adapter_tensors: Mapping[str, Pair], r: int, source: str, field: 
 
 
 def ordered(config: ModelConfig | None, tensors: Mapping[str, Pair]) -> dict[str, Pair]:
-    """Tensors in checkpoint order (when a config is known), else sorted by name."""
+    """Tensors in checkpoint order (when a config is known), else in natural name order (layer 2 before 10)."""
     if config is None:
-        return dict(sorted(tensors.items()))
+        return dict(sorted(tensors.items(), key=lambda kv: [int(p) if p.isdigit() else p for p in kv[0].split(".")]))
     order = {name: i for i, name in enumerate(modules_by_name(config, "original"))}
     return dict(sorted(tensors.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
