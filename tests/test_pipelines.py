@@ -219,3 +219,34 @@ def test_stage2_deterministic_sharded_and_resumable(dataset):
     resumed = iter(stage2_dataset(dataset, cfg))
     resumed.set_state(state)
     assert [next(resumed) for _ in range(30)] == expected
+
+
+def test_stage2_inputs_rewrite_with_gt_and_supervise_only_the_answer(dataset):
+    """Model-ready stage-2 inputs on real MP4s: the prompt is the official regex rewrite (gt selection) of the
+    processor text, the answer + <|im_end|> is the only supervised part, frames survive only when visual."""
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.stage2 import stage2_inputs
+    from official_rewrite_reference import official_rewrite
+
+    processor = Processor.from_pretrained(REFERENCE_DIR)
+    video = dataset.video("synth_0_001")
+    episode = stage2_episode(video, 0)
+    picks = [episode[0], next(s for s in episode if s.coi and len(s.segment_paths) == 2),
+             next(s for s in episode if not s.is_visual)]
+    for sample in picks:
+        inputs = stage2_inputs(sample, processor)
+        out = inputs.processor_output
+        text = processor(conversation=list(sample.conversation), return_text=True).text
+        prior_qs = [q.question for q in video.chains[0].qas[: sample.qa_index]]
+        prior_as = [q.answer for q in video.chains[0].qas[: sample.qa_index]]
+        expected = official_rewrite(text, sample.is_visual, [prior_qs[i] for i in sample.coi],
+                                    [prior_as[i] for i in sample.coi], sample.question)
+        prompt_ids = processor.tokenizer(expected)["input_ids"]
+        assert inputs.input_ids[: inputs.prompt_length].tolist() == prompt_ids
+        supervised = inputs.labels[inputs.labels != IGNORE_INDEX].tolist()
+        assert processor.tokenizer.decode(supervised) == sample.answer + "<|im_end|>"
+        assert (inputs.labels[: inputs.prompt_length] == IGNORE_INDEX).all()
+        n_image = int((inputs.input_ids == 151665).sum())
+        assert inputs.kept_frames == (tuple(range(out.num_frames)) if sample.is_visual else ())
+        per_frame = int(out.grid_sizes[0, 1] * out.grid_sizes[0, 2] // 4)
+        assert n_image == per_frame * len(inputs.kept_frames)

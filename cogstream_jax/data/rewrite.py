@@ -229,7 +229,8 @@ def turns_from_conversation(
             if stamps is None:
                 raise InputError(f"video_timestamps: fewer entries than video items (at {where})")
             frames = tuple(
-                Frame(frame_index + j, float(t), _tokens_at(tokens_per_frame, frame_index + j)) for j, t in enumerate(stamps)
+                Frame(frame_index + j, float(t), _tokens_at(tokens_per_frame, frame_index + j))
+                for j, t in enumerate(stamps)
             )
             frame_index += len(frames)
         turns.append(Turn("user", texts[0] if texts else None, frames))

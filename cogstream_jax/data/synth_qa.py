@@ -44,7 +44,8 @@ class ChainBuilder:
         return bool(self.rng.random() < self.p)
 
     def _first_about(self, kind: str, labels: tuple[str, ...] | None = None) -> int | None:
-        return next((i for i, q in enumerate(self.qas) if q.about == kind and (labels is None or q.label in labels)), None)
+        matches = (i for i, q in enumerate(self.qas) if q.about == kind and (labels is None or q.label in labels))
+        return next(matches, None)
 
     def _basic(self, k: int, shape: Shape) -> None:
         s, end = self.scene, self.scene.segment_ends[k]
@@ -53,8 +54,9 @@ class ChainBuilder:
                           "Basic/Attributes", k, about=shape.kind))
         attr = len(self.qas) - 1
         if self._want() or k == 0:
-            self._add(DraftQA("How is it moving?", f"The {name} moves {heading(shape, s, s.segment_start(k) + 0.5)}, "
-                              "bouncing off the edges of the frame.", "Basic/Co-reference", k, [attr], about=shape.kind))
+            moves = heading(shape, s, s.segment_start(k) + 0.5)
+            self._add(DraftQA("How is it moving?", f"The {name} moves {moves}, bouncing off the edges of the frame.",
+                              "Basic/Co-reference", k, [attr], about=shape.kind))
         if self._want():
             x, y = position(shape, s, end - 0.5)
             self._add(DraftQA(f"What does the {name} do near the end of this part?",
@@ -81,7 +83,7 @@ class ChainBuilder:
                 link = self._first_about(shape.kind, ("Basic/Attributes", "Streaming/Dynamic Updating"))
                 self._add(DraftQA(f"What color is the {shape.kind} now?",
                                   f"It is {shape.colors[1]} now; earlier it was {shape.colors[0]}.",
-                                  "Streaming/Dynamic Updating", k, [link] if link is not None else [], about=shape.kind))
+                                  "Streaming/Dynamic Updating", k, [] if link is None else [link], about=shape.kind))
         tracked = [x for x in old if self._first_about(x.kind) is not None]
         if tracked and self._want():
             shape = tracked[int(self.rng.integers(len(tracked)))]
