@@ -99,15 +99,8 @@ def subsample_indices(count: int, max_frames: int | None) -> list[int]:
     return [int(i) for i in np.linspace(0, count - 1, max_frames, dtype=int)]
 
 
-def fps_selection(
-    pts: Sequence[int],
-    eof_pts: int,
-    time_base: Fraction,
-    *,
-    duration: float,
-    fps: float = 1,
-    trim_time: float = 0.0,
-) -> list[int]:
+def fps_selection(pts: Sequence[int], eof_pts: int, time_base: Fraction, *, duration: float, fps: float = 1,
+                  trim_time: float = 0.0) -> list[int]:
     """Source frame indices (presentation order, repeats possible) that the official FFmpeg graph outputs,
     before the `max_frames` subsampling.
 
