@@ -1,0 +1,61 @@
+"""Loading CogReasoner's two adapters by ROLE, detected from their content.
+
+The answer adapter (`full_module`, stage 2) also targets the projector (`mm_projector.readout.*`); the retrieval
+adapter (`language_module`, stage 1) targets only LLM layers. The official evaluation loads
+`--lora_adapter_1_path` as full_module and `--lora_adapter_2_path` as language_module, the swap of protocol 7 #3;
+we look at what each folder contains instead of trusting the flag order, and stop on a mismatch.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from cogstream_jax.adapter_io import META_FILE, load_adapter, read_adapter_meta
+from cogstream_jax.lora import FULL_MODULE, LANGUAGE_MODULE, AdapterError
+
+Role = Literal["answer", "retrieval"]
+ROLE_NAMES = {"answer": FULL_MODULE, "retrieval": LANGUAGE_MODULE}
+
+
+def adapter_role(directory: str | os.PathLike) -> Role:
+    """'answer' when the adapter targets the projector, else 'retrieval'."""
+    directory = os.fspath(directory)
+    if os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, META_FILE)) and \
+            os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        raise AdapterError(f"{directory}: a PEFT adapter folder; convert it to our adapter format first "
+                           f"(missing {META_FILE})")
+    meta = read_adapter_meta(directory)
+    return "answer" if any("mm_projector" in t or "projector" in t for t in meta.spec.target_modules) else "retrieval"
+
+
+def check_role(directory: str | os.PathLike | None, expected: Role, flag: str) -> None:
+    if directory is None:
+        return
+    role = adapter_role(directory)
+    if role != expected:
+        raise AdapterError(f"{flag} {directory}: this adapter looks like the {role} adapter "
+                           f"({'targets' if role == 'answer' else 'does not target'} the projector); "
+                           f"did you swap the adapters?")
+
+
+def assign_official_adapters(path_1: str | None, path_2: str | None) -> tuple[str | None, str | None]:
+    """(retrieval dir, answer dir) from the official `--lora_adapter_1_path/--lora_adapter_2_path`, by content."""
+    given = [(flag, p) for flag, p in (("--lora_adapter_1_path", path_1), ("--lora_adapter_2_path", path_2)) if p]
+    roles: dict[Role, str] = {}
+    for flag, path in given:
+        role = adapter_role(path)
+        if role in roles:
+            raise AdapterError(f"{flag} {path}: both adapters look like the {role} adapter "
+                               f"(the answer adapter targets the projector, the retrieval adapter does not)")
+        roles[role] = path
+    return roles.get("retrieval"), roles.get("answer")
+
+
+def load_role_adapters(model, retrieval_dir: str | None, answer_dir: str | None) -> tuple[str | None, str | None]:
+    """Load both (checked) adapters under their official names; returns (retrieval name, answer name)."""
+    check_role(retrieval_dir, "retrieval", "--retrieval_adapter")
+    check_role(answer_dir, "answer", "--answer_adapter")
+    names = []
+    for directory, role in ((retrieval_dir, "retrieval"), (answer_dir, "answer")):
+        names.append(load_adapter(model, directory, name=ROLE_NAMES[role]) if directory else None)
+    return names[0], names[1]

@@ -1,0 +1,41 @@
+"""Model + processor + sampling defaults for inference, from a checkpoint folder or the literal `tiny`."""
+from __future__ import annotations
+
+import os
+
+from cogstream_jax.data.processor import Processor
+from cogstream_jax.errors import WeightError
+from cogstream_jax.inference.sampling import SamplingConfig
+from cogstream_jax.reference_files import bundled_model_dir
+
+TINY = "tiny"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def tiny_model(seed: int = 0):
+    """A random tiny VideoLLaMA3 with the real vocabulary (the `make demo` / test model)."""
+    from flax import nnx
+
+    from cogstream_jax.config import tiny
+    from cogstream_jax.model.videollama3 import VideoLlama3
+
+    return VideoLlama3(tiny(), rngs=nnx.Rngs(seed))
+
+
+def load_model_and_processor(model_path: str, dtype: str = "float32"):
+    """(model, processor, sampling defaults). Tokenizer/processor/generation configs come from the folder when it
+    has them, else from the bundled VideoLLaMA3 files (same tokenizer for every CogReasoner checkpoint)."""
+    if model_path == TINY:
+        directory = bundled_model_dir()
+        model = tiny_model()
+    else:
+        if not os.path.isdir(model_path):
+            raise WeightError(f"{model_path}: model folder not found (or pass the literal 'tiny')")
+        from cogstream_jax.weights.loader import load_pretrained
+
+        model = load_pretrained(model_path, dtype=dtype)
+        has_tokenizer = all(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES)
+        directory = model_path if has_tokenizer else bundled_model_dir()
+    generation = os.path.join(directory, "generation_config.json")
+    sampling = SamplingConfig.from_generation_config(generation if os.path.isfile(generation) else bundled_model_dir())
+    return model, Processor.from_pretrained(directory), sampling
