@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from cogstream_jax import Processor
+from cogstream_jax.data.image import compute_mixed_resize
+from cogstream_jax.data.template import DEFAULT_SYSTEM_PROMPT
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID
 from cogstream_jax.errors import ConfigError, DataError, InputError, VideoError
 from tests.mp4s import ffmpeg_graph_frames, write_test_video
@@ -196,3 +198,24 @@ def test_bad_processor_config_names_file_and_field(tmp_path):
     (folder / "preprocessor_config.json").write_text('{"patch_size": "14"}')
     with pytest.raises(ConfigError, match=r"preprocessor_config\.json.*'patch_size'"):
         Processor.from_pretrained(folder)
+
+
+def test_text_only_and_mixed_image_video(clips, processor, tmp_path):
+    text_only = processor(conversation=[{"role": "user", "content": "Hello?"}])
+    assert text_only.pixel_values is None and text_only.grid_sizes.shape == (0, 3) and text_only.num_frames == 0
+    assert text_only.input_ids.tolist() == [processor.tokenizer(
+        f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nHello?<|im_end|>\n"
+        "<|im_start|>assistant\n")["input_ids"]]
+    image = np.random.default_rng(2).integers(0, 256, (70, 98, 3), dtype=np.uint8)
+    mixed = [{"role": "user", "content": [{"type": "image", "image": image}, video_item(clips["small"]), "Q?"]}]
+    out = processor(conversation=mixed)
+    video_frames = ffmpeg_graph_frames(clips["small"])[1]
+    sizes = compute_mixed_resize([(1, 70, 98, 1), (len(video_frames), 48, 40, 2)])  # batched_resize path
+    assert out.merge_sizes.tolist() == [1, 2] and out.modals == ["image", "video"]
+    assert out.grid_sizes.tolist() == [[1, sizes[0][0] // 14, sizes[0][1] // 14],
+                                       [len(video_frames), sizes[1][0] // 14, sizes[1][1] // 14]]
+    expected = np.concatenate([naive_patchify(naive_pixels(image[None], sizes[0]), 1),
+                               naive_patchify(naive_pixels(video_frames, sizes[1]), 2)])
+    np.testing.assert_array_equal(out.pixel_values, expected)
+    assert out.num_frames == 1 + len(video_frames) and len(out.timestamps) == len(video_frames)
+    assert out["input_ids"] is out.input_ids and "pixel_values" in out.keys()
