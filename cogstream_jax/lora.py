@@ -210,7 +210,8 @@ def merge_adapter(model: nnx.Module, name: str) -> None:
         weights = linear.adapters[name]
         kernel = linear.kernel[...]
         delta = (weights.lora_a[...].astype(jnp.float32) @ weights.lora_b[...].astype(jnp.float32)) * weights.scale
-        linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        merged = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        linear.kernel.set_value(jax.device_put(merged, kernel.sharding))  # keep the base's placement
     delete_adapter(model, name)
 
 

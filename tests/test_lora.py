@@ -384,6 +384,13 @@ def test_adapters_on_a_sharded_model(config, pixels, saved_adapter, tmp_path):
         for a, b in zip(pair, lora.adapter_tensors(single, lora.FULL_MODULE)[hf]):
             np.testing.assert_array_equal(a, b)
 
+    # merging on the mesh keeps each kernel's sharding and the adapter's output
+    kernel = sharded.mm_projector.readout["0"].kernel
+    kernel_sharding = kernel[...].sharding
+    lora.merge_adapter(sharded, lora.FULL_MODULE)
+    assert kernel[...].sharding == kernel_sharding
+    assert np.abs(run(sharded, pixels) - expected).max() <= 1e-5
+
 
 # ---------------------------------------------------------------------------------------------- PEFT parity
 def test_matches_peft_lora_on_transformers_videollama3(pixels):
