@@ -63,3 +63,10 @@ def test_bf16_checkpoint_is_cast_per_tensor(tmp_path):
     np.testing.assert_array_equal(p32[("lm_head", "kernel")], expected)
     for path in p16:
         np.testing.assert_array_equal(p16[path].astype(np.float32), p32[path], err_msg=str(path))
+
+
+def test_checkpoint_written_by_transformers_save_pretrained_loads(native_model, tmp_path):
+    """transformers' own sharded writer (its index json, its shard names, its config.json) is read as is."""
+    torch_model().save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert_same_params(native_model, load_pretrained(tmp_path))
