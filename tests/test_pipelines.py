@@ -4,7 +4,7 @@ bucketed shapes, determinism for a seed, disjoint and complete shards, and itera
 stage-2 records over the growing conversation with GT COI / is_visual."""
 from __future__ import annotations
 
-import pathlib
+import dataclasses
 
 import grain
 import numpy as np
@@ -20,21 +20,26 @@ from cogstream_jax.data.stage1 import (
     distinct_permutation_count,
     tokenize_sample,
 )
-from cogstream_jax.data.processor_config import load_tokenizer
 from cogstream_jax.data.synth import sample_dataset_dir
 from cogstream_jax.data.tokens import GENERATION_PROMPT_IDS, IM_END_ID, PAD_ID
 
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videollama3-7b"
+from real_processor_cache import real_processor, real_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(REFERENCE_DIR)
+    return real_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def dataset():
     return load_dataset(sample_dataset_dir())
+
+
+@pytest.fixture(scope="module")
+def one_video(dataset):
+    """The first sample video only: enough items (~40) for the determinism and sharding checks, and faster."""
+    return dataclasses.replace(dataset, videos=dataset.videos[:1])
 
 
 def item(qa_id: int, history, labels=None, visual=True) -> Stage1Item:
@@ -122,7 +127,8 @@ def test_stage1_counts_shapes_and_padding(dataset, tokenizer):
     assert len({b["input_ids"].shape for b in batches}) <= 3
 
 
-def test_stage1_same_seed_same_batches_other_seed_differs(dataset, tokenizer):
+def test_stage1_same_seed_same_batches_other_seed_differs(one_video, tokenizer):
+    dataset = one_video
     cfg = Stage1Config(seed=5, batch_size=2, num_epochs=2)
     first, second = collect(stage1_dataset(dataset, tokenizer, cfg)), collect(stage1_dataset(dataset, tokenizer, cfg))
     assert len(first) == len(second)
@@ -135,7 +141,8 @@ def test_stage1_same_seed_same_batches_other_seed_differs(dataset, tokenizer):
     assert [int(x) for b in first[:n] for x in b["item_index"]] != [int(x) for b in first[n:] for x in b["item_index"]]
 
 
-def test_stage1_shards_are_disjoint_and_complete(dataset, tokenizer):
+def test_stage1_shards_are_disjoint_and_complete(one_video, tokenizer):
+    dataset = one_video
     cfg = Stage1Config(seed=3)
     full = [int(b["item_index"][0]) for b in collect(stage1_dataset(dataset, tokenizer, cfg))]
     shards = [
@@ -149,7 +156,8 @@ def test_stage1_shards_are_disjoint_and_complete(dataset, tokenizer):
     assert len(even) == len(full) // 2
 
 
-def test_stage1_iterator_state_resumes_at_same_element(dataset, tokenizer):
+def test_stage1_iterator_state_resumes_at_same_element(one_video, tokenizer):
+    dataset = one_video
     ds = stage1_dataset(dataset, tokenizer, Stage1Config(seed=9, batch_size=2))
     it = iter(ds)
     for _ in range(5):
@@ -224,11 +232,10 @@ def test_stage2_deterministic_sharded_and_resumable(dataset):
 def test_stage2_inputs_rewrite_with_gt_and_supervise_only_the_answer(dataset):
     """Model-ready stage-2 inputs on real MP4s: the prompt is the official regex rewrite (gt selection) of the
     processor text, the answer + <|im_end|> is the only supervised part, frames survive only when visual."""
-    from cogstream_jax.data.processor import Processor
     from cogstream_jax.data.stage2 import stage2_inputs
     from official_rewrite_reference import official_rewrite
 
-    processor = Processor.from_pretrained(REFERENCE_DIR)
+    processor = real_processor()
     video = dataset.video("synth_0_001")
     episode = stage2_episode(video, 0)
     picks = [episode[0], next(s for s in episode if s.coi and len(s.segment_paths) == 2),

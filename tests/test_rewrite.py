@@ -4,13 +4,11 @@ FCC / AC / NC / gt modes, odd selection strings, `no`, glued visual prefixes and
 from __future__ import annotations
 
 import itertools
-import pathlib
 import re
 
 import pytest
 
 from cogstream_jax.data import tokens
-from cogstream_jax.data.processor_config import load_tokenizer
 from cogstream_jax.data.rewrite import (
     Frame,
     Turn,
@@ -25,8 +23,7 @@ from cogstream_jax.data.template import expand_image_tokens, render_conversation
 from cogstream_jax.errors import InputError
 
 from official_rewrite_reference import official_mode
-
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videollama3-7b"
+from real_processor_cache import real_processor, real_tokenizer
 
 
 # ---- conversations -----------------------------------------------------------------------------------------------
@@ -156,7 +153,7 @@ def test_first_question_is_never_filtered():
 
 
 def test_token_ids_equal_tokenizing_the_official_text():
-    tokenizer = load_tokenizer(REFERENCE_DIR)
+    tokenizer = real_tokenizer()
     conv, stamps, tpf = five_qa_conversation()
     text, turns = both_ways(conv, stamps, tpf)
     hist_qs, hist_as, current = history_of(turns)
@@ -217,13 +214,12 @@ def test_processor_output_of_a_stage2_sample_rewrites_like_official():
     the gt-mode rewrite equals the official regex rewrite of that text."""
     from cogstream_jax.data.dataset import load_dataset
     from cogstream_jax.data.pipelines import stage2_episode
-    from cogstream_jax.data.processor import Processor
     from cogstream_jax.data.rewrite import turns_from_processor_output
     from cogstream_jax.data.synth import sample_dataset_dir
 
     video = load_dataset(sample_dataset_dir()).video("synth_0_000")
     sample = next(s for s in stage2_episode(video, 0) if len(s.segment_paths) == 2 and s.coi)
-    output = Processor.from_pretrained(REFERENCE_DIR)(conversation=list(sample.conversation), return_text=True)
+    output = real_processor()(conversation=list(sample.conversation), return_text=True)
     turns = turns_from_processor_output(list(sample.conversation), output)
     assert render_turns(turns) == output.text
     hist_qs, hist_as, current = history_of(turns)

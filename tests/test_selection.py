@@ -1,19 +1,16 @@
 """Selection strings: official parsing of odd strings, formatting, and the 16 allowed ids from the real tokenizer."""
 from __future__ import annotations
 
-import pathlib
-
 import pytest
 
-from cogstream_jax.data.processor_config import load_tokenizer
 from cogstream_jax.data import selection as sel
 
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "videollama3-7b"
+from real_processor_cache import real_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(REFERENCE_DIR)
+    return real_tokenizer()
 
 
 @pytest.mark.parametrize(
