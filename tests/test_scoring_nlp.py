@@ -92,3 +92,23 @@ def test_nlp_report_names_metrics_honestly():
     assert report["ROUGE-L"] == pytest.approx(1.0)
     assert report["METEOR"] is None and "WordNet" in report["METEOR_unavailable"]
     assert "BLEU-2 (sentence mean; the official step2c 'BLEU-4')" in report
+
+
+def _lcs_table(a, b) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def test_bit_parallel_lcs_equals_the_dynamic_programming_table():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(500):
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 30))]
+        b = [rng.choice("abcde") for _ in range(rng.randint(0, 30))]
+        assert lcs_length(a, b) == _lcs_table(a, b)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import importlib
 import json
@@ -98,6 +99,7 @@ def parse_scores(reply: str, expected_keys: tuple[str, ...]) -> Scores:
     return {key: _score_value(by_number[key], key, reply) for key in expected_keys}
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def similarity_score(answer: str, prediction: str) -> int:
     """0..10 from the mean of ROUGE-L F1 and token F1 over lower-cased words (10 for identical answers)."""
     ref, hyp = words(answer), words(prediction)

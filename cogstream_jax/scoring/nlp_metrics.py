@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -32,14 +33,20 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _ngram_counts(tokens: tuple[str, ...], order: int) -> Counter:
+    return Counter(tokens[i:i + order] for i in range(len(tokens) - order + 1))
+
+
 def ngram_counts(tokens: Sequence[str], order: int) -> Counter:
-    return Counter(tuple(tokens[i:i + order]) for i in range(len(tokens) - order + 1))
+    """n-gram counts (memoised: every metric of a report counts the same sentences); do not mutate."""
+    return _ngram_counts(tuple(tokens), order)
 
 
 def _clipped_matches(hypothesis: Sequence[str], references: Sequence[Sequence[str]], order: int) -> tuple[int, int]:
     counts = ngram_counts(hypothesis, order)
-    max_ref: Counter = Counter()
-    for reference in references:
+    max_ref = ngram_counts(references[0], order) if len(references) == 1 else Counter()
+    for reference in references if len(references) > 1 else ():
         max_ref |= ngram_counts(reference, order)
     return sum(min(count, max_ref[gram]) for gram, count in counts.items()), max(len(hypothesis) - order + 1, 0)
 
@@ -86,13 +93,16 @@ def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequen
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
+    """Longest common subsequence length, bit-parallel over `b` (Hyyrö 2004): one big-int step per token of `a`."""
+    masks: dict[str, int] = {}
+    for index, token in enumerate(b):
+        masks[token] = masks.get(token, 0) | (1 << index)
+    full = (1 << len(b)) - 1
+    row = full
+    for token in a:
+        matched = row & masks.get(token, 0)
+        row = ((row + matched) | (row - matched)) & full
+    return len(b) - bin(row).count("1")
 
 
 def rouge_l(hypothesis: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
@@ -118,11 +128,11 @@ def token_f1(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _cider_vector(tokens: Sequence[str], doc_freq: Counter, log_n_docs: float, max_order: int):
+def _cider_vector(tokens: Sequence[str], idf: dict[tuple[str, ...], float], log_n_docs: float, max_order: int):
+    """tf-idf vectors per order; an n-gram absent from every reference gets df 1, i.e. idf log(N)."""
     vectors, norms = [], []
     for n in range(1, max_order + 1):
-        vec = {gram: count * (log_n_docs - math.log(max(1.0, doc_freq[gram])))
-               for gram, count in ngram_counts(tokens, n).items()}
+        vec = {gram: count * idf.get(gram, log_n_docs) for gram, count in ngram_counts(tokens, n).items()}
         vectors.append(vec)
         norms.append(math.sqrt(sum(v * v for v in vec.values())))
     return vectors, norms, max(len(tokens) - 1, 0)  # pycocoevalcap measures length in bigrams
@@ -135,12 +145,13 @@ def cider_d(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[S
     for refs in references:
         doc_freq.update({gram for ref in refs for n in range(1, max_order + 1) for gram in ngram_counts(ref, n)})
     log_n_docs = math.log(float(len(references))) if references else 0.0
+    idf = {gram: log_n_docs - math.log(max(1.0, count)) for gram, count in doc_freq.items()}
     scores = []
     for hypothesis, refs in zip(hypotheses, references):
-        hyp_vec, hyp_norm, hyp_len = _cider_vector(hypothesis, doc_freq, log_n_docs, max_order)
+        hyp_vec, hyp_norm, hyp_len = _cider_vector(hypothesis, idf, log_n_docs, max_order)
         total = [0.0] * max_order
         for ref in refs:
-            ref_vec, ref_norm, ref_len = _cider_vector(ref, doc_freq, log_n_docs, max_order)
+            ref_vec, ref_norm, ref_len = _cider_vector(ref, idf, log_n_docs, max_order)
             penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * sigma ** 2))
             for n in range(max_order):
                 value = sum(min(v, ref_vec[n].get(g, 0.0)) * ref_vec[n].get(g, 0.0) for g, v in hyp_vec[n].items())

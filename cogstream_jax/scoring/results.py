@@ -136,6 +136,14 @@ def load_result_file(path: Path) -> VideoResult:
     return VideoResult(path=path, video_name=video_name, chains=tuple(chains))
 
 
+def _is_scoring_report(path: Path) -> bool:
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and str(payload.get("schema", "")).startswith("cogstream-jax-scoring/")
+
+
 def load_results_dir(results_dir: Path) -> tuple[list[VideoResult], list[SkippedFile]]:
     """Load every `*.json` in `results_dir` (sorted); bad files are returned as SkippedFile, not raised."""
     results_dir = Path(results_dir)
@@ -149,5 +157,6 @@ def load_results_dir(results_dir: Path) -> tuple[list[VideoResult], list[Skipped
         try:
             loaded.append(load_result_file(path))
         except DataError as exc:
-            skipped.append(SkippedFile(path=path, reason=str(exc)))
+            if not _is_scoring_report(path):  # output_dir == results_dir: our own report is not a result
+                skipped.append(SkippedFile(path=path, reason=str(exc)))
     return loaded, skipped
