@@ -257,3 +257,15 @@ def test_stage2_inputs_rewrite_with_gt_and_supervise_only_the_answer(dataset):
         assert inputs.kept_frames == (tuple(range(out.num_frames)) if sample.is_visual else ())
         per_frame = int(out.grid_sizes[0, 1] * out.grid_sizes[0, 2] // 4)
         assert n_image == per_frame * len(inputs.kept_frames)
+
+
+def test_stage2_inputs_rewrite_the_first_qa_too(dataset):
+    """forward_train rewrites every QA: a first QA with is_visual False loses all frames (inference would not)."""
+    from cogstream_jax.data.stage2 import stage2_inputs
+
+    first = stage2_episode(dataset.video("synth_0_000"), 0)[0]
+    visual = stage2_inputs(first, real_processor())
+    blind = stage2_inputs(dataclasses.replace(first, is_visual=False), real_processor())
+    assert len(visual.kept_frames) == visual.processor_output.num_frames > 0
+    assert blind.kept_frames == () and 151665 not in blind.input_ids.tolist()
+    assert blind.rewrite.text.endswith(f"<|im_start|>user\n{first.question}<|im_end|>\n<|im_start|>assistant\n")
