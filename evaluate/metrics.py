@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; finished judgements are cached, rerun the same command to resume", file=sys.stderr)
+        return 130
     overall = run.report["overall"]
     avg = overall["Avg"]
     print(f"wrote {run.output_dir / 'report.md'}: Avg {'n/a' if avg is None else f'{avg:.2f}'} over "

@@ -3,6 +3,7 @@ several chains per file, and bad input (named in the error, the rest still score
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -236,3 +237,32 @@ def test_killed_cli_run_resumes_without_repeating_answered_requests(fixture_dirs
     assert not answered & set(asked_again) and in_flight in asked_again
     report = json.loads((out / "report.json").read_text())
     assert report["judge"]["cache_hits"] == 5 and report["overall"]["Avg"] == hand_computed_summary()["Avg"]
+
+
+def test_ctrl_c_stops_promptly_and_keeps_finished_judgements(fixture_dirs, tmp_path):
+    out = tmp_path / "out"
+    with JudgeServer(lambda call, body: (200, scripted_reply(body), 0.3)) as server:
+        argv = ["--results_dir", str(fixture_dirs / "res"), "--dataset_dir", str(fixture_dirs / "ds"),
+                "--output_dir", str(out), "--judge", "openai", "--judge_url", server.url, "--judge_model", "scripted",
+                "--judge_concurrency", "2", "--no_plots"]
+        proc = subprocess.Popen([sys.executable, "-m", "evaluate.metrics", *argv], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(server.requests) < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+        asked = len(server.requests)
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert asked < 34  # the queued calls were dropped, not run
+    cached = list((out / "judge_cache").rglob("*.json"))
+    assert 3 <= len(cached) <= asked
+
+
+def test_output_dir_may_be_the_results_dir(tmp_path):
+    write_dataset(tmp_path / "ds", {"v": [VID_B]})
+    results = write_results(tmp_path / "res", {"v": [VID_B]})
+    argv = ["--results_dir", str(results), "--dataset_dir", str(tmp_path / "ds"), "--output_dir", str(results),
+            "--no_plots"]
+    assert main(argv) == 0 and main(argv) == 0  # the second run does not mistake report.json for a result
+    assert json.loads((results / "report.json").read_text())["inputs"]["result_files"] == 1

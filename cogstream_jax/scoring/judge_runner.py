@@ -42,7 +42,8 @@ def run_judgements(requests: list[JudgeRequest], judge: Judge, cache: JudgeCache
         cache.put(keys[index], judge.identity, requests[index].metric, scores)
         return scores
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    try:
         futures = {pool.submit(call, index): index for index in pending}
         for done, future in enumerate(as_completed(futures), start=1):
             index = futures[future]
@@ -55,4 +56,7 @@ def run_judgements(requests: list[JudgeRequest], judge: Judge, cache: JudgeCache
                 outcome.failures.append(f"{where}{request.metric} {','.join(request.expected_keys)}: {exc}")
             if progress and (done % 50 == 0 or done == len(futures)):
                 print(f"judged {done}/{len(futures)} (cache hits {outcome.cache_hits})", file=sys.stderr)
+    finally:
+        # On Ctrl-C (or any error) drop the queued calls instead of running them all; finished ones are cached.
+        pool.shutdown(wait=True, cancel_futures=True)
     return outcome
