@@ -27,7 +27,7 @@ from cogstream_jax.errors import ConfigError
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # the official evaluation/stage-2 system turn
 ANSWER_SUFFIX = "<|im_end|>"
-DEFAULT_BUCKETS = (1024, 1536, 2048, 3072, 4096)
+DEFAULT_BUCKETS = (512, 1024, 1536, 2048)
 
 
 @dataclass(frozen=True)
