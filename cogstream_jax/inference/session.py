@@ -144,6 +144,12 @@ class StreamingSession:
             raise
 
     # ------------------------------------------------------------------ one question
+    def record_failure(self, question: str) -> None:
+        """Keep a failed question in the conversation with an empty prediction (history indices stay aligned)."""
+        self._append_user_turn(question)
+        self.conversation.append({"role": "assistant", "content": ""})
+        self.questions += 1
+
     def _ask(self, question: str, gt_coi: Sequence[int], gt_visual: bool) -> Answer:
         if not isinstance(question, str) or not question.strip():
             raise InputError("question: must be a non-empty string")

@@ -1,0 +1,89 @@
+"""Streaming QA evaluation (the official evaluate/answer_generate.py, protocol 2), in JAX.
+
+    python -m evaluate.answer_generate --model_path DIR|tiny --retrieval_adapter DIR --answer_adapter DIR \
+        --video_dir Test_dataset/event_segments --query_dir Test_dataset/QA_Dataset --save_dir results \
+        [--mode FCC|AC|NC|gt] [--chains first|all] [--limit N] [--greedy] [--max_new_tokens 1024]
+
+Writes `{save_dir}/{video}.json` per video (official format), atomically; a rerun skips finished videos;
+`--num_processes/--process_index` split the videos without duplicates. The official `--lora_adapter_1_path` /
+`--lora_adapter_2_path` are accepted: each adapter's role is read from its content (the answer adapter targets
+the projector), because the official script loads them swapped (protocol 7 #3).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cogstream_jax.errors import UserError
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Official underscore flag plus its hyphenated alias."""
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluate.answer_generate", description=__doc__.split("\n\n")[0])
+    _add(parser, "model_path", required=True, help="checkpoint folder, or 'tiny' (random tiny model, real tokenizer)")
+    _add(parser, "retrieval_adapter", default=None, help="retrieval (stage 1, language_module) adapter folder")
+    _add(parser, "answer_adapter", default=None, help="answer (stage 2, full_module) adapter folder")
+    _add(parser, "lora_adapter_1_path", default=None, help="official flag; role detected from content")
+    _add(parser, "lora_adapter_2_path", default=None, help="official flag; role detected from content")
+    _add(parser, "video_dir", required=True, type=Path, help="event_segments folder ({video}/{video}_segment_n.mp4)")
+    _add(parser, "query_dir", required=True, type=Path, help="QA_Dataset folder ({video}.json)")
+    _add(parser, "save_dir", required=True, type=Path, help="where {video}.json results go")
+    _add(parser, "mode", default="FCC", choices=["FCC", "AC", "NC", "gt"], help="history selection mode (FCC)")
+    _add(parser, "chains", default="first", choices=["first", "all"], help="evaluate chain 0 (official) or all")
+    _add(parser, "limit", default=None, type=int, help="evaluate at most N videos (after the process split)")
+    _add(parser, "max_questions", default=None, type=int, help="at most N questions per chain (quick runs)")
+    _add(parser, "greedy", action="store_true", help="greedy answers (the repetition penalty still applies)")
+    _add(parser, "max_new_tokens", default=1024, type=int, help="answer length cap (official 1024)")
+    _add(parser, "resize", default="faithful", choices=["faithful", "fixed"],
+         help="faithful: official shared budget, re-encode per question; fixed: encode each segment once")
+    _add(parser, "max_stream_frames", default=180, type=int, help="frames the fixed resolution is sized for")
+    _add(parser, "embed_with", default="full_module", choices=["full_module", "answer", "retrieval", "base"],
+         help="weights that embed events and the question for event compression")
+    _add(parser, "seed", default=42, type=int, help="base seed; each (video, question) derives its own key")
+    _add(parser, "dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    _add(parser, "num_processes", default=1, type=int, help="workers sharing the videos")
+    _add(parser, "process_index", default=0, type=int, help="this worker's index")
+    _add(parser, "no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cogstream_jax.inference.adapters import assign_official_adapters
+    from cogstream_jax.inference.evaluation import find_jobs, run_evaluation, shard
+    from cogstream_jax.inference.session import StreamingSession
+
+    try:
+        retrieval_dir, answer_dir = args.retrieval_adapter, args.answer_adapter
+        if args.lora_adapter_1_path or args.lora_adapter_2_path:
+            if retrieval_dir or answer_dir:
+                raise UserError("give either --retrieval_adapter/--answer_adapter or the official "
+                                "--lora_adapter_1_path/--lora_adapter_2_path, not both")
+            retrieval_dir, answer_dir = assign_official_adapters(args.lora_adapter_1_path, args.lora_adapter_2_path)
+        if args.limit is not None and args.limit < 0:
+            raise UserError(f"--limit must be >= 0, got {args.limit}")
+        jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)),
+                     args.process_index, args.num_processes)
+        jobs = jobs[: args.limit] if args.limit is not None else jobs
+        session = StreamingSession.from_pretrained(
+            args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
+            max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy, mode=args.mode,
+            max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed)
+        stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
+                               progress=not args.no_progress)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {stats['videos']} videos ({stats['skipped']} already finished), {stats['questions']} questions, "
+          f"{stats['errors']} errors -> {args.save_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
