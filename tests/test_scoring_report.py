@@ -174,7 +174,7 @@ def test_bad_inputs_are_named_and_the_rest_is_scored(tmp_path, capsys):
     (results / "corrupt.json").write_text('{"video_name": "corrupt", "Data": [[{"qa_id": 0,')
     rc = main(["--results_dir", str(results), "--dataset_dir", str(tmp_path / "ds"), "--output_dir",
                str(tmp_path / "out"), "--no_plots"])
-    assert rc == 1
+    assert rc == 2
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["inputs"]["videos_scored"] == 1 and report["overall"]["Avg"] == 100.0
     reasons = {Path(item["file"]).stem: item["reason"] for item in report["skipped"]}
@@ -206,7 +206,7 @@ def test_fatal_user_errors_exit_nonzero_with_one_line(tmp_path, problem, message
     argv = ["--results_dir", str(results), "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"), *extra]
     proc = subprocess.run([sys.executable, "-m", "evaluate.metrics", *argv], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
