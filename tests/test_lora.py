@@ -93,6 +93,19 @@ def test_presets_wrap_7xL_and_7xL_plus_2_modules(config):
     assert (spec.r, spec.alpha, spec.dropout, spec.scale) == (8, 16.0, 0.1, 2.0)
 
 
+def test_new_adapters_use_peft_initialisation(config):
+    """B = 0; A ~ kaiming_uniform(a=sqrt(5)) on PEFT's [r, in] weight = U(-1/sqrt(in), 1/sqrt(in))."""
+    model = with_both_adapters(config)
+    tensors = lora.adapter_tensors(model, lora.FULL_MODULE)
+    for hf, (a, b) in tensors.items():
+        bound = 1.0 / np.sqrt(a.shape[0])
+        assert a.dtype == b.dtype == np.float32 and a.shape[1] == b.shape[0] == 8
+        assert not b.any() and np.abs(a).max() <= bound
+        assert abs(a.std() / (bound / np.sqrt(3.0)) - 1.0) < 0.15, hf
+    lang = lora.adapter_tensors(model, lora.LANGUAGE_MODULE)
+    assert not np.array_equal(lang["model.layers.0.mlp.up_proj"][0], tensors["model.layers.0.mlp.up_proj"][0])
+
+
 def test_native_layout_explicit_index_and_regex_targets(config):
     native = lora.LoraSpec(8, 16, 0.0, ("model.language_model.layers.1.mlp.up_proj", "model.projector.readout.2"))
     original = lora.LoraSpec(8, 16, 0.0, ("model.layers.1.mlp.up_proj", "model.mm_projector.readout.2"))
@@ -252,6 +265,10 @@ def test_dropout_changes_output_deterministically_per_key(config, pixels, base_l
     assert np.abs(out1 - plain).max() > 1e-3
     np.testing.assert_array_equal(forward(k1), out1)
     assert np.abs(forward(k2) - out1).max() > 1e-3
+    # a key captured as a constant by a trace (here: the eager API's internal jit) would freeze the masks
+    with pytest.raises(ValueError, match="must be an argument of the jitted function"):
+        with lora_dropout(k1):
+            model(np.asarray([[7, 8, 9]]))  # a shape no other test traces, so this call traces anew
 
 
 # ---------------------------------------------------------------------------------------------- adapter files

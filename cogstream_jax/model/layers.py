@@ -35,6 +35,11 @@ def lora_dropout(key: jax.Array | None) -> Iterator[None]:
         _DROPOUT_KEY.reset(token)
 
 
+def active_dropout_key() -> jax.Array | None:
+    """The key set by `lora_dropout` (None outside it); cached-jit entry points should refuse to run under one."""
+    return _DROPOUT_KEY.get()
+
+
 def _normal(key: jax.Array, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
@@ -60,6 +65,12 @@ class LoraWeights(nnx.Module):
     def delta(self, x: jax.Array, dtype) -> jax.Array:
         key = _DROPOUT_KEY.get()
         if key is not None and self.dropout > 0.0:
+            if isinstance(x, jax.core.Tracer) and not isinstance(key, jax.core.Tracer):
+                # a concrete key captured by a trace is baked into the compiled function: every later call
+                # (even outside `lora_dropout`) would reuse the same masks
+                raise ValueError("lora_dropout: the key must be an argument of the jitted function that runs the "
+                                 "model (e.g. your train step), not a constant captured by its trace; the eager "
+                                 "model(...) API does not support dropout, call model.forward inside your own jit")
             keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
         h = x.astype(dtype) @ self.lora_a[...].astype(dtype)
