@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "cache_dir", default=None, type=Path, help="judgement cache (default <output_dir>/judge_cache)")
     add_flag(parser, "model_path", default=None, help="model for --judge local")
     add_flag(parser, "no_plots", action="store_true", help="skip the PNG figures")
+    add_flag(parser, "allow_partial_chains", action="store_true",
+             help="score result chains shorter than the dataset chain (runs made with --max_questions)")
     return parser
 
 
@@ -47,7 +49,8 @@ def _score(args: argparse.Namespace) -> int:
                        max_retries=args.judge_retries, model_path=args.model_path)
     try:
         run = score_results(args.results_dir, args.dataset_dir, args.output_dir, judge, cache_dir=args.cache_dir,
-                            concurrency=args.judge_concurrency, progress=True, plots=not args.no_plots)
+                            concurrency=args.judge_concurrency, progress=True, plots=not args.no_plots,
+                            allow_partial=args.allow_partial_chains)
     except KeyboardInterrupt:
         print("error: interrupted; finished judgements are cached, rerun the same command to resume", file=sys.stderr)
         return 130

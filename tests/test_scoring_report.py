@@ -103,7 +103,8 @@ def test_report_json_equals_hand_computed(scripted_run, fixture_dirs):
     expected = {
         "schema": "cogstream-jax-scoring/1",
         "inputs": {"results_dir": str(fixture_dirs / "res"), "dataset_dir": str(fixture_dirs / "ds"),
-                   "result_files": 2, "videos_scored": 2, "qas_scored": 8},
+                   "result_files": 2, "videos_scored": 2, "qas_scored": 8,
+                   "qas_with_inference_error": 0},
         # vidA: 1 IA batch + 4 x 5 single-QA calls; vidB: 1 + 4 x 3
         "judge": {"identity": "openai:scripted", "requests": 34, "cache_hits": 0, "calls": 34, "failures": []},
         "skipped": [],
@@ -181,6 +182,7 @@ def test_bad_inputs_are_named_and_the_rest_is_scored(tmp_path, capsys):
     assert set(reasons) == {"corrupt", "short", "nolabel", "stranger"}
     assert "corrupt.json: corrupt result JSON" in reasons["corrupt"]
     assert "short.json: chain 0 has 2 QA results but the dataset chain has 3 QAs" in reasons["short"]
+    assert "--allow_partial_chains" in reasons["short"]
     assert "nolabel.json" in reasons["nolabel"] and "Data[1].label: missing capability label" in reasons["nolabel"]
     assert "stranger.json" in reasons["stranger"] and "'stranger' is not in the dataset" in reasons["stranger"]
     err = capsys.readouterr().err
@@ -266,3 +268,20 @@ def test_output_dir_may_be_the_results_dir(tmp_path):
             "--no_plots"]
     assert main(argv) == 0 and main(argv) == 0  # the second run does not mistake report.json for a result
     assert json.loads((results / "report.json").read_text())["inputs"]["result_files"] == 1
+
+
+def test_partial_chains_and_inference_errors(tmp_path):
+    """Runs made with --max_questions hold chain prefixes; failed QAs carry an `error` field and "" prediction."""
+    labelled = [QASpec("Basic/Items", 1, "What is held?", "a red umbrella", "a red umbrella")] * 3
+    write_dataset(tmp_path / "ds", {"v": [labelled]})
+    results = write_results(tmp_path / "res", {"v": [labelled[:2]]})
+    payload = json.loads((results / "v.json").read_text())
+    payload["Data"][0][1].update(prediction="", error="prompt over the context limit")
+    (results / "v.json").write_text(json.dumps(payload))
+    argv = ["--results_dir", str(results), "--dataset_dir", str(tmp_path / "ds"), "--output_dir",
+            str(tmp_path / "out"), "--no_plots"]
+    assert main(argv) == 2  # a prefix is a count mismatch unless asked for
+    assert main(argv + ["--allow-partial-chains"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["inputs"]["qas_scored"] == 2 and report["inputs"]["qas_with_inference_error"] == 1
+    assert report["overall"]["Avg"] == 50.0  # 10 for the answer, 0 for the failed (empty) one

@@ -33,8 +33,11 @@ def _normalise(question: str) -> str:
     return " ".join(_TAG.sub("", question).split()).lower()
 
 
-def join_video(video: VideoResult, dataset_dir: Path) -> tuple[list[QARecord], list[str]]:
-    """Records of one video; DataError (naming the result file) on missing chains or QA count mismatch."""
+def join_video(video: VideoResult, dataset_dir: Path, allow_partial: bool = False) -> tuple[list[QARecord], list[str]]:
+    """Records of one video; DataError (naming the result file) on missing chains or QA count mismatch.
+
+    With `allow_partial`, a chain may be a prefix of the dataset chain (runs with --max_questions).
+    """
     try:
         labels = load_video_labels(dataset_dir, video.video_name)
     except DataError as exc:
@@ -44,9 +47,11 @@ def join_video(video: VideoResult, dataset_dir: Path) -> tuple[list[QARecord], l
         if chain.chain_id >= len(labels):
             raise DataError(f"{video.path}: chain {chain.chain_id} not in the dataset, which has {len(labels)} chain(s)")
         chain_labels = labels[chain.chain_id]
-        if len(chain.qas) != len(chain_labels):
+        too_short_ok = allow_partial and len(chain.qas) < len(chain_labels)
+        if len(chain.qas) != len(chain_labels) and not too_short_ok:
             raise DataError(f"{video.path}: chain {chain.chain_id} has {len(chain.qas)} QA results but the dataset "
-                            f"chain has {len(chain_labels)} QAs (mismatched QA counts)")
+                            f"chain has {len(chain_labels)} QAs (mismatched QA counts"
+                            f"{'' if allow_partial else '; --allow_partial_chains scores prefixes'})")
         for qa, label in zip(chain.qas, chain_labels):
             if label.question and _normalise(label.question) != _normalise(qa.question):
                 mismatches.append(f"{video.video_name} chain {chain.chain_id} position {qa.qa_id}")
@@ -54,12 +59,13 @@ def join_video(video: VideoResult, dataset_dir: Path) -> tuple[list[QARecord], l
     return records, mismatches
 
 
-def join_results(videos: list[VideoResult], skipped: list[SkippedFile], dataset_dir: Path) -> JoinedResults:
+def join_results(videos: list[VideoResult], skipped: list[SkippedFile], dataset_dir: Path,
+                 allow_partial: bool = False) -> JoinedResults:
     """Join all loaded videos; a video that does not fit the dataset is skipped with its reason."""
     records, all_skipped, mismatches = [], list(skipped), []
     for video in videos:
         try:
-            video_records, video_mismatches = join_video(video, dataset_dir)
+            video_records, video_mismatches = join_video(video, dataset_dir, allow_partial)
         except DataError as exc:
             all_skipped.append(SkippedFile(path=video.path, reason=str(exc)))
             continue

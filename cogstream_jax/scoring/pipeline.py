@@ -95,11 +95,12 @@ def build_report(records: list[QARecord], scored: list[ScoredQA], outcome: Judgi
 
 
 def score_results(results_dir: Path, dataset_dir: Path, output_dir: Path, judge: Judge, cache_dir: Path | None = None,
-                  concurrency: int = 4, progress: bool = False, plots: bool = True) -> ScoringRun:
+                  concurrency: int = 4, progress: bool = False, plots: bool = True,
+                  allow_partial: bool = False) -> ScoringRun:
     """Score every result file; bad files are listed in the report and the rest is still scored."""
     vqa_dir(dataset_dir)
     videos, skipped_files = load_results_dir(results_dir)
-    joined = join_results(videos, skipped_files, dataset_dir)
+    joined = join_results(videos, skipped_files, dataset_dir, allow_partial)
     skipped = [{"file": str(item.path), "reason": item.reason} for item in joined.skipped]
     if not joined.records:
         first = skipped[0]["reason"] if skipped else "no QA results"
@@ -110,7 +111,7 @@ def score_results(results_dir: Path, dataset_dir: Path, output_dir: Path, judge:
     scored, outcome = judge_records(records, judge, cache, concurrency, progress)
     inputs = {"results_dir": str(results_dir), "dataset_dir": str(dataset_dir),
               "result_files": len(videos) + len(skipped_files), "videos_scored": len({r.video for r in records}),
-              "qas_scored": len(records)}
+              "qas_scored": len(records), "qas_with_inference_error": sum(r.qa.error is not None for r in records)}
     report = build_report(records, scored, outcome, judge, inputs, skipped, list(joined.question_mismatches))
     write_report(Path(output_dir), report, plots=plots)
     return ScoringRun(report=report, output_dir=Path(output_dir))

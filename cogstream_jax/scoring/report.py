@@ -90,7 +90,8 @@ def render_markdown(report: dict[str, Any], plots: bool = True) -> str:
              f"Judge: `{judge['identity']}`{note}; {judge['requests']} judgements, {judge['cache_hits']} from the "
              f"cache, {len(judge['failures'])} failed.",
              f"Scored {inputs['qas_scored']} QAs of {inputs['videos_scored']} videos from {inputs['result_files']} "
-             f"result files ({len(report['skipped'])} skipped).", "",
+             f"result files ({len(report['skipped'])} skipped); {inputs.get('qas_with_inference_error', 0)} QAs "
+             "carry an inference error (empty prediction, scored as given).", "",
              *_capability_section(report), *_metric_section(report), *_retrieval_section(report),
              *_nlp_section(report), *_problem_section(report)]
     if plots:

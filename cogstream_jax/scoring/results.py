@@ -29,6 +29,7 @@ class QAResult:
     predicted_coi: tuple[int, ...]
     predicted_visual: bool
     coi: tuple[int, ...]
+    error: str | None = None  # set by our evaluation run when answering this QA failed (prediction is "")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def _parse_qa(raw: Any, position: int, where: str) -> QAResult:
         predicted_coi=parse_binary_vector(raw["predicted_coi"], f"{where}.predicted_coi"),
         predicted_visual=raw["predicted_visual"],
         coi=coi,
+        error=str(raw["error"]) if raw.get("error") is not None else None,
     )
 
 
