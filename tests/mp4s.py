@@ -36,15 +36,15 @@ def moving_frames(count: int, height: int, width: int, *, seed: int = 0, static_
 
 
 def write_test_video(directory: pathlib.Path, name: str, *, fps: float, count: int, height: int, width: int,
-                     seed: int = 0, crf: int = 18, static_every: int = 0) -> pathlib.Path:
-    """Encode `count` distinct frames at `fps` into directory/name (H.264, yuv420p, GOP 250, no B-frames)."""
+                     seed: int = 0, crf: int = 18, static_every: int = 0, gop: int = 250) -> pathlib.Path:
+    """Encode `count` distinct frames at `fps` into directory/name (H.264, yuv420p, no B-frames)."""
     path = pathlib.Path(directory) / name
-    write_mp4(path, moving_frames(count, height, width, seed=seed, static_every=static_every), fps, crf=crf, gop=250)
+    write_mp4(path, moving_frames(count, height, width, seed=seed, static_every=static_every), fps, crf=crf, gop=gop)
     return path
 
 
 def write_bframe_video(directory: pathlib.Path, name: str, *, fps: float, count: int, height: int, width: int,
-                       seed: int = 0) -> pathlib.Path:
+                       seed: int = 0, gop: int = 250) -> pathlib.Path:
     """Like `write_test_video` but with libx264's default B-frames (non-reference pictures occur)."""
     import av
 
@@ -52,7 +52,7 @@ def write_bframe_video(directory: pathlib.Path, name: str, *, fps: float, count:
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = 250
+        stream.codec_context.gop_size = gop
         stream.options = {"crf": "18", "preset": "veryfast", "bf": "3"}
         for frame in moving_frames(count, height, width, seed=seed):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

@@ -15,6 +15,7 @@ from cogstream_jax.data.frame_selection import (
     subsample_indices,
     trim_window,
 )
+from cogstream_jax.data.frame_decoder import DecodeIndex, DecodeStats, decode_frames
 from cogstream_jax.data.video import load_stream, load_video, probe_video, stream_trim_time
 from cogstream_jax.errors import VideoError
 from tests.mp4s import ffmpeg_graph_frames, write_bframe_video, write_test_video
@@ -189,3 +190,43 @@ def test_zero_frame_video(tmp_path):
 def test_segment_missing_in_stream(videos, tmp_path):
     with pytest.raises(VideoError, match=r"seg_2\.mp4.*does not exist"):
         load_stream([videos["a_25fps_7.3s.mp4"], tmp_path / "seg_2.mp4"])
+
+
+# ----------------------------------------------------------------------------- seeking to IDR pictures
+@pytest.fixture(scope="module")
+def short_gop_videos(tmp_path_factory) -> dict[str, pathlib.Path]:
+    root = tmp_path_factory.mktemp("short_gop")
+    return {
+        "p_only": write_test_video(root, "p_only.mp4", fps=10, count=600, height=32, width=48, gop=10, seed=7),
+        "b_frames": write_bframe_video(root, "b_frames.mp4", fps=12, count=600, height=32, width=48, gop=12, seed=8),
+    }
+
+
+@pytest.mark.parametrize("name", ["p_only", "b_frames"])
+def test_sparse_frames_decoded_with_idr_seeks_match_ffmpeg(short_gop_videos, name):
+    path = short_gop_videos[name]
+    indices, rgb = ffmpeg_graph_frames(path)
+    keep = np.linspace(0, len(indices) - 1, 9, dtype=int)
+    clip = load_video(path, fps=1, max_frames=9)
+    assert clip.frame_indices == [indices[k] for k in keep]
+    np.testing.assert_array_equal(clip.frames, rgb[keep])
+    probe = probe_video(path)
+    assert len(probe.decode_index.idr_positions) >= 600 // (10 if name == "p_only" else 12)  # + scene cuts
+    stats = DecodeStats()
+    decode_frames(str(path), probe.raw_pts, sorted(set(clip.frame_indices)), probe.decode_index, stats)
+    assert stats.seeks >= 7 and stats.packets_sent < 200  # most of the 600 packets never reach the decoder
+
+
+def test_seek_that_lands_late_falls_back_to_sequential(short_gop_videos):
+    path = short_gop_videos["p_only"]
+    probe = probe_video(path)
+    index = probe.decode_index
+    # aim every seek one IDR too far: the landing check must notice and decode sequentially instead
+    wrong = DecodeIndex(index.decode_pts, index.idr_positions, index.idr_dts[1:] + index.idr_dts[-1:])
+    wanted = [5, 95, 305, 599]
+    stats = DecodeStats()
+    frames = decode_frames(str(path), probe.raw_pts, wanted, wrong, stats)
+    expected = decode_frames(str(path), probe.raw_pts, wanted, None)
+    assert sorted(frames) == wanted and stats.packets_sent > 500
+    for k in wanted:
+        np.testing.assert_array_equal(frames[k], expected[k])

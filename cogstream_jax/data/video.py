@@ -24,6 +24,7 @@ from cogstream_jax.data.frame_selection import (
     seconds_to_pts,
     subsample_indices,
 )
+from cogstream_jax.data.frame_decoder import DecodeIndex, decode_frames, is_idr, nal_length_size
 from cogstream_jax.errors import VideoError
 
 DECODERS = ("pyav", "decord")
@@ -42,6 +43,7 @@ class VideoProbe:
     pts: tuple[int, ...]  # presentation timestamps, sorted, shifted so the file starts at 0 (`-ss 0`)
     eof_pts: int  # end of the last frame (its pts + duration)
     raw_pts: tuple[int, ...]  # the same timestamps as stored in the file, to match decoded frames
+    decode_index: DecodeIndex | None = None  # decode order and IDR seek points (H.264 in MP4)
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,18 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
         stream = _video_stream(container, path)
         time_base = Fraction(stream.time_base)
         packets: list[tuple[int, int]] = []
+        decode_pts: list[int] = []
+        idr_positions: list[int] = []
+        idr_dts: list[int] = []
+        length_size = nal_length_size(stream.codec_context.extradata) if stream.codec_context.name == "h264" else None
         try:
             for packet in container.demux(stream):
                 if packet.size and packet.pts is not None:
                     packets.append((int(packet.pts), int(packet.duration or 0)))
+                    if length_size and packet.is_keyframe and packet.dts is not None and is_idr(bytes(packet), length_size):
+                        idr_positions.append(len(decode_pts))
+                        idr_dts.append(int(packet.dts))
+                    decode_pts.append(int(packet.pts))
         except av.error.FFmpegError as exc:
             raise VideoError(f"{path}: the video stream is corrupt ({exc})") from None
         if not packets:
@@ -124,6 +134,7 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
             pts=tuple(p - offset for p in raw),
             eof_pts=raw[-1] + last_duration - offset,
             raw_pts=raw,
+            decode_index=DecodeIndex(tuple(decode_pts), tuple(idr_positions), tuple(idr_dts)),
         )
 
 
@@ -147,49 +158,6 @@ def plan_clip(probe: VideoProbe, *, fps: float = 1, max_frames: int | None = 180
     )
 
 
-def _nal_length_size(extradata: bytes | None) -> int | None:
-    """NAL length prefix size of AVCC (MP4) H.264, or None when the stream is not AVCC."""
-    if not extradata or len(extradata) < 5 or extradata[0] != 1:
-        return None
-    return (extradata[4] & 3) + 1
-
-
-def _is_disposable(packet_bytes: bytes, length_size: int) -> bool:
-    """True when the packet's picture is an H.264 non-reference picture (nal_ref_idc == 0): no other frame
-    predicts from it, so an unwanted one can be skipped without changing any decoded output."""
-    pos = 0
-    while pos + length_size < len(packet_bytes):
-        size = int.from_bytes(packet_bytes[pos:pos + length_size], "big")
-        header = packet_bytes[pos + length_size]
-        if header & 0x1F in (1, 5):  # coded slice (non-IDR / IDR)
-            return (header >> 5) & 3 == 0
-        pos += length_size + size
-    return False
-
-
-def _decode_pyav(probe: VideoProbe, wanted: Sequence[int]) -> dict[int, np.ndarray]:
-    targets = {probe.raw_pts[i]: i for i in wanted}
-    frames: dict[int, np.ndarray] = {}
-    with _open(probe.path) as container:
-        stream = _video_stream(container, probe.path)
-        codec = stream.codec_context
-        length_size = _nal_length_size(codec.extradata) if codec.name == "h264" else None
-        try:
-            for packet in container.demux(stream):
-                if (length_size and packet.size and packet.pts not in targets
-                        and _is_disposable(bytes(packet), length_size)):
-                    continue
-                for frame in codec.decode(packet):
-                    index = targets.get(frame.pts)
-                    if index is not None and index not in frames:
-                        frames[index] = frame.to_ndarray(format="rgb24")
-                if len(frames) == len(targets):
-                    break
-        except av.error.FFmpegError as exc:
-            raise VideoError(f"{probe.path}: decoding failed ({exc})") from None
-    return frames
-
-
 def _decode_decord(probe: VideoProbe, wanted: Sequence[int]) -> dict[int, np.ndarray]:
     try:
         import decord
@@ -211,7 +179,13 @@ def decode_plan(plan: ClipPlan, probe: VideoProbe | None = None, *, decoder: str
         raise VideoError(f"{plan.path}: unknown decoder {decoder!r} (choose from {', '.join(DECODERS)})")
     probe = probe or probe_video(plan.path)
     wanted = sorted(set(plan.frame_indices))
-    decoded = (_decode_pyav if decoder == "pyav" else _decode_decord)(probe, wanted)
+    if decoder == "pyav":
+        try:
+            decoded = decode_frames(probe.path, probe.raw_pts, wanted, probe.decode_index)
+        except av.error.FFmpegError as exc:
+            raise VideoError(f"{plan.path}: decoding failed ({exc})") from None
+    else:
+        decoded = _decode_decord(probe, wanted)
     missing = [i for i in wanted if i not in decoded]
     if missing:
         raise VideoError(f"{plan.path}: frames {missing[:5]} could not be decoded (truncated or corrupt file)")
