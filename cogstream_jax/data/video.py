@@ -3,8 +3,9 @@ the frames that are kept.
 
 The official loader pipes each clip through FFmpeg (`-ss 0`, optional `trim` + `setpts`, `fps=1:round=up`,
 rgb24) and then subsamples to `max_frames` by linspace. Here the packet timestamps are demuxed first (no
-decoding), `frame_selection` computes which frames that graph would output, and PyAV (the same libavcodec
-decoder) decodes just those, skipping H.264 non-reference pictures that nobody needs.
+decoding), `frame_selection` computes which frames that graph would output, and `frame_decoder` has PyAV
+(the same libavcodec decoder) decode just those: unneeded H.264 non-reference pictures are skipped and
+unneeded stretches are jumped over by seeking to IDR pictures.
 """
 from __future__ import annotations
 
