@@ -269,3 +269,9 @@ def test_stage2_inputs_rewrite_the_first_qa_too(dataset):
     assert len(visual.kept_frames) == visual.processor_output.num_frames > 0
     assert blind.kept_frames == () and 151665 not in blind.input_ids.tolist()
     assert blind.rewrite.text.endswith(f"<|im_start|>user\n{first.question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_stage1_without_augmentation_has_one_row_per_item(one_video, tokenizer):
+    batches = collect(stage1_dataset(one_video, tokenizer, Stage1Config(seed=0, augment=False, batch_size=4)))
+    rows = np.concatenate([b["row_mask"] for b in batches])
+    assert rows[:, 0].all() and not rows[:, 1:].any()

@@ -21,7 +21,15 @@ import numpy as np
 
 from cogstream_jax.data.dataset import CogStreamDataset, VideoRecord
 from cogstream_jax.data.prompts import format_selection
-from cogstream_jax.data.stage1 import IGNORE_INDEX, Stage1Item, augment, pad_rows, stage1_items, tokenize_sample
+from cogstream_jax.data.stage1 import (
+    IGNORE_INDEX,
+    Stage1Item,
+    Stage1Sample,
+    augment,
+    pad_rows,
+    stage1_items,
+    tokenize_sample,
+)
 from cogstream_jax.data.tokens import PAD_ID
 from cogstream_jax.errors import ConfigError
 
@@ -37,6 +45,7 @@ class Stage1Config:
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     max_length: int = 2048  # the official tokenizer max_length
     batch_size: int = 1  # items per batch (each item has 4 rows)
+    augment: bool = True  # False: one row per item (the official collator's eval_mode)
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ class _Stage1Transform:
 
     def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         item = self.items[index]
-        rows = [tokenize_sample(s, self.tokenizer, self.config.max_length) for s in augment(item, rng)]
+        samples = augment(item, rng) if self.config.augment else [Stage1Sample(item, tuple(range(len(item.history))))]
+        rows = [tokenize_sample(s, self.tokenizer, self.config.max_length) for s in samples]
         element = pad_rows(rows, self.config.buckets, PAD_ID)
         element["item_index"] = np.int64(index)
         element["dropped_pairs"] = np.array([r.dropped_pairs for r in rows] + [0] * (4 - len(rows)), np.int32)
