@@ -55,7 +55,8 @@ class CogStreamDataset:
         raise DataError(f"{self.root / QA_DIR}: no video named {name!r}")
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
+    """Parsed JSON, or a DataError naming the file (invalid JSON with its line, or unreadable)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -149,9 +150,9 @@ def segment_ends(segments: Sequence[Path], vqa_data: object | None) -> list[floa
 def load_video(root: Path, qa_file: Path, mapping: str, warnings: list[str]) -> VideoRecord:
     name = qa_file.stem
     where = f"{QA_DIR}/{qa_file.name}"
-    chains = parse_chains(_read_json(qa_file), str(qa_file), warnings)
+    chains = parse_chains(read_json(qa_file), str(qa_file), warnings)
     vqa_file = root / VQA_DIR / qa_file.name
-    vqa_data = _read_json(vqa_file) if vqa_file.is_file() else None
+    vqa_data = read_json(vqa_file) if vqa_file.is_file() else None
     if vqa_data is not None:
         chains = parse_vqa_labels(vqa_data, str(vqa_file), chains, warnings)
     segments = list_segments(root / SEGMENTS_DIR / name, name, warnings)
@@ -189,7 +190,7 @@ def validate_dataset(root: str | os.PathLike, *, mapping: str = "zip") -> CogStr
     warnings = list(dataset.warnings)
     for video in dataset.videos:
         vqa_file = dataset.root / VQA_DIR / video.qa_file.name
-        ends = segment_ends(video.segments, _read_json(vqa_file) if vqa_file.is_file() else None)
+        ends = segment_ends(video.segments, read_json(vqa_file) if vqa_file.is_file() else None)
         for chain in video.chains:
             zipped = zip_mapping(chain, len(video.segments), str(video.qa_file))
             explicit = explicit_mapping(chain, ends, str(video.qa_file))
