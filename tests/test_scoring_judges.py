@@ -3,6 +3,7 @@ HTTP server on 127.0.0.1 (normal, timeout, malformed reply, 500 then success, re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -235,3 +236,18 @@ def test_local_judge_hook_parses_the_model_reply(monkeypatch):
     request = chain_requests(_chain(1))[0]
     assert judge.judge(request) == {"PredA0": 7}
     assert seen == [("/models/cogreasoner", request.messages)] and judge.identity.startswith("local:")
+
+
+def test_prompts_equal_the_messages_the_official_scripts_send():
+    """Golden file: the official eval_{1..5} annotate() run with a capturing client on a 7-QA chain
+    (tests/data/official_judge_messages.json, generated from the MIT-licensed official scripts). Official IA
+    drops the tail batch and official DC stops after 4 QAs; every request they do send must be identical."""
+    golden = json.loads((Path(__file__).parent / "data" / "official_judge_messages.json").read_text())
+    chain = [QAResult(r["qa_id"], r["question"], r["answer"], r["prediction"], tuple(r["predicted_coi"]),
+                      r["predicted_visual"], tuple(json.loads(r["coi"]))) for r in golden["chain"]]
+    ours = chain_requests(chain)
+    for metric, official in golden["messages"].items():
+        mine = [r.messages for r in ours if r.metric == metric]
+        assert mine[:len(official)] == official, metric
+    assert len([r for r in ours if r.metric == "IA"]) == 2 and len(golden["messages"]["IA"]) == 1
+    assert len([r for r in ours if r.metric == "DC"]) == 7 and len(golden["messages"]["DC"]) == 4
