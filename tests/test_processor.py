@@ -219,3 +219,14 @@ def test_text_only_and_mixed_image_video(clips, processor, tmp_path):
     np.testing.assert_array_equal(out.pixel_values, expected)
     assert out.num_frames == 1 + len(video_frames) and len(out.timestamps) == len(video_frames)
     assert out["input_ids"] is out.input_ids and "pixel_values" in out.keys()
+
+
+def test_bad_image_items(processor, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(VideoError, match=r"broken\.png.*cannot be read"):
+        processor(conversation=[{"role": "user", "content": [{"type": "image", "image": {"image_path": str(broken)}}]}])
+    with pytest.raises(VideoError, match=r"gone\.png.*does not exist"):
+        processor(conversation=[{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "gone.png")}]}])
+    with pytest.raises(DataError, match=r"conversation\[0\]\.content\[0\]\.image"):
+        processor(conversation=[{"role": "user", "content": [{"type": "image", "image": np.zeros((4, 4), np.uint8)}]}])

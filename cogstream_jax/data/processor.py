@@ -116,11 +116,14 @@ class Processor:
             source = source.get("image_path")
         from_pil = isinstance(source, (str, os.PathLike, Image.Image))
         if isinstance(source, (str, os.PathLike)):
+            image_path = os.fspath(source)
+            if not os.path.isfile(image_path):
+                raise VideoError(f"{image_path}: image file does not exist ({where}.image)")
             try:
-                with Image.open(source) as opened:
+                with Image.open(image_path) as opened:
                     source = opened.convert("RGB")
             except (OSError, ValueError) as exc:
-                raise VideoError(f"{os.fspath(item.get('image'))}: cannot be read as an image ({exc})") from None
+                raise VideoError(f"{image_path}: cannot be read as an image ({exc})") from None
         array = np.asarray(source.convert("RGB") if isinstance(source, Image.Image) else source)
         if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
             raise DataError(f"{where}.image: expected a path, a PIL image or uint8 [H, W, 3], got "
