@@ -80,7 +80,7 @@ def check_against_config(adapter: AdapterTensors, config: ModelConfig, base: str
     """Every adapted module must be a Linear of `config` with matching A/B shapes, and the fingerprint must agree."""
     fingerprint = config.fingerprint()
     if adapter.base_fingerprint is not None and adapter.base_fingerprint != fingerprint:
-        raise AdapterError(f"{adapter.source}: adapter made for a different base (base_fingerprint "
+        raise AdapterError(f"{adapter.source}: adapter for a different base (base_fingerprint "
                            f"{adapter.base_fingerprint}, {base} has {fingerprint})")
     modules = modules_by_name(config, "original")
     unknown, not_linear, mismatched = [], [], []
