@@ -51,6 +51,7 @@ class Answer:
     if_visual: bool
     predicted_coi: list[int]
     minor_frames: tuple[int, ...] = ()
+    num_events: int = 0  # events clustered by question-aware compression (0: it did not run)
     prompt_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -170,9 +171,9 @@ class StreamingSession:
         key = self.question_key()
         tick = time.perf_counter()
         ids = self.processor.tokenize(rewritten.text)
-        features, minor = None, ()
+        features, compression = None, events.NO_COMPRESSION
         if rewritten.if_visual and rewritten.kept_frames:
-            features, mask, minor = self._visual_input(segments, rewritten.kept_frames, current,
+            features, mask, compression = self._visual_input(segments, rewritten.kept_frames, current,
                                                        jax.random.fold_in(key, 1))
             ids = drop_masked_placeholders(ids, mask)
         timings["events_s"] = time.perf_counter() - tick
@@ -191,7 +192,9 @@ class StreamingSession:
         self.conversation.append({"role": "assistant", "content": text})
         self.questions += 1
         return Answer(text, chosen.selection, chosen.indices, chosen.if_visual,
-                      chosen.predicted_coi(len(hist_qs)), tuple(minor), int(ids.shape[1]), timings)
+                      chosen.predicted_coi(len(hist_qs)), compression.minor_frames,
+                      0 if compression.clusters is None else len(compression.clusters.center_times),
+                      int(ids.shape[1]), timings)
 
     def _append_user_turn(self, question: str) -> None:
         for path in self.pending[:-1]:  # clips added without a question of their own
@@ -215,7 +218,7 @@ class StreamingSession:
                                            max_new_tokens=self.options.retrieval_max_new_tokens)
 
     def _visual_input(self, segments: list[EncodedSegment], kept_frames: Sequence[int], question: str,
-                      key: jax.Array) -> tuple[jax.Array, np.ndarray, tuple[int, ...]]:
+                      key: jax.Array) -> tuple[jax.Array, np.ndarray, events.EventCompression]:
         """Features of the kept frames after event compression and DiffFP, and the matching placeholder mask."""
         features = jnp.concatenate([s.features for s in segments]) if len(segments) > 1 else segments[0].features
         timestamps = [t for s in segments for t in s.timestamps]
@@ -238,4 +241,4 @@ class StreamingSession:
         if not kept.all():
             mask = mask[kept]
             features = features[jnp.asarray(np.nonzero(kept)[0])]
-        return features[jnp.asarray(np.nonzero(mask)[0])], mask, compression.minor_frames
+        return features[jnp.asarray(np.nonzero(mask)[0])], mask, compression
