@@ -179,6 +179,9 @@ def test_bad_video_item_names_the_field(processor):
     bad = [{"role": "user", "content": [{"type": "video", "video": {"video_path": "x.mp4", "start": 3}}]}]
     with pytest.raises(DataError, match=r"conversation\[0\]\.content\[0\]\.video.*'start'"):
         processor(conversation=bad)
+    zero_fps = [{"role": "user", "content": [{"type": "video", "video": {"video_path": "x.mp4", "fps": 0}}]}]
+    with pytest.raises(DataError, match=r"content\[0\]\.video\.fps"):
+        processor(conversation=zero_fps)
 
 
 @pytest.mark.parametrize("missing", ["vocab.json", "tokenizer_config.json"])

@@ -91,6 +91,11 @@ class Processor:
             raise DataError(f"{where}.video: missing field 'video_path'")
         fps = args.get("fps", self.settings.fps)
         max_frames = args.get("max_frames", self.settings.max_frames)
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
+            raise DataError(f"{where}.video.fps: expected a positive number, got {fps!r}")
+        if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int)
+                                       or max_frames <= 0):
+            raise DataError(f"{where}.video.max_frames: expected a positive integer or null, got {max_frames!r}")
         return os.fspath(args["video_path"]), fps, max_frames
 
     def plan_videos(self, conversation: Sequence[Mapping[str, Any]], fix_trim: bool = False
