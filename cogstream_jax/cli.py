@@ -12,6 +12,7 @@ from typing import Sequence
 #: subcommand -> (module with `main(argv) -> int`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("cogstream_jax.data.synth", "write a synthetic CogStream dataset (real MP4 segments + QA chains)"),
+    "validate-data": ("cogstream_jax.data.validate", "check a CogStream dataset folder and report every problem"),
     "convert": ("convert.hf_to_orbax", "convert VideoLLaMA3 safetensors (either layout) to our orbax checkpoint"),
     "export-hf": ("convert.orbax_to_hf", "export a model back to safetensors (original or native layout)"),
     "train-stage1": ("train.stage1", "stage 1: Historic Dialogue Retrieval LoRA (language_module)"),
