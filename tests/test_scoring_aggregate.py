@@ -1,6 +1,9 @@
 """Retrieval, aggregation, coherence and label mapping on small hand-computed fixtures."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from cogstream_jax.errors import DataError
@@ -138,3 +141,30 @@ def test_paper_rows_avg_is_not_the_mean_of_columns():
     dagger = PAPER_ROWS["CogReasoner\u2020 (paper, fine-tuned)"]
     assert round(sum(dagger[:11]) / 11, 2) == 74.49
     assert dagger[11] == 72.26
+
+
+def test_aggregation_matches_the_official_step1b_output():
+    """Golden file: the official step1b (HEAD) run on the hand-computed report fixture (paths patched, N=None;
+    its N=-1 would drop one file). Official rounds each mean to 2 decimals on the 0..10 scale; we do not."""
+    golden = json.loads((Path(__file__).parent / "data" / "official_step1b_aggregation.json").read_text())
+    qas = [ScoredQA(video, 0, i, canonical_label(qa["label"], video)[0], qa["label"].split("/")[0], qa["segment"],
+                    qa["scores"]) for video, chain in golden["inputs"].items() for i, qa in enumerate(chain)]
+    ours, official = summarize(qas), golden["official_output"]
+
+    def official_round(value: float) -> float:  # round(mean_0_10, 2) * 10
+        return round(value / 10, 2) * 10
+
+    for metric in ("IA", "DC", "CA", "TP", "LC"):
+        assert official_round(ours["metrics"][metric]) == pytest.approx(official[metric])
+    assert round(sum(official_round(v) for v in ours["metrics"].values()) / 5, 2) == official["Mean"]
+    assert abs(ours["Avg"] - official["Mean"]) < 0.05
+    for label, value in official["QA Class"].items():
+        assert official_round(ours["capabilities"][label]) == pytest.approx(value)
+    for level, per_metric in official["QA Level"].items():
+        for key, value in per_metric.items():
+            assert official_round(ours["levels"][level]["Mean" if key == "mean" else key]) == pytest.approx(value)
+    # Coherence is where we fix the official code: it seeds both lists with a fake 0 score and never closes the
+    # last segment. vidA: inter([0, 10, 8]) = 4, exter([0, 6]) = 4; vidB: inter([0, 4]) = 6, exter([0, 2]) = 8
+    # -> official 50 / 60. Fixed: inter mean(0.8, 0.55) = 67.5, exter mean(0.6, 0.7) = 65.
+    assert (official["Inter Coherence"], official["Exter Coherence"]) == (50.0, 60.0)
+    assert ours["coherence"]["inter"] == pytest.approx(67.5) and ours["coherence"]["exter"] == pytest.approx(65.0)
