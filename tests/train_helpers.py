@@ -52,3 +52,38 @@ def random_rows(rng: np.random.Generator, rows: int, length: int, n_targets: int
         mask[r, end:] = 0
         ids[r, end:] = 0
     return ids, labels, mask
+
+
+def small_vocab_config(vocab: int = 256):
+    """The tiny preset (dims divisible by 8) with a small vocabulary and an in-vocabulary placeholder id."""
+    import dataclasses
+
+    from cogstream_jax.config import tiny
+
+    return dataclasses.replace(tiny(vocab), image_token_id=vocab - 6, video_token_id=vocab - 6)
+
+
+def random_video_batch(config, seed: int = 0, frames: int = 2, grid: int = 4, text: int = 20, answer: int = 6):
+    """One multimodal QA: random pixels for a `frames` x grid x grid clip (merge 2), a DiffFP-like mask that drops
+    some tokens of the later frames, placeholders for the kept tokens, and an answer at the end."""
+    from cogstream_jax.model.vision import VisualLayout
+    from cogstream_jax.training.losses import supervised_positions
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.standard_normal((frames * grid * grid, 588)).astype(np.float32)
+    tokens = frames * (grid // 2) ** 2
+    mask = np.ones(tokens, bool)
+    mask[(grid // 2) ** 2 + 1::2] = False
+    kept = int(mask.sum())
+    vocab = config.text.vocab_size
+    prompt = rng.integers(0, vocab - 8, text).tolist()
+    ids = prompt[:5] + [config.image_token_id] * kept + prompt[5:]
+    ans = rng.integers(0, vocab - 8, answer).tolist()
+    ids = np.asarray(ids + ans, np.int32)[None]
+    labels = np.full(ids.shape, -100)
+    labels[0, -answer:] = ans
+    positions, targets, weights = supervised_positions(labels)
+    arrays = {"input_ids": ids, "attention_mask": np.ones_like(ids), "logits_positions": positions,
+              "targets": targets, "weights": weights, "pixel_values": pixels, "compression_mask": mask}
+    layout = VisualLayout.from_arrays(np.asarray([[frames, grid, grid]]), np.asarray([2]))
+    return arrays, layout, kept, labels

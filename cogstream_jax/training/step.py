@@ -110,7 +110,7 @@ def make_accumulating_step(graphdef, tx: optax.GradientTransformation, lr_schedu
 
 def make_qa_grad(graphdef, *, options: StepOptions, accumulation: int, state_sharding: TrainState, frozen_sharding,
                  mesh: Mesh):
-    """jit(grad)(state, frozen, batch, index, layout=, num_kept=) -> (grads, loss, tokens) for ONE QA (batch 1).
+    """grad(state, frozen, batch, index, layout=, num_kept=) -> (grads, loss, tokens) for ONE QA (batch 1).
 
     grads = d(mean answer-token CE) / accumulation, so four calls summed give the official `loss / 4` update.
     """
@@ -125,9 +125,14 @@ def make_qa_grad(graphdef, *, options: StepOptions, accumulation: int, state_sha
         grads = jax.tree.map(lambda g: g.astype(jnp.float32) / accumulation, grads)
         return grads, loss, count
 
-    return jax.jit(grad, static_argnames=("layout", "num_kept"),
-                   in_shardings=(state_sharding, frozen_sharding, replicated(mesh), replicated(mesh)),
-                   out_shardings=(state_sharding.params, replicated(mesh), replicated(mesh)))
+    jitted = jax.jit(grad, static_argnums=(4, 5),
+                     in_shardings=(state_sharding, frozen_sharding, replicated(mesh), replicated(mesh)),
+                     out_shardings=(state_sharding.params, replicated(mesh), replicated(mesh)))
+
+    def call(state, frozen, batch, index, layout: VisualLayout | None = None, num_kept: int | None = None):
+        return jitted(state, frozen, batch, jnp.asarray(index, jnp.int32), layout, num_kept)
+
+    return call
 
 
 def make_apply(tx: optax.GradientTransformation, lr_schedule: Callable, *, state_sharding: TrainState, mesh: Mesh):

@@ -1,0 +1,81 @@
+"""Stage-2 sample -> model inputs, as the official second_stage_training builds them (protocol 5):
+
+1. the processor renders the growing conversation (GT answers as assistant turns) up to the current question,
+   with the generation prompt;
+2. the ground-truth selection `[yes|no,*COI]` rewrites the history (`rewrite_for_mode(..., "gt")`; the first QA
+   is never filtered; `no` removes every visual token);
+3. answer = GT answer + `<|im_end|>`, tokenised separately and appended; labels only on the answer;
+4. the visual stream is compressed: DiffFP always; question-aware event scoring on top when the streaming
+   module (`cogstream_jax.inference.events`) is available and `event_compression` is on. Dropped tokens leave
+   both the features and the `<image>` placeholders.
+Lengths are right-padded to a multiple of `length_multiple` (fewer retraces), the supervised positions fixed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from cogstream_jax.data.difffp import difffp_mask, drop_masked_placeholders
+from cogstream_jax.data.pipelines import Stage2Sample
+from cogstream_jax.data.rewrite import rewrite_for_mode, turns_from_processor_output
+from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
+from cogstream_jax.errors import InputError
+from cogstream_jax.model.vision import VisualLayout
+from cogstream_jax.training.losses import IGNORE_INDEX, supervised_positions
+
+
+def event_compression_available() -> bool:
+    """Whether the streaming helper's question-aware event compression module exists in this checkout."""
+    return importlib.util.find_spec("cogstream_jax.inference.events") is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Batch:
+    """Arrays for `make_qa_grad` plus its static arguments."""
+
+    arrays: dict[str, np.ndarray]
+    layout: VisualLayout | None
+    num_kept: int | None
+    answer_tokens: int
+    prompt_tokens: int
+
+
+def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple: int = 64,
+                       answer_positions: int | None = None) -> Stage2Batch:
+    """One QA's teacher-forced inputs (DiffFP compression; see module doc)."""
+    conversation = list(sample.conversation)
+    out = processor(conversation=conversation)
+    turns = turns_from_processor_output(conversation, out)
+    result = rewrite_for_mode(turns, "gt", gt_coi=sample.coi, gt_visual=sample.is_visual)
+    tokenizer = processor.tokenizer
+    prompt = result.token_ids(tokenizer)
+    answer = list(tokenizer(sample.target, add_special_tokens=False)["input_ids"])
+    ids = np.asarray(prompt + answer, np.int64)
+    labels = np.asarray([IGNORE_INDEX] * len(prompt) + answer, np.int64)
+    arrays: dict[str, np.ndarray] = {}
+    layout = num_kept = None
+    if result.kept_frames:
+        if len(result.kept_frames) != out.num_frames:
+            raise InputError(f"{sample.video}: the rewrite kept {len(result.kept_frames)} of {out.num_frames} frames; "
+                             "stage 2 expects all clips or none (protocol 6.4)")
+        mask = difffp_mask(out.pixel_values, out.grid_sizes, out.merge_sizes, modals=out.modals)
+        keep_ids = np.ones(ids.shape, bool)
+        keep_ids[ids == IMAGE_TOKEN_ID] = mask
+        ids, labels = ids[keep_ids], labels[keep_ids]
+        assert (drop_masked_placeholders(np.asarray(prompt + answer), mask) == ids).all()
+        layout = VisualLayout.from_arrays(out.grid_sizes, out.merge_sizes)
+        num_kept = int(mask.sum())
+        arrays["pixel_values"] = np.asarray(out.pixel_values, np.float32)
+        arrays["compression_mask"] = mask
+    length = -(-len(ids) // length_multiple) * length_multiple
+    pad = length - len(ids)
+    input_ids = np.pad(ids, (0, pad), constant_values=PAD_ID).astype(np.int32)[None]
+    labels = np.pad(labels, (0, pad), constant_values=IGNORE_INDEX)[None]
+    attention = (np.arange(length) < len(ids)).astype(np.int32)[None]
+    positions, targets, weights = supervised_positions(labels, answer_positions)
+    arrays.update(input_ids=input_ids, attention_mask=attention, logits_positions=positions, targets=targets,
+                  weights=weights)
+    return Stage2Batch(arrays, layout, num_kept, len(answer), len(prompt))
