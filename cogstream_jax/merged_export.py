@@ -117,4 +117,7 @@ def export_merged_from_dir(model_path: str | os.PathLike, adapter_dir: str | os.
     """`export_merged` with the adapter read from our adapter directory or a PEFT folder."""
     from cogstream_jax.peft_io import read_any_adapter
 
-    return export_merged(model_path, read_any_adapter(adapter_dir, adapter_name), output_dir, **kwargs)
+    _refuse_orbax(os.fspath(model_path))
+    config = ModelConfig.from_hf_config(model_path)
+    adapter = read_any_adapter(adapter_dir, adapter_name, config, base=f"the base model {model_path}")
+    return export_merged(model_path, adapter, output_dir, **kwargs)

@@ -84,10 +84,12 @@ def read_peft_config(folder: pathlib.Path) -> dict[str, Any]:
     return raw
 
 
-def read_peft_adapter(directory: str | os.PathLike, adapter_name: str | None = None) -> AdapterTensors:
+def read_peft_adapter(directory: str | os.PathLike, adapter_name: str | None = None,
+                      config: ModelConfig | None = None, base: str = "the base model") -> AdapterTensors:
     """A PEFT LoRA folder (either layout; single adapter or peft's multi-adapter layout) -> host tensors.
 
-    Module names come back in the original layout; the spec's targets are the explicit adapted modules.
+    Module names come back in the original layout; the spec's targets are the explicit adapted modules. With a
+    `config`, every `target_modules` entry and every adapted module must exist in that base, with its shapes.
     """
     folder = adapter_folder(directory, adapter_name)
     raw = read_peft_config(folder)
@@ -96,20 +98,25 @@ def read_peft_adapter(directory: str | os.PathLike, adapter_name: str | None = N
         other = " (adapter_model.bin is not read: re-save it with safe_serialization=True)" \
             if (folder / "adapter_model.bin").is_file() else ""
         raise AdapterError(f"{weights}: missing adapter weights{other}")
-    checkpoint = Checkpoint(weights)
-    tensors = _collect_pairs(checkpoint, str(weights))
-    layout_of(tensors, str(weights))  # rejects a file mixing both layouts
+    tensors = _collect_pairs(Checkpoint(weights), str(weights))
+    layout = layout_of(tensors, str(weights))  # also rejects a file mixing both layouts
     _check_targets_cover(raw["target_modules"], list(tensors), str(folder / CONFIG_FILE))
+    if config is not None:
+        _check_targets_exist(raw["target_modules"], list(modules_by_name(config, layout)),
+                             f"{folder / CONFIG_FILE}", f"{base} ({layout} layout)")
     check_rank(tensors, raw["r"], str(weights), f"{CONFIG_FILE} field 'r'")
     r = raw["r"]
     alpha = float(raw["lora_alpha"]) * (math.sqrt(r) if raw.get("use_rslora") else 1.0)  # rsLoRA: alpha/sqrt(r)
-    names = [module_in_layout(m, "original") for m in tensors]
+    tensors = ordered(config, {module_in_layout(m, "original"): pair for m, pair in tensors.items()})
     try:
-        spec = LoraSpec(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)), target_modules=tuple(names))
+        spec = LoraSpec(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)), target_modules=tuple(tensors))
     except AdapterError as e:
         raise AdapterError(f"{folder / CONFIG_FILE}: {e}") from None
-    metadata = _safetensors_metadata(weights)
-    return AdapterTensors(spec, dict(zip(names, tensors.values())), metadata.get(FINGERPRINT_METADATA), str(folder))
+    fingerprint = _safetensors_metadata(weights).get(FINGERPRINT_METADATA)
+    adapter = AdapterTensors(spec, tensors, fingerprint, str(folder))
+    if config is not None:
+        check_against_config(adapter, config, base)
+    return adapter
 
 
 def _collect_pairs(checkpoint: Checkpoint, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -155,20 +162,14 @@ def _check_targets_cover(targets: str | list[str], modules: list[str], source: s
                            f"(PEFT would ignore them): {', '.join(untargeted[:4])}")
 
 
-def check_peft_targets_exist(directory: str | os.PathLike, adapter_name: str | None, config: ModelConfig) -> None:
-    """Every entry of the PEFT config's `target_modules` must name a module of the base model."""
-    folder = adapter_folder(directory, adapter_name)
-    raw = read_peft_config(folder)
-    weights = Checkpoint(folder / WEIGHTS_FILE)
-    modules = {_KEY_RE.match(k)["module"] for k in weights.keys() if _KEY_RE.match(k)}
-    layout = layout_of(modules, str(folder / WEIGHTS_FILE))
-    names = list(modules_by_name(config, layout))
-    targets = raw["target_modules"]
+def _check_targets_exist(targets: str | list[str], names: list[str], source: str, base: str) -> None:
+    """Every entry of `target_modules` must name a module of the base model."""
     entries = [targets] if isinstance(targets, str) else targets
-    missing = [t for t in entries if not any(_peft_matches(t if isinstance(targets, str) else [t], n) for n in names)]
+    missing = [t for t in entries
+               if not any(_peft_matches(t if isinstance(targets, str) else [t], n) for n in names)]
     if missing:
-        raise AdapterError(f"{folder / CONFIG_FILE}: field 'target_modules' names module(s) that do not exist in "
-                           f"the base model ({layout} layout): {', '.join(missing[:4])}")
+        raise AdapterError(f"{source}: field 'target_modules' names module(s) that do not exist in {base}: "
+                           f"{', '.join(missing[:4])}")
 
 
 def _safetensors_metadata(path: pathlib.Path) -> dict[str, str]:
@@ -231,9 +232,7 @@ def load_peft_adapter(model, directory: str | os.PathLike, name: str, adapter_na
 
     `adapter_name` picks a sub-folder of peft's multi-adapter save layout (defaults to `name`).
     """
-    adapter = read_peft_adapter(directory, adapter_name or name)
-    check_peft_targets_exist(directory, adapter_name or name, model.config)
-    check_against_config(adapter, model.config)
+    adapter = read_peft_adapter(directory, adapter_name or name, model.config)
     if name in adapter_names(model):
         raise AdapterError(f"{directory}: the model already holds an adapter named {name!r}")
     add_adapter(model, name, adapter.spec)
@@ -245,11 +244,16 @@ def load_peft_adapter(model, directory: str | os.PathLike, name: str, adapter_na
     return name
 
 
-def read_any_adapter(directory: str | os.PathLike, adapter_name: str | None = None) -> AdapterTensors:
-    """Our adapter directory (adapter_meta.json) or a PEFT folder (adapter_config.json), whichever it is."""
+def read_any_adapter(directory: str | os.PathLike, adapter_name: str | None = None,
+                     config: ModelConfig | None = None, base: str = "the base model") -> AdapterTensors:
+    """Our adapter directory (adapter_meta.json) or a PEFT folder (adapter_config.json), whichever it is, checked
+    against `config` when one is given."""
     from cogstream_jax.adapter_io import META_FILE
     from cogstream_jax.lora_tensors import read_adapter_dir
 
-    if (pathlib.Path(directory) / META_FILE).is_file():
-        return read_adapter_dir(directory)
-    return read_peft_adapter(directory, adapter_name)
+    if not (pathlib.Path(directory) / META_FILE).is_file():
+        return read_peft_adapter(directory, adapter_name, config, base)
+    adapter = read_adapter_dir(directory)
+    if config is not None:
+        check_against_config(adapter, config, base)
+    return adapter

@@ -47,17 +47,14 @@ def base_config(model_path: str | None, adapter_dir: str, adapter_name: str):
 
 def convert(adapter_dir: str, adapter_name: str, output_dir: str, model_path: str | None) -> None:
     from cogstream_jax import __version__
-    from cogstream_jax.lora_tensors import AdapterTensors, check_against_config, ordered, write_adapter_dir
-    from cogstream_jax.peft_io import check_peft_targets_exist, read_peft_adapter
+    from cogstream_jax.lora_tensors import write_adapter_dir
+    from cogstream_jax.peft_io import read_peft_adapter
 
     if not adapter_name or "/" in adapter_name:
         from cogstream_jax.lora import AdapterError
         raise AdapterError(f"--adapter_name {adapter_name!r}: expected a plain name such as full_module")
     config, base = base_config(model_path, adapter_dir, adapter_name)
-    adapter = read_peft_adapter(adapter_dir, adapter_name)
-    check_peft_targets_exist(adapter_dir, adapter_name, config)
-    check_against_config(adapter, config, base=f"the base model ({base})")
-    adapter = AdapterTensors(adapter.spec, ordered(config, adapter.tensors), adapter.base_fingerprint, adapter.source)
+    adapter = read_peft_adapter(adapter_dir, adapter_name, config, base=f"the base model ({base})")
     write_adapter_dir(adapter, adapter_name, output_dir, config.fingerprint(),
                       f"cogstream_jax {__version__} (convert.peft_to_lora from {os.path.abspath(adapter_dir)})")
     print(f"wrote {output_dir}: adapter {adapter_name!r}, {len(adapter.tensors)} modules", file=sys.stderr)
