@@ -4,6 +4,7 @@ and reproduces peft's logits (<= 1e-4); PEFT -> ours -> PEFT returns the same te
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -16,9 +17,10 @@ from cogstream_jax import adapter_io, lora
 from cogstream_jax.peft_io import load_peft_adapter
 from convert import lora_to_peft, peft_to_lora
 from peft_helpers import fresh_ours, fresh_torch, official_targets, run_cli, to_native_by_hand
-from weights_helpers import our_logits, reference_logits, write_native
+from weights_helpers import our_logits, reference_logits, to_original_key, write_native
 
 LAYERS = 2
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def official_config(projector: bool) -> peft.LoraConfig:
@@ -206,3 +208,34 @@ def test_fingerprint_travels_through_peft_and_guards_the_base(tmp_path, capsys):
 def test_unsupported_peft_features_are_named(broken, tmp_path, capsys):
     _edit_config(broken, use_dora=True)
     _expect_error(broken, tmp_path, capsys, "field 'use_dora'=True is not supported")
+
+
+def test_original_layout_adapter_as_cogstream_ships_it(peft_saved, tmp_path):
+    """CogStream's adapters name modules like `model.layers.0.self_attn.q_proj`: the same adapter renamed by hand
+    to the original layout (keys and target_modules) imports to the same model."""
+    _, expected, single, _ = peft_saved
+    folder = tmp_path / "original"
+    folder.mkdir()
+    tensors = load_file(str(single / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    save_file({prefix + to_original_key(k[len(prefix):]): v for k, v in tensors.items()},
+              str(folder / "adapter_model.safetensors"))
+    config = json.loads((single / "adapter_config.json").read_text())
+    config["target_modules"] = official_targets(LAYERS, projector=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    model = fresh_ours()
+    load_peft_adapter(model, folder, lora.FULL_MODULE)
+    lora.set_adapter(model, lora.FULL_MODULE)
+    assert np.abs(our_logits(model) - expected).max() <= 1e-4
+
+
+def test_cli_runs_as_a_module_and_fails_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "convert.peft_to_lora", "--adapter-dir", str(tmp_path),
+                           "--adapter-name", "full_module", "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'adapter_config.json'}: missing "
+                                                "adapter_config.json"]
