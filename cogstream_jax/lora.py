@@ -29,7 +29,7 @@ from flax import nnx
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import WeightError
 from cogstream_jax.model.layers import Linear
-from cogstream_jax.weights.keys import LLM_LAYER, LLM_LORA_LEAVES, module_entries
+from cogstream_jax.weights.keys import LLM_LAYER, LLM_LORA_LEAVES, Layout, module_entries
 
 #: module kinds LoRA can wrap (Linear layers; not the patch embedding, norms or the embedding table)
 LINEAR_KINDS = ("linear", "linear_nobias")
@@ -90,8 +90,8 @@ def _target_regex(target: str) -> re.Pattern:
     return re.compile(re.escape(target).replace(re.escape("{i}"), r"\d+"))
 
 
-def resolve_targets(config: ModelConfig, spec: LoraSpec) -> dict[str, str]:
-    """Our module path -> original-layout module name for every module the spec targets, in checkpoint order."""
+def resolve_targets(config: ModelConfig, spec: LoraSpec, layout: Layout = "original") -> dict[str, str]:
+    """Our module path -> checkpoint module name (in `layout`) for every module the spec targets, in checkpoint order."""
     entries = list(module_entries(config))
     matched: set[str] = set()
     for target in spec.target_modules:
@@ -105,7 +105,7 @@ def resolve_targets(config: ModelConfig, spec: LoraSpec) -> dict[str, str]:
             raise AdapterError(f"LoraSpec.target_modules: {target!r} matches non-Linear module(s) "
                                f"{', '.join(not_linear[:5])}; LoRA wraps Linear layers only")
         matched.update(e.our_module for e in hits)
-    return {e.our_module: e.hf_module("original") for e in entries if e.our_module in matched}
+    return {e.our_module: e.hf_module(layout) for e in entries if e.our_module in matched}
 
 
 # ---------------------------------------------------------------------------------------------- model access
@@ -140,9 +140,9 @@ def active_adapter(model: nnx.Module) -> str | None:
     return getattr(model, "lora_active", None)
 
 
-def _adapted(model: nnx.Module, name: str) -> dict[str, tuple[str, Linear]]:
-    """Our module path -> (original module name, Linear) for the modules carrying adapter `name`."""
-    targets = resolve_targets(model.config, adapter_spec(model, name))
+def _adapted(model: nnx.Module, name: str, layout: Layout = "original") -> dict[str, tuple[str, Linear]]:
+    """Our module path -> (checkpoint module name, Linear) for the modules carrying adapter `name`."""
+    targets = resolve_targets(model.config, adapter_spec(model, name), layout)
     linears = _linears(model)
     return {path: (hf, linears[path]) for path, hf in targets.items()}
 
@@ -234,29 +234,34 @@ def lora_filter(name: str):
     return _is_adapter_param(name)
 
 
-def adapter_variables(model: nnx.Module, name: str) -> dict[str, tuple[nnx.LoRAParam, nnx.LoRAParam]]:
-    """Original-layout module name -> (A variable, B variable) of adapter `name`, in checkpoint order."""
+def adapter_variables(model: nnx.Module, name: str, layout: Layout = "original"
+                      ) -> dict[str, tuple[nnx.LoRAParam, nnx.LoRAParam]]:
+    """Checkpoint module name (in `layout`) -> (A variable, B variable) of adapter `name`, in checkpoint order."""
     out = {}
-    for hf, linear in _adapted(model, name).values():
+    for hf, linear in _adapted(model, name, layout).values():
         weights = linear.adapters[name]
         out[hf] = (weights.lora_a, weights.lora_b)
     return out
 
 
-def adapter_tensors(model: nnx.Module, name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Original-layout module name -> (A [in, r], B [r, out]) on the host, in checkpoint order."""
+def adapter_tensors(model: nnx.Module, name: str, layout: Layout = "original"
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Checkpoint module name (in `layout`) -> (A [in, r], B [r, out]) on the host, in checkpoint order.
+
+    PEFT keys follow as `base_model.model.<native name>.lora_A.weight = A.T`, `.lora_B.weight = B.T`.
+    """
     return {hf: tuple(np.asarray(jax.device_get(v[...])) for v in pair)
-            for hf, pair in adapter_variables(model, name).items()}
+            for hf, pair in adapter_variables(model, name, layout).items()}
 
 
 def set_adapter_tensors(model: nnx.Module, name: str, tensors: Mapping[str, tuple[Any, Any]] | Iterable,
-                        source: str = "<tensors>") -> None:
-    """Fill adapter `name` from {original module name: (A [in, r], B [r, out])}, strictly (all and only its modules).
+                        source: str = "<tensors>", layout: Layout = "original") -> None:
+    """Fill adapter `name` from {checkpoint module name: (A [in, r], B [r, out])}, strictly (all and only its modules).
 
     Values keep each parameter's dtype and sharding.
     """
     tensors = dict(tensors)
-    adapted = adapter_variables(model, name)
+    adapted = adapter_variables(model, name, layout)
     missing = sorted(set(adapted) - set(tensors))
     unknown = sorted(set(tensors) - set(adapted))
     problems = []

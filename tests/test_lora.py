@@ -416,21 +416,21 @@ def test_matches_peft_lora_on_transformers_videollama3(pixels):
     ours = to_jax(torch_model)  # base weights copied before PEFT injects its layers
     config = ours.config
     spec = lora.full_module_spec(config)
-    native = hf_module_for_our_path(config, "native")
-    targets = lora.resolve_targets(config, spec)  # our path -> original name
+    native = list(lora.resolve_targets(config, spec, "native").values())
+    assert set(native) == {hf_module_for_our_path(config, "native")[p] for p in lora.resolve_targets(config, spec)}
     peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=[native[p] for p in targets]))
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=native))
     peft_model.eval()
 
     g = torch.Generator().manual_seed(0)
     tensors = {}
     with torch.no_grad():
-        for path, original in targets.items():
-            layer = peft_model.base_model.model.get_submodule(native[path])
+        for module in native:
+            layer = peft_model.base_model.model.get_submodule(module)
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             a.copy_(0.2 * torch.randn(a.shape, generator=g))
             b.copy_(0.2 * torch.randn(b.shape, generator=g))
-            tensors[original] = (a.numpy().T, b.numpy().T)  # A_ours = lora_A.weight.T, B_ours = lora_B.weight.T
+            tensors[module] = (a.numpy().T, b.numpy().T)  # A_ours = lora_A.weight.T, B_ours = lora_B.weight.T
     assert len(tensors) == 7 * config.text.num_hidden_layers + 2
 
     kwargs = dict(input_ids=IDS, pixel_values=pixels, image_grid_thw=GRID, image_merge_sizes=MERGE)
@@ -440,6 +440,13 @@ def test_matches_peft_lora_on_transformers_videollama3(pixels):
     assert np.abs(ref - ref_base).max() > 0.05
 
     lora.add_adapter(ours, lora.FULL_MODULE, spec)
-    lora.set_adapter_tensors(ours, lora.FULL_MODULE, tensors)
+    lora.set_adapter_tensors(ours, lora.FULL_MODULE, tensors, layout="native")
     lora.set_adapter(ours, lora.FULL_MODULE)
     assert np.abs(run(ours, pixels) - ref).max() <= 1e-4
+    # and back out: PEFT's state dict is our tensors transposed under base_model.model.<native name>
+    peft_state = {k: v.numpy() for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    exported = lora.adapter_tensors(ours, lora.FULL_MODULE, layout="native")
+    assert len(peft_state) == 2 * len(exported)
+    for module, (a, b) in exported.items():
+        np.testing.assert_array_equal(peft_state[f"base_model.model.{module}.lora_A.default.weight"], a.T)
+        np.testing.assert_array_equal(peft_state[f"base_model.model.{module}.lora_B.default.weight"], b.T)
