@@ -106,12 +106,12 @@ def read_peft_adapter(directory: str | os.PathLike, adapter_name: str | None = N
                              f"{folder / CONFIG_FILE}", f"{base} ({layout} layout)")
     check_rank(tensors, raw["r"], str(weights), f"{CONFIG_FILE} field 'r'")
     r = raw["r"]
-    alpha = float(raw["lora_alpha"]) * (math.sqrt(r) if raw.get("use_rslora") else 1.0)  # rsLoRA: alpha/sqrt(r)
     tensors = ordered(config, {module_in_layout(m, "original"): pair for m, pair in tensors.items()})
     try:
+        alpha = float(raw["lora_alpha"]) * (math.sqrt(r) if raw.get("use_rslora") else 1.0)  # rsLoRA: alpha/sqrt(r)
         spec = LoraSpec(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)), target_modules=tuple(tensors))
-    except AdapterError as e:
-        raise AdapterError(f"{folder / CONFIG_FILE}: {e}") from None
+    except (AdapterError, TypeError, ValueError) as e:
+        raise AdapterError(f"{folder / CONFIG_FILE}: invalid 'lora_alpha' / 'lora_dropout': {e}") from None
     fingerprint = _safetensors_metadata(weights).get(FINGERPRINT_METADATA)
     adapter = AdapterTensors(spec, tensors, fingerprint, str(folder))
     if config is not None:

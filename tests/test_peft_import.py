@@ -239,3 +239,17 @@ def test_cli_runs_as_a_module_and_fails_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'adapter_config.json'}: missing "
                                                 "adapter_config.json"]
+
+
+def test_rslora_scale_is_carried_over(tmp_path):
+    """use_rslora scales by alpha/sqrt(r); the import folds that into alpha so our alpha/r gives the same scale."""
+    config = official_config(projector=True)
+    config.use_rslora = True
+    model = peft.get_peft_model(fresh_torch(), config)
+    randomize_peft(model, seed=3)
+    model.eval().save_pretrained(str(tmp_path / "rs"))
+    ours = fresh_ours()
+    load_peft_adapter(ours, tmp_path / "rs", lora.FULL_MODULE)
+    assert lora.adapter_spec(ours, lora.FULL_MODULE).scale == pytest.approx(16 / np.sqrt(8))
+    lora.set_adapter(ours, lora.FULL_MODULE)
+    assert np.abs(our_logits(ours) - reference_logits(model)).max() <= 1e-4
