@@ -17,9 +17,10 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 import jax
+import numpy as np
 from flax import nnx
 
 from cogstream_jax import __version__
@@ -100,9 +101,25 @@ def _from_tree(tree: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
 # ---------------------------------------------------------------------------------------------- save
 def save_adapter(model: nnx.Module, name: str, directory: str | os.PathLike) -> pathlib.Path:
     """Write adapter `name` to `directory` atomically (replacing an existing adapter directory there)."""
+    meta = AdapterMeta(name, adapter_spec(model, name), model.config.fingerprint(), created_by("save_adapter"))
+    # device arrays as they are (sharded ones included): orbax writes each shard from its owner
+    arrays = {hf: (a[...], b[...]) for hf, (a, b) in adapter_variables(model, name).items()}
+    return write_adapter_dir(directory, meta, arrays)
+
+
+def created_by(function: str) -> str:
+    """The `created_by` stamp of files this package writes."""
+    return f"cogstream_jax {__version__} (cogstream_jax.adapter_io.{function})"
+
+
+def write_adapter_dir(directory: str | os.PathLike, meta: AdapterMeta,
+                      tensors: Mapping[str, tuple[Any, Any]]) -> pathlib.Path:
+    """Write {original module name: (A [in, r], B [r, out])} + metadata as an adapter directory, atomically.
+
+    Model-free (converters use it); `save_adapter` is this plus the model's own tensors and fingerprint.
+    """
     import orbax.checkpoint as ocp
 
-    spec = adapter_spec(model, name)
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()) and not (directory / META_FILE).is_file():
         raise AdapterError(f"{directory}: exists and is not an adapter directory; refusing to replace it")
@@ -110,11 +127,7 @@ def save_adapter(model: nnx.Module, name: str, directory: str | os.PathLike) -> 
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            # device arrays as they are (sharded ones included): orbax writes each shard from its owner
-            arrays = {hf: (a[...], b[...]) for hf, (a, b) in adapter_variables(model, name).items()}
-            checkpointer.save(tmp / TENSOR_DIR, _to_tree(arrays))
-        meta = AdapterMeta(name, spec, model.config.fingerprint(),
-                           f"cogstream_jax {__version__} (cogstream_jax.adapter_io.save_adapter)")
+            checkpointer.save(tmp / TENSOR_DIR, _to_tree(dict(tensors)))
         (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
         _replace_dir(tmp, directory)
     finally:
@@ -149,9 +162,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, name: str | No
     if meta.base_fingerprint != fingerprint:
         raise AdapterError(f"{directory / META_FILE}: field 'base_fingerprint' is {meta.base_fingerprint}, but the "
                            f"model's config fingerprint is {fingerprint}: this adapter was made for another base")
-    tensor_dir = directory / TENSOR_DIR
-    if not tensor_dir.is_dir():
-        raise AdapterError(f"{tensor_dir}: missing LoRA tensor checkpoint")
+    tensor_dir = _tensor_dir(directory)
     if name in adapter_names(model):
         raise AdapterError(f"{directory}: the model already holds an adapter named {name!r}; pass another name "
                            "or delete_adapter it first")
@@ -168,6 +179,37 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, name: str | No
     return name
 
 
+def read_adapter_tensors(directory: str | os.PathLike) -> tuple[AdapterMeta, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Model-free read: the metadata and {original module name: (A, B)} as host numpy arrays."""
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).absolute()
+    meta = read_adapter_meta(directory)
+    tensor_dir = _tensor_dir(directory)
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = _stored_metadata(tensor_dir, checkpointer)
+        target = {hf: tuple(None if m is None else np.empty(m.shape, m.dtype) for m in pair)
+                  for hf, pair in stored.items()}
+        if any(m is None for pair in target.values() for m in pair):
+            raise AdapterError(f"{tensor_dir}: every module needs both lora_a and lora_b")
+        restored = checkpointer.restore(tensor_dir, _to_tree(target))
+    return meta, {hf: tuple(np.asarray(x) for x in pair) for hf, pair in _from_tree(restored).items()}
+
+
+def _tensor_dir(directory: pathlib.Path) -> pathlib.Path:
+    tensor_dir = directory / TENSOR_DIR
+    if not tensor_dir.is_dir():
+        raise AdapterError(f"{tensor_dir}: missing LoRA tensor checkpoint")
+    return tensor_dir
+
+
+def _stored_metadata(tensor_dir: pathlib.Path, checkpointer) -> dict[str, tuple[Any, Any]]:
+    try:
+        return _from_tree(checkpointer.metadata(tensor_dir).item_metadata.tree)
+    except Exception as e:  # orbax raises assorted types for damaged checkpoints
+        raise AdapterError(f"{tensor_dir}: unreadable LoRA checkpoint: {e}") from None
+
+
 def _restore_target(model: nnx.Module, name: str) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]]:
     """ShapeDtypeStructs with the shape, dtype and sharding of the freshly added parameters."""
     return {hf: tuple(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v[...].sharding) for v in pair)
@@ -175,11 +217,7 @@ def _restore_target(model: nnx.Module, name: str) -> dict[str, tuple[jax.ShapeDt
 
 
 def _check_stored_shapes(tensor_dir: pathlib.Path, checkpointer, expected) -> None:
-    try:
-        stored_tree = checkpointer.metadata(tensor_dir).item_metadata.tree
-    except Exception as e:  # orbax raises assorted types for damaged checkpoints
-        raise AdapterError(f"{tensor_dir}: unreadable LoRA checkpoint: {e}") from None
-    stored = _from_tree(stored_tree)
+    stored = _stored_metadata(tensor_dir, checkpointer)
     problems = []
     for hf in sorted(set(expected) | set(stored)):
         if hf not in stored:

@@ -299,11 +299,24 @@ def test_save_load_round_trip_is_bit_identical(config, pixels, tmp_path):
     with pytest.raises(UserError, match="already holds an adapter named 'full_module'"):
         adapter_io.load_adapter(fresh, target)
 
+    # the model-free reader and writer see the same tensors
+    meta, on_disk = adapter_io.read_adapter_tensors(target)
+    assert meta.name == lora.FULL_MODULE and meta.spec == lora.full_module_spec(config)
+    assert on_disk.keys() == saved.keys()
+    for hf in saved:
+        for a, b in zip(saved[hf], on_disk[hf]):
+            assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    doubled = {hf: (a, 2 * b) for hf, (a, b) in on_disk.items()}
+    adapter_io.write_adapter_dir(tmp_path / "written", meta, doubled)
+    adapter_io.load_adapter(fresh, tmp_path / "written", name="doubled")
+    np.testing.assert_array_equal(lora.adapter_tensors(fresh, "doubled")["model.mm_projector.readout.0"][1],
+                                  doubled["model.mm_projector.readout.0"][1])
+
     # saving again replaces the directory; loading under another name keeps both
     randomize(model, lora.FULL_MODULE, seed=9)
     adapter_io.save_adapter(model, lora.FULL_MODULE, target)
     assert adapter_io.load_adapter(fresh, target, name="full_v2") == "full_v2"
-    assert lora.adapter_names(fresh) == ("full_module", "full_v2")
+    assert lora.adapter_names(fresh) == ("doubled", "full_module", "full_v2")
     np.testing.assert_array_equal(lora.adapter_tensors(fresh, "full_v2")["model.layers.0.self_attn.q_proj"][1],
                                   lora.adapter_tensors(model, lora.FULL_MODULE)["model.layers.0.self_attn.q_proj"][1])
 
