@@ -146,3 +146,33 @@ def test_lora_to_peft_bad_input_is_one_line(our_dirs, tmp_path, capsys):
     code, err = run_cli(lora_to_peft.main, ["--adapter_dir", our_dirs[lora.FULL_MODULE], "--output_dir",
                                             tmp_path / "o", "--model_path", other], capsys)
     assert code == 2 and "different base" in err and len(err.strip().splitlines()) == 1
+
+
+def test_7b_adapter_names_and_shapes_match_the_official_recipe():
+    """On the real VideoLLaMA3-7B config (abstract, no weights): full_module's 198 modules are exactly the official
+    script's list in the original layout, and 7B-shaped A/B pass the base check while tiny ones do not."""
+    from cogstream_jax.config import videollama3_7b
+    from cogstream_jax.lora_tensors import AdapterTensors, check_against_config, module_in_layout
+    from cogstream_jax.peft_io import peft_config_json
+
+    config = videollama3_7b()
+    spec = lora.full_module_spec(config)
+    names = list(lora.resolve_targets(config, spec).values())
+    assert sorted(names) == sorted(official_targets(28, projector=True)) and len(names) == 198
+    assert module_in_layout("model.layers.27.mlp.down_proj", "native") == "model.language_model.layers.27.mlp.down_proj"
+    assert module_in_layout("model.mm_projector.readout.2", "native") == "model.projector.readout.2"
+    shapes = {"q_proj": (3584, 3584), "k_proj": (3584, 512), "v_proj": (3584, 512), "o_proj": (3584, 3584),
+              "gate_proj": (3584, 18944), "up_proj": (3584, 18944), "down_proj": (18944, 3584),
+              "readout.0": (1152, 3584), "readout.2": (3584, 3584)}
+
+    def pair(name):  # spec section 3 / 7.1 shapes, as zero-stride views (no memory)
+        leaf = name.split(".", 2)[-1] if "readout" in name else name.rsplit(".", 1)[-1]
+        in_f, out_f = shapes[leaf]
+        return np.broadcast_to(np.float32(0), (in_f, 8)), np.broadcast_to(np.float32(0), (8, out_f))
+
+    adapter = AdapterTensors(spec, {n: pair(n) for n in names}, config.fingerprint(), "7b")
+    check_against_config(adapter, config)
+    assert peft_config_json(spec, names, None)["target_modules"] == names
+    with pytest.raises(lora.AdapterError, match="adapter for a different base"):
+        check_against_config(AdapterTensors(spec, {n: (np.zeros((64, 8)), np.zeros((8, 64))) for n in names},
+                                            None, "tiny"), config)
