@@ -116,3 +116,20 @@ def test_cli_reports_a_user_error_on_one_line(good, tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("error: ") and "model-00003-of-00003.safetensors" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_orbax_params_that_do_not_fit_the_config_are_listed(good, tmp_path):
+    """A consistent meta/config pair for 1 LLM layer over params saved with 2: the extra layer's keys are named."""
+    from cogstream_jax.config import ModelConfig
+
+    folder = tmp_path / "orbax"
+    convert(str(good["native"]), str(folder), "float32")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    meta = json.loads((folder / "cogstream_meta.json").read_text())
+    meta["config_fingerprint"] = ModelConfig.from_hf_config(config).fingerprint()
+    (folder / "cogstream_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightError, match=r"orbax/params: checkpoint does not match the model config: 12 unknown "
+                                          r"key\(s\): language_model\.layers\.1\."):
+        load_pretrained(folder)

@@ -28,10 +28,20 @@ META_NAME = "cogstream_meta.json"
 PARAMS_DIR = "params"
 FORMAT = "cogstream-jax/orbax-params"
 FORMAT_VERSION = 1
+#: bytes in flight while saving / restoring: bounds the transient host memory on top of the model (7B on 24 GB)
+CONCURRENT_GB = 2
 #: small files of a HF model folder worth carrying along (tokenizer, processor, generation defaults)
 AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
              "added_tokens.json", "special_tokens_map.json", "chat_template.json", "chat_template.jinja",
              "preprocessor_config.json", "processor_config.json")
+
+
+def _checkpointer():
+    """Synchronous (the caller waits anyway) with bounded concurrency."""
+    import orbax.checkpoint as ocp
+
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=CONCURRENT_GB,
+                                                          restore_concurrent_gb=CONCURRENT_GB))
 
 
 def is_orbax_folder(path: str) -> bool:
@@ -70,9 +80,7 @@ def save_orbax(model: nnx.Module, out_dir: str | os.PathLike, *, source: str | N
     if os.path.exists(meta_path):
         os.remove(meta_path)
     flat = {key: var.get_value() for key, var in _flat_params(nnx.state(model, nnx.Param)).items()}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(out_dir, PARAMS_DIR), flat, force=True)
-    checkpointer.wait_until_finished()
+    _checkpointer().save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.StandardSave(flat), force=True)
     config: ModelConfig = model.config
     write_json_atomic(os.path.join(out_dir, "config.json"), config.to_hf_config("native"))
     if copy_aux_from:
@@ -104,7 +112,7 @@ def restore_params(path: str, config: ModelConfig, state: nnx.State, mesh: Mesh 
                           f"saved with (fingerprint {config.fingerprint()} vs {meta.get('config_fingerprint')} in "
                           f"{META_NAME})")
     params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _checkpointer()
     try:
         stored = dict(checkpointer.metadata(params_dir).item_metadata.tree)
     except Exception as e:  # orbax raises many types for missing/corrupt folders
@@ -121,7 +129,7 @@ def restore_params(path: str, config: ModelConfig, state: nnx.State, mesh: Mesh 
                                       sharding=device if mesh is None else variable_sharding(v, mesh, rules))
               for k, v in expected.items()}
     try:
-        restored = checkpointer.restore(params_dir, target)
+        restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
     except (ValueError, OSError) as e:
         raise WeightError(f"{params_dir}: could not restore ({e})") from None
     for key, var in expected.items():
