@@ -109,13 +109,14 @@ def check_against_config(adapter: AdapterTensors, config: ModelConfig, base: str
 
 def _linear_shape(config: ModelConfig, entry: ModuleEntry) -> tuple[int, int]:
     """(in_features, out_features) of a Linear module, from the abstract model's kernel shape."""
-    return _kernel_shapes(config)[entry.our_module]
+    return linear_shapes(config)[entry.our_module]
 
 
 _KERNEL_CACHE: dict[str, dict[str, tuple[int, int]]] = {}
 
 
-def _kernel_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Our module path -> (in_features, out_features) of every Linear, from the abstract model (cached)."""
     key = config.fingerprint()
     if key not in _KERNEL_CACHE:
         import jax.numpy as jnp

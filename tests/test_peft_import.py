@@ -253,3 +253,21 @@ def test_rslora_scale_is_carried_over(tmp_path):
     assert lora.adapter_spec(ours, lora.FULL_MODULE).scale == pytest.approx(16 / np.sqrt(8))
     lora.set_adapter(ours, lora.FULL_MODULE)
     assert np.abs(our_logits(ours) - reference_logits(model)).max() <= 1e-4
+
+
+def test_bfloat16_peft_adapter_imports_exactly(peft_saved, tmp_path):
+    """Adapters saved in bf16 (common after bf16 training) keep their values through our directory format."""
+    _, _, single, _ = peft_saved
+    folder = tmp_path / "bf16"
+    shutil.copytree(single, folder)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    assert peft_to_lora.main(["--adapter_dir", str(folder), "--adapter_name", "full_module", "--output_dir",
+                              str(tmp_path / "ours"), "--model_path",
+                              str(write_native(fresh_torch(), tmp_path / "base"))]) == 0
+    model = fresh_ours()
+    adapter_io.load_adapter(model, tmp_path / "ours")
+    a, b = lora.adapter_tensors(model, lora.FULL_MODULE)["model.layers.1.mlp.gate_proj"]
+    key = "base_model.model.model.language_model.layers.1.mlp.gate_proj.lora_{}.weight"
+    np.testing.assert_array_equal(a, tensors[key.format("A")].float().numpy().T)
+    np.testing.assert_array_equal(b, tensors[key.format("B")].float().numpy().T)
