@@ -46,6 +46,17 @@ class AdapterMeta:
                 "base_fingerprint": self.base_fingerprint, "created_by": self.created_by}
 
 
+def read_json_object(path: pathlib.Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (AdapterError naming the file otherwise)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: unreadable JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    return raw
+
+
 def read_adapter_meta(directory: str | os.PathLike) -> AdapterMeta:
     """Parse and validate `<dir>/adapter_meta.json` (clear errors naming the file and field)."""
     directory = pathlib.Path(directory)
@@ -54,12 +65,7 @@ def read_adapter_meta(directory: str | os.PathLike) -> AdapterMeta:
         raise AdapterError(f"{directory}: adapter directory does not exist")
     if not path.is_file():
         raise AdapterError(f"{path}: missing adapter metadata file (is {directory} an adapter directory?)")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{path}: unreadable JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     missing = [k for k in _META_FIELDS if k not in raw]
     if missing:
         raise AdapterError(f"{path}: missing field(s) {', '.join(missing)}")
