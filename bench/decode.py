@@ -117,32 +117,34 @@ def ffmpeg_graph(path: pathlib.Path) -> np.ndarray:
     return preprocess(frames)
 
 
-def timed(fn, path, runs: int) -> tuple[list[float], np.ndarray]:
-    fn(path)  # warm-up
-    times, result = [], None
+def timed_rounds(functions: dict, path, runs: int) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """One warm-up round, then `runs` rounds that call every method once each (interleaved, so that changes in
+    machine load hit all methods alike)."""
+    results = {name: fn(path) for name, fn in functions.items()}
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(runs):
-        start = time.perf_counter()
-        result = fn(path)
-        times.append(time.perf_counter() - start)
-    return times, result
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            results[name] = fn(path)
+            times[name].append(time.perf_counter() - start)
+    return times, results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds after one warm-up round")
     parser.add_argument("--no_bframes", "--no-bframes", action="store_true", help="encode without B-frames")
     args = parser.parse_args(argv)
     path = ensure_video(bframes=not args.no_bframes)
     source_frames = len(probe_video(path).pts)
-    ours_t, ours_px = timed(ours, path, args.runs)
-    base_t, base_px = timed(decode_everything, path, args.runs)
-    graph_t, graph_px = timed(ffmpeg_graph, path, args.runs)
-    identical = bool(np.array_equal(ours_px, base_px) and np.array_equal(ours_px, graph_px))
-    kept = ours_px.shape[0] // ((compute_resize(HEIGHT, WIDTH, 180, 2)[0] // 14) * (compute_resize(HEIGHT, WIDTH, 180, 2)[1] // 14))
-    med = {name: statistics.median(t) for name, t in (("ours", ours_t), ("all", base_t), ("graph", graph_t))}
-    for name, t in (("ours (decode kept frames)", ours_t), ("decode every frame", base_t),
-                    ("official ffmpeg graph", graph_t)):
-        print(f"{name:28s} median {statistics.median(t):.3f} s  runs {[round(x, 3) for x in t]}", file=sys.stderr)
+    times, pixels = timed_rounds({"ours": ours, "all": decode_everything, "graph": ffmpeg_graph}, path, args.runs)
+    identical = bool(np.array_equal(pixels["ours"], pixels["all"]) and np.array_equal(pixels["ours"], pixels["graph"]))
+    height, width = compute_resize(HEIGHT, WIDTH, 180, 2)
+    kept = pixels["ours"].shape[0] // ((height // 14) * (width // 14))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    labels = {"ours": "ours (decode kept frames)", "all": "decode every frame", "graph": "official ffmpeg graph"}
+    for name, label in labels.items():
+        print(f"{label:28s} median {med[name]:.3f} s  runs {[round(x, 3) for x in times[name]]}", file=sys.stderr)
     print(json.dumps({
         "bench": "decode",
         "value": round(med["all"] / med["ours"], 3),

@@ -222,11 +222,25 @@ def test_seek_that_lands_late_falls_back_to_sequential(short_gop_videos):
     probe = probe_video(path)
     index = probe.decode_index
     # aim every seek one IDR too far: the landing check must notice and decode sequentially instead
-    wrong = DecodeIndex(index.decode_pts, index.idr_positions, index.idr_dts[1:] + index.idr_dts[-1:])
+    wrong = DecodeIndex(index.decode_pts, index.idr_positions, index.idr_pts[1:] + index.idr_pts[-1:])
     wanted = [5, 95, 305, 599]
     stats = DecodeStats()
     frames = decode_frames(str(path), probe.raw_pts, wanted, wrong, stats)
     expected = decode_frames(str(path), probe.raw_pts, wanted, None)
     assert sorted(frames) == wanted and stats.packets_sent > 500
+    for k in wanted:
+        np.testing.assert_array_equal(frames[k], expected[k])
+
+
+def test_seek_that_lands_early_skips_to_the_idr(short_gop_videos):
+    path = short_gop_videos["p_only"]
+    probe = probe_video(path)
+    index = probe.decode_index
+    early = DecodeIndex(index.decode_pts, index.idr_positions, index.idr_pts[:1] + index.idr_pts[:-1])
+    wanted = [5, 95, 305, 599]
+    stats = DecodeStats()
+    frames = decode_frames(str(path), probe.raw_pts, wanted, early, stats)
+    expected = decode_frames(str(path), probe.raw_pts, wanted, None)
+    assert sorted(frames) == wanted and stats.seeks == 3 and stats.packets_sent < 100
     for k in wanted:
         np.testing.assert_array_equal(frames[k], expected[k])

@@ -5,8 +5,8 @@ Three savings, none of which changes a single decoded pixel:
 * H.264 non-reference pictures (nal_ref_idc 0) that are not wanted are never sent to the decoder (no other
   picture predicts from them);
 * when a whole stretch between two wanted frames contains an IDR picture, the demuxer seeks straight to that
-  IDR (an IDR empties the reference list, so decoding can restart there). If a seek lands after its IDR, the
-  decoder falls back to a plain sequential pass.
+  IDR (an IDR empties the reference list, so decoding can restart there). Packets before the IDR are dropped
+  if the seek lands early; if it lands after the IDR, the decoder falls back to a plain sequential pass.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class DecodeIndex:
 
     decode_pts: tuple[int, ...]  # packet pts in decode (file) order
     idr_positions: tuple[int, ...]  # positions (in decode order) of H.264 IDR packets; empty if unknown
-    idr_dts: tuple[int, ...]  # their dts, used as seek targets
+    idr_pts: tuple[int, ...]  # their pts, used as seek targets
 
 
 @dataclass
@@ -90,28 +90,33 @@ def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], use_see
                  ) -> dict[int, np.ndarray]:
     frames: dict[int, np.ndarray] = {}
     runs = _runs(index, list(targets)) if use_seeks else [(None, set(targets))]
-    idr_dts = dict(zip(index.idr_positions, index.idr_dts))
+    seek_pts = dict(zip(index.idr_positions, index.idr_pts))
     position = {pts: k for k, pts in enumerate(index.decode_pts)}
     with av.open(path) as container:
         stream = container.streams.video[0]
         codec = stream.codec_context
         length_size = nal_length_size(codec.extradata) if codec.name == "h264" else None
 
+        pending: set[int] = set()
+
         def collect(decoded) -> None:
             for frame in decoded:
                 index_ = targets.get(frame.pts)
                 if index_ is not None and index_ not in frames:
                     frames[index_] = frame.to_ndarray(format="rgb24")
+                pending.discard(frame.pts)
 
         packets, check_landing = None, False
         for seek_position, run_targets in runs:
+            pending.clear()
+            pending.update(pts for pts in run_targets if targets[pts] not in frames)
             if seek_position is not None:
                 if packets is not None:
                     try:
                         collect(codec.decode(None))  # drain frames still held back for reordering
                     except av.error.EOFError:
                         pass
-                container.seek(idr_dts[seek_position], stream=stream, backward=True, any_frame=False)
+                container.seek(seek_pts[seek_position], stream=stream, backward=True, any_frame=False)
                 codec.flush_buffers()
                 packets, check_landing = None, True
                 stats.seeks += 1
@@ -119,15 +124,18 @@ def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], use_see
                 packets = container.demux(stream)
             for packet in packets:
                 if check_landing and packet.pts is not None:
-                    if position.get(packet.pts, len(position)) > seek_position:
+                    landed = position.get(packet.pts, len(position))
+                    if landed > seek_position:
                         raise _LandedLate
+                    if landed < seek_position:
+                        continue  # landed on an earlier keyframe: nothing before the IDR is needed
                     check_landing = False
                 if (length_size and packet.size and packet.pts not in targets
                         and is_disposable(bytes(packet), length_size)):
                     continue
                 stats.packets_sent += 1
                 collect(codec.decode(packet))
-                if all(targets[p] in frames for p in run_targets):
+                if not pending:
                     break
     return frames
 

@@ -100,15 +100,15 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
         packets: list[tuple[int, int]] = []
         decode_pts: list[int] = []
         idr_positions: list[int] = []
-        idr_dts: list[int] = []
+        idr_pts: list[int] = []
         length_size = nal_length_size(stream.codec_context.extradata) if stream.codec_context.name == "h264" else None
         try:
             for packet in container.demux(stream):
                 if packet.size and packet.pts is not None:
                     packets.append((int(packet.pts), int(packet.duration or 0)))
-                    if length_size and packet.is_keyframe and packet.dts is not None and is_idr(bytes(packet), length_size):
+                    if length_size and packet.is_keyframe and is_idr(bytes(packet), length_size):
                         idr_positions.append(len(decode_pts))
-                        idr_dts.append(int(packet.dts))
+                        idr_pts.append(int(packet.pts))
                     decode_pts.append(int(packet.pts))
         except av.error.FFmpegError as exc:
             raise VideoError(f"{path}: the video stream is corrupt ({exc})") from None
@@ -135,7 +135,7 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
             pts=tuple(p - offset for p in raw),
             eof_pts=raw[-1] + last_duration - offset,
             raw_pts=raw,
-            decode_index=DecodeIndex(tuple(decode_pts), tuple(idr_positions), tuple(idr_dts)),
+            decode_index=DecodeIndex(tuple(decode_pts), tuple(idr_positions), tuple(idr_pts)),
         )
 
 
