@@ -91,7 +91,7 @@ def _target_regex(target: str) -> re.Pattern:
 
 
 def resolve_targets(config: ModelConfig, spec: LoraSpec, layout: Layout = "original") -> dict[str, str]:
-    """Our module path -> checkpoint module name (in `layout`) for every module the spec targets, in checkpoint order."""
+    """Our module path -> checkpoint module name (in `layout`) of every module the spec targets, checkpoint order."""
     entries = list(module_entries(config))
     matched: set[str] = set()
     for target in spec.target_modules:

@@ -370,7 +370,8 @@ def test_broken_adapter_directories_raise_clearly(config, saved_adapter, tmp_pat
         "missing_field": meta_edit(base_fingerprint=None),
         "bad_rank": meta_edit(r=-1),
         "no_tensors": lambda d: shutil.rmtree(d / "lora"),
-        "other_targets": meta_edit(target_modules=["model.layers.{i}.self_attn.q_proj", "model.mm_projector.readout.0"]),
+        "other_targets": meta_edit(target_modules=["model.layers.{i}.self_attn.q_proj",
+                                                   "model.mm_projector.readout.0"]),
     }
     path = tmp_path / "missing" if edits[case] is None else _broken_copy(saved_adapter, tmp_path / case, edits[case])
     model = new_model(config)
