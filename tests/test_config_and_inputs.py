@@ -82,3 +82,13 @@ def test_placeholder_count_must_equal_kept_features():
         jm(np.asarray([[1] + [VIDEO_ID] * 24]), pix, [[4, 4, 6]], [2], compression_mask=np.ones(7, bool))
     with pytest.raises(InputError, match="no pixel_values"):
         jm(np.asarray([[1, VIDEO_ID]]))
+
+
+def test_eager_entry_points_refuse_lora_dropout():
+    import jax
+
+    from cogstream_jax.model.layers import lora_dropout
+
+    _, jm = reference_pair()
+    with lora_dropout(jax.random.PRNGKey(0)), pytest.raises(RuntimeError, match="lora_dropout"):
+        jm(np.asarray([[1, 2, 3]]))

@@ -19,7 +19,7 @@ from flax import nnx, struct
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import InputError
 from cogstream_jax.model.attention import Impl
-from cogstream_jax.model.layers import Linear
+from cogstream_jax.model.layers import Linear, active_dropout_key
 from cogstream_jax.model.qwen2 import KVCache, Qwen2Model
 from cogstream_jax.model.vision import Projector, VisionEncoder, VisualLayout
 
@@ -132,9 +132,17 @@ def _jit_forward(graphdef, state, input_ids, pixel_values, compression_mask, att
                          logits_positions=logits_positions)
 
 
+def refuse_dropout() -> None:
+    """The eager entry points run cached jits: a `lora_dropout` key would be ignored silently, so refuse it."""
+    if active_dropout_key() is not None:
+        raise RuntimeError("lora_dropout is only honoured inside your own traced call of `model.forward`; the "
+                           "eager model(...) / generate entry points are deterministic")
+
+
 def check_inputs(config: ModelConfig, input_ids: np.ndarray, pixel_values, grid_sizes, merge_sizes,
                  compression_mask) -> tuple[VisualLayout | None, int | None]:
     """Host-side consistency checks with messages naming the tensor at fault; returns the static metadata."""
+    refuse_dropout()
     n_slots = int(np.isin(input_ids, config.placeholder_ids).sum())
     if pixel_values is None:
         if n_slots:
