@@ -136,13 +136,13 @@ def make_qa_grad(graphdef, *, options: StepOptions, accumulation: int, state_sha
 
 
 def make_apply(tx: optax.GradientTransformation, lr_schedule: Callable, *, state_sharding: TrainState, mesh: Mesh):
-    """jit(apply)(state, grads) -> (state, metrics): one optimiser update; state and grads donated."""
+    """jit(apply)(state, grads) -> (state, metrics): one optimiser update; the state is donated."""
     def apply(state: TrainState, grads):
         metrics = {"grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
         return _update(state, grads, tx), metrics
 
     return jax.jit(apply, in_shardings=(state_sharding, state_sharding.params),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0, 1))
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
 
 
 def add_grads(a, b):

@@ -1,0 +1,104 @@
+"""Resumable training checkpoints with orbax: LoRA params, optimiser state, step, RNG and the grain iterator.
+
+Items of one step directory: `state` (every TrainState leaf, stored flat as `leaf_00000`... so odd pytree keys
+never reach orbax), `meta` (JSON: leaf paths for validation, run fingerprint, metrics) and `data` (grain
+iterator state, one file per process). Saves are asynchronous; `keep_last` old steps are kept. Restores go
+onto abstract targets that carry the CURRENT mesh's shardings, so a checkpoint written on one mesh restores on
+any other (topology-agnostic).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from cogstream_jax.errors import ConfigError, WeightError
+from cogstream_jax.training.state import TrainState
+
+
+class CheckpointError(WeightError):
+    """A training checkpoint is missing, unreadable or does not match this run."""
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {f"leaf_{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
+
+
+class TrainCheckpointer:
+    """`CheckpointManager` over `directory` (created on first save)."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, *, data_iterator: Any = None, meta: dict | None = None) -> int:
+        """Start saving at the state's step (returns it); data iterator state is captured now."""
+        step = int(jax.device_get(state.step))
+        items = {"state": ocp.args.StandardSave(_flat(state)),
+                 "meta": ocp.args.JsonSave({"leaf_paths": _leaf_paths(state), **(meta or {})})}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        return step
+
+    def read_meta(self, step: int) -> dict:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises assorted types for damaged directories
+            raise CheckpointError(f"{self.directory / str(step)}: unreadable checkpoint metadata ({_short(e)})") from None
+
+    def restore(self, template: TrainState, shardings: TrainState, *, step: int | None = None,
+                data_iterator: Any = None) -> TrainState:
+        """Restore `step` (default latest) onto the current mesh; `template` gives structure, shapes and dtypes."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"--resume: no checkpoint found in {self.directory}")
+        meta = self.read_meta(step)
+        expected = _leaf_paths(template)
+        if meta.get("leaf_paths") != expected:
+            raise CheckpointError(f"{self.directory / str(step)}: field 'meta.leaf_paths' does not match this run's "
+                                  "train state (another adapter, model or optimiser?)")
+        leaves, treedef = jax.tree.flatten(template)
+        sh_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        if len(sh_leaves) != len(leaves):  # shardings given as a prefix tree: broadcast it
+            sh_leaves = jax.tree.leaves(jax.tree.map(lambda s, _: s, shardings, template,
+                                                     is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)))
+        abstract = {f"leaf_{i:05d}": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                    for i, (x, s) in enumerate(zip(leaves, sh_leaves))}
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore the train state ({_short(e)})") from None
+        flat = restored["state"]
+        return jax.tree.unflatten(treedef, [flat[f"leaf_{i:05d}"] for i in range(len(leaves))])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"

@@ -1,0 +1,72 @@
+"""Operability: a progress bar (loss, lr, tokens/s, ETA), JSONL metrics, TensorBoard when installed.
+
+Only process 0 writes; metrics files are appended line by line (one JSON object per update), so a resumed
+run continues the same file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+
+
+def _tensorboard_writer(directory: pathlib.Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+    except Exception:
+        return None
+    return SummaryWriter(str(directory / "tensorboard"))
+
+
+class Progress:
+    """Update-level reporting; `update(step, metrics)` once per optimiser update."""
+
+    def __init__(self, output_dir: str | os.PathLike, total_steps: int, start_step: int = 0, *, show_bar: bool = True,
+                 desc: str = "train"):
+        self.enabled = jax.process_index() == 0  # metrics.jsonl always; the bar only when `show_bar`
+        self.total = total_steps
+        self.start_step = start_step
+        self.started = time.perf_counter()
+        self.metrics_path = pathlib.Path(output_dir) / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            self.bar = None if not show_bar else tqdm(total=total_steps, initial=start_step, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                            mininterval=0.5)
+            self.tb = _tensorboard_writer(self.metrics_path.parent)
+
+    def update(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        """Record metrics of update `step` (1-based count of updates done); returns the host floats."""
+        values = {k: float(v) for k, v in metrics.items()}
+        elapsed = time.perf_counter() - self.started
+        done = max(step - self.start_step, 1)
+        values["tokens_per_s"] = values.get("tokens_total", 0.0) / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * max(self.total - step, 0)
+        if not self.enabled:
+            return values
+        record = {"step": step, **{k: round(v, 8) for k, v in values.items()}, "time": round(time.time(), 3)}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+        if self.bar is None:
+            return values
+        self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{values.get('lr', 0.0):.2e}",
+                             tok_s=f"{values['tokens_per_s']:.0f}", eta=f"{eta:.0f}s", refresh=False)
+        self.bar.update(step - self.bar.n)
+        return values
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,147 @@
+"""What both stage CLIs share: flags, the resolved run config (printed and saved), model/tokenizer loading,
+the optional quantized frozen base, and the final adapter export."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cogstream_jax.cli_utils import ArgumentParser
+from cogstream_jax.config import tiny
+from cogstream_jax.errors import ConfigError
+from cogstream_jax.reference_files import bundled_model_dir
+from cogstream_jax.training.distributed import DistributedConfig, is_primary, maybe_initialize
+
+QUANT_TYPES = {"int8": "int8", "nf4": "nf4"}
+TOKENIZER_MARKERS = ("tokenizer_config.json",)
+CONFIG_FILE = "train_config.json"
+
+
+def build_common_parser(description: str) -> ArgumentParser:
+    p = ArgumentParser(description=description)
+    p.add_argument("--model_path", required=True,
+                   help="HF VideoLLaMA3 folder (either layout), our orbax folder, or 'tiny' (random tiny model)")
+    p.add_argument("--output_dir", required=True, help="checkpoints, metrics.jsonl, train_config.json, adapter/")
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes, e.g. '2,4,1' or 'data=2,fsdp=4' "
+                                                    "(-1 = the remaining devices)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many updates (schedule unchanged)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--lora_alpha", type=float, default=16.0)
+    p.add_argument("--lora_dropout", type=float, default=0.1)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="frozen base dtype")
+    p.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
+    p.add_argument("--remat", action="store_true", help="rematerialise decoder layers in the backward pass")
+    p.add_argument("--base_quant", default="none", choices=["none", *QUANT_TYPES],
+                   help="quantize the frozen base kernels with qwix (QLoRA numerics)")
+    p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N updates")
+    p.add_argument("--keep_last", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--coordinator_address", default=None, help="multi-host: host:port of process 0")
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    return p
+
+
+def start(args: argparse.Namespace) -> None:
+    """Distributed init (guarded) and sanity checks of the common flags."""
+    maybe_initialize(DistributedConfig.from_env(args.coordinator_address, args.num_processes, args.process_id))
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max_steps must be >= 1, got {args.max_steps}")
+
+
+def dtype_of(name: str | None, default: Any = jnp.float32) -> Any:
+    return default if name is None else jnp.dtype(name)
+
+
+def load_model(args: argparse.Namespace, mesh) -> tuple[nnx.Module, pathlib.Path]:
+    """(model, folder with the tokenizer/processor files)."""
+    param_dtype = dtype_of(args.dtype)
+    compute = dtype_of(args.compute_dtype, param_dtype)
+    if args.model_path == "tiny":
+        from cogstream_jax.model.videollama3 import VideoLlama3
+
+        model = VideoLlama3(tiny(), rngs=nnx.Rngs(args.seed), param_dtype=param_dtype, dtype=compute)
+        return model, bundled_model_dir()
+    from cogstream_jax.weights.loader import load_pretrained
+
+    model = load_pretrained(args.model_path, dtype=args.dtype, mesh=mesh, compute_dtype=args.compute_dtype)
+    folder = pathlib.Path(args.model_path)
+    if not all((folder / m).is_file() for m in TOKENIZER_MARKERS):
+        print(f"note: {folder} has no tokenizer files; using the bundled VideoLLaMA3 tokenizer", file=sys.stderr)
+        folder = bundled_model_dir()
+    return model, folder
+
+
+def quantize_base(model: nnx.Module, qtype: str) -> int:
+    """Replace every frozen 2-D Linear kernel by its qwix quantize->dequantize round trip (per output channel).
+
+    This reproduces the numerics of a QLoRA base (weights seen through int8 / NF4), not its memory savings:
+    the dequantized kernels are stored in the base dtype. Returns the number of kernels quantized.
+    """
+    if qtype == "none":
+        return 0
+    try:
+        import qwix
+    except ImportError:
+        raise ConfigError("--base_quant needs the 'qwix' package (pip install qwix==0.1.8)") from None
+    from cogstream_jax.model.layers import Linear
+
+    count = 0
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Linear):
+            kernel = module.kernel[...]
+            q = qwix.quantize(kernel.astype(jnp.float32), QUANT_TYPES[qtype], channelwise_axes=(1,),
+                              **({"tiled_axes": {0: 64}} if qtype == "nf4" and kernel.shape[0] % 64 == 0 else {}))
+            deq = qwix.dequantize(q).astype(kernel.dtype)
+            module.kernel.set_value(jax.device_put(deq, kernel.sharding))
+            count += 1
+    return count
+
+
+def resolved_config(args: argparse.Namespace, **derived: Any) -> dict[str, Any]:
+    config = {k: v for k, v in sorted(vars(args).items())}
+    config.update(derived)
+    config["jax"] = {"devices": jax.device_count(), "processes": jax.process_count(), "backend": jax.default_backend()}
+    return config
+
+
+def announce_config(output_dir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Print the resolved config and save it atomically as train_config.json (process 0)."""
+    if not is_primary():
+        return
+    text = json.dumps(config, indent=2, default=str)
+    print(text, file=sys.stderr)
+    directory = pathlib.Path(output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, directory / CONFIG_FILE)
+
+
+def export_adapter(model: nnx.Module, adapter: str, output_dir: str | os.PathLike) -> pathlib.Path | None:
+    """The final adapter in the adapter directory format (single-process runs; see docs/fidelity/training.md)."""
+    if jax.process_count() > 1:
+        print("note: multi-process run: the adapter directory is not written; the last checkpoint in "
+              f"{output_dir}/checkpoints holds the LoRA params", file=sys.stderr)
+        return None
+    from cogstream_jax.adapter_io import save_adapter
+
+    return save_adapter(model, adapter, pathlib.Path(output_dir) / "adapter")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+    steps_done: int
+    exit_code: int
+    last_loss: float | None

@@ -1,0 +1,112 @@
+"""Stage 1 (Historic Dialogue Retrieval) training run: data, batch geometry, the accumulating step, the loop.
+
+Global batch = `global_batch_size` items (official 8 devices x 1 item x accumulation 4 = 32), split into
+micro-batches of `micro_batch_size` items (default: one item per data-parallel device) that the jitted step
+scans over. Each process reads its own items (grain shard by process) and pads to the length all hosts agree on.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import grain
+import jax
+import numpy as np
+
+from cogstream_jax import lora
+from cogstream_jax.data.dataset import load_dataset
+from cogstream_jax.data.pipelines import Stage1Config, stage1_dataset
+from cogstream_jax.data.processor_config import load_tokenizer
+from cogstream_jax.data.selection import allowed_token_ids
+from cogstream_jax.data.stage1 import MAX_SAMPLES_PER_ITEM, stage1_items
+from cogstream_jax.data.tokens import PAD_ID
+from cogstream_jax.errors import ConfigError
+from cogstream_jax.sharding import make_mesh
+from cogstream_jax.training import distributed, run_common
+from cogstream_jax.training.batching import pad_length, stage1_step_batch
+from cogstream_jax.training.loop import run_loop
+from cogstream_jax.training.losses import allowed_mask
+from cogstream_jax.training.optim import stage1_optim
+from cogstream_jax.training.setup import build_setup
+from cogstream_jax.training.step import StepOptions, batch_sharding, check_rows_divisible, data_parallel_size
+
+POSITION_MULTIPLE = 16
+MIN_POSITIONS = 32  # stage-1 targets are short ("[yes,0,5]<|im_end|>"): one static size avoids retraces
+BUCKET_CANDIDATES = (512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+def length_buckets(max_length: int) -> tuple[int, ...]:
+    """Padded lengths: the standard ones below max_length, then max_length itself (few distinct shapes)."""
+    return tuple(b for b in BUCKET_CANDIDATES if b < max_length) + (max_length,)
+
+
+def dataset_root(qa_path: str) -> str:
+    """--QA_path may name the dataset root or its QA_Dataset folder."""
+    import pathlib
+
+    path = pathlib.Path(qa_path)
+    return str(path.parent if path.name == "QA_Dataset" else path)
+
+
+def batch_geometry(args: argparse.Namespace, mesh) -> tuple[int, int]:
+    """(micro-batch items, accumulation steps), validated against the mesh and the process count."""
+    dp = data_parallel_size(mesh)
+    micro = args.micro_batch_size or dp
+    if args.global_batch_size < 1 or micro < 1:
+        raise ConfigError("--global_batch_size and --micro_batch_size must be >= 1")
+    if args.global_batch_size % micro:
+        raise ConfigError(f"--global_batch_size {args.global_batch_size} is not divisible by --micro_batch_size {micro}")
+    check_rows_divisible(micro * MAX_SAMPLES_PER_ITEM, mesh, f"micro-batch rows (4 per item x {micro} items)")
+    if micro % jax.process_count():
+        raise ConfigError(f"--micro_batch_size {micro} is not divisible by the {jax.process_count()} processes")
+    return micro, args.global_batch_size // micro
+
+
+def run(args: argparse.Namespace) -> int:
+    run_common.start(args)
+    mesh = make_mesh(args.mesh)
+    micro, accumulation = batch_geometry(args, mesh)
+    dataset = load_dataset(dataset_root(args.QA_path))
+    n_items = len(stage1_items(dataset))
+    total_steps = max(1, n_items * args.num_train_epochs // args.global_batch_size)
+    model, tokenizer_dir = run_common.load_model(args, mesh)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    allowed = allowed_mask(allowed_token_ids(tokenizer), model.config.text.vocab_size)
+    quantized = run_common.quantize_base(model, args.base_quant)
+    spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
+                         lora.language_module_spec(model.config).target_modules)
+    optim = stage1_optim(total_steps, args.learning_rate or 2e-4)
+    setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optim, mesh, seed=args.seed,
+                        options=StepOptions(remat=args.remat))
+    config = run_common.resolved_config(args, stage=1, items=n_items, total_steps=total_steps,
+                                        micro_batch_items=micro, accumulation_steps=accumulation,
+                                        warmup_steps=optim.warmup_steps, quantized_kernels=quantized,
+                                        mesh_shape=dict(mesh.shape))
+    run_common.announce_config(args.output_dir, config)
+
+    shard = grain.sharding.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True)
+    local_items = args.global_batch_size // jax.process_count()
+    ds = stage1_dataset(dataset, tokenizer, Stage1Config(seed=args.seed, num_epochs=args.num_train_epochs,
+                                                         max_length=args.max_length, batch_size=local_items,
+                                                         buckets=length_buckets(args.max_length)), shard)
+    iterator = iter(ds)
+    step_fn = setup.accumulating_step(allowed)
+    rows = batch_sharding(mesh)
+
+    def update(state, it):
+        element = next(it)
+        if element["input_ids"].shape[0] != local_items:
+            raise StopIteration  # the tail of the last epoch does not fill a global batch
+        length = distributed.global_max(element["input_ids"].shape[-1])
+        element = pad_length(element, length, PAD_ID)
+        needed = int((np.asarray(element["labels"])[..., 1:] != -100).sum(-1).max())
+        positions = distributed.global_max(max(MIN_POSITIONS, math.ceil(needed / POSITION_MULTIPLE) * POSITION_MULTIPLE))
+        local = stage1_step_batch(element, accumulation, positions)
+        return step_fn(state, setup.frozen, distributed.to_global(local, rows))
+
+    result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
+                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps or total_steps,
+                      keep_last=args.keep_last, meta={"stage": 1}, show_progress=not args.no_progress, desc="stage1")
+    if result.exit_code == 0:
+        run_common.export_adapter(setup.model(), lora.LANGUAGE_MODULE, args.output_dir)
+    return result.exit_code

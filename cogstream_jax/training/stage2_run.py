@@ -1,0 +1,105 @@
+"""Stage 2 (video-text interleave reasoning) training run: one QA per forward over the growing conversation,
+one optimiser update per `accumulation` (4) QAs, a checkpoint every 30 updates (official cadence).
+
+Every process runs the same QA stream (batch 1 cannot be split over data-parallel devices); the mesh shards
+the model (fsdp / tensor) and the data axis only replicates. A trailing group of fewer than `accumulation` QAs at
+the very end of training is dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from cogstream_jax import lora
+from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR, load_dataset
+from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
+from cogstream_jax.data.processor import Processor
+from cogstream_jax.errors import ConfigError
+from cogstream_jax.sharding import make_mesh
+from cogstream_jax.training import run_common
+from cogstream_jax.training.loop import run_loop
+from cogstream_jax.training.optim import stage2_optim
+from cogstream_jax.training.setup import build_setup
+from cogstream_jax.training.stage2_batches import build_stage2_batch, event_compression_available
+from cogstream_jax.training.state import replicated
+from cogstream_jax.training.step import StepOptions, add_grads_jit
+
+
+def dataset_root(query_dir: str, video_dir: str) -> pathlib.Path:
+    """The dataset root holding QA_Dataset/ and event_segments/; linked together in a temp folder if the two
+    flags do not point at siblings with the standard names."""
+    query, video = pathlib.Path(query_dir).absolute(), pathlib.Path(video_dir).absolute()
+    for flag, path in (("--query_dir", query), ("--video_dir", video)):
+        if not path.is_dir():
+            raise ConfigError(f"{flag} {path}: folder not found")
+    if query.name == QA_DIR and video == query.parent / SEGMENTS_DIR:
+        return query.parent
+    root = pathlib.Path(tempfile.mkdtemp(prefix="cogstream-stage2-"))
+    os.symlink(query, root / QA_DIR)
+    os.symlink(video, root / SEGMENTS_DIR)
+    vqa = query.parent / VQA_DIR
+    if vqa.is_dir():
+        os.symlink(vqa, root / VQA_DIR)
+    return root
+
+
+def count_qas(dataset, config: Stage2Config) -> int:
+    """QAs the stream yields over all epochs (the chain draws are deterministic for the seed)."""
+    return sum(1 for _ in stage2_dataset(dataset, config))
+
+
+def run(args: argparse.Namespace) -> int:
+    run_common.start(args)
+    if args.num_epochs < 1:
+        raise ConfigError(f"--num_epochs must be >= 1, got {args.num_epochs}")
+    mesh = make_mesh(args.mesh)
+    dataset = load_dataset(dataset_root(args.query_dir, args.video_dir))
+    data_config = Stage2Config(seed=args.seed, num_epochs=args.num_epochs, fps=args.fps, max_frames=args.max_frames)
+    total_qas = count_qas(dataset, data_config)
+    total_steps = max(1, total_qas // args.gradient_accumulation_steps)
+    model, tokenizer_dir = run_common.load_model(args, mesh)
+    processor = Processor.from_pretrained(tokenizer_dir, cache_frames=True)
+    quantized = run_common.quantize_base(model, args.base_quant)
+    events = args.event_compression and event_compression_available()
+    if args.event_compression and not events:
+        print("note: event compression (cogstream_jax.inference.events) is not available in this build; "
+              "stage 2 trains with DiffFP only", file=sys.stderr)
+    spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
+                         lora.full_module_spec(model.config).target_modules)
+    optim = stage2_optim(args.num_epochs, len(dataset.videos), args.learning_rate or 1e-4)
+    setup = build_setup(model, lora.FULL_MODULE, spec, optim, mesh, seed=args.seed,
+                        options=StepOptions(remat=args.remat))
+    config = run_common.resolved_config(args, stage=2, videos=len(dataset.videos), qas=total_qas,
+                                        total_steps=total_steps, t_max=optim.total_steps,
+                                        event_compression_active=events, quantized_kernels=quantized,
+                                        mesh_shape=dict(mesh.shape))
+    run_common.announce_config(args.output_dir, config)
+
+    grad_fn, apply_fn = setup.qa_grad(args.gradient_accumulation_steps), setup.apply()
+    rep = replicated(mesh)
+
+    def update(state, it):
+        grads, losses, tokens = None, [], 0.0
+        for index in range(args.gradient_accumulation_steps):
+            batch = build_stage2_batch(next(it), processor)
+            arrays = {k: jax.device_put(v, rep) for k, v in batch.arrays.items()}
+            g, loss, count = grad_fn(state, setup.frozen, arrays, index, batch.layout, batch.num_kept)
+            grads = g if grads is None else add_grads_jit(grads, g)
+            losses.append(loss)
+            tokens += batch.answer_tokens
+        state, metrics = apply_fn(state, grads)
+        return state, {**metrics, "loss": float(np.mean([float(x) for x in losses])), "tokens": tokens}
+
+    iterator = iter(stage2_dataset(dataset, data_config))
+    result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
+                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps or 30,
+                      keep_last=args.keep_last, meta={"stage": 2}, show_progress=not args.no_progress, desc="stage2")
+    if result.exit_code == 0:
+        run_common.export_adapter(setup.model(), lora.FULL_MODULE, args.output_dir)
+    return result.exit_code
