@@ -10,7 +10,6 @@ the same resize/normalise/patchify. Also timed: the official pipeline's FFmpeg f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -19,11 +18,14 @@ import tempfile
 import time
 from fractions import Fraction
 
-import av
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cogstream_jax.data.image import compute_resize, frames_to_patches
-from cogstream_jax.data.video import decode_plan, plan_clip, probe_video
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import emit  # noqa: E402
+from cogstream_jax.data.image import compute_resize, frames_to_patches  # noqa: E402
+from cogstream_jax.data.video import decode_plan, plan_clip, probe_video  # noqa: E402
 
 SECONDS, FPS, WIDTH, HEIGHT = 180, 30, 640, 360
 
@@ -145,18 +147,13 @@ def main(argv=None) -> int:
     labels = {"ours": "ours (decode kept frames)", "all": "decode every frame", "graph": "official ffmpeg graph"}
     for name, label in labels.items():
         print(f"{label:28s} median {med[name]:.3f} s  runs {[round(x, 3) for x in times[name]]}", file=sys.stderr)
-    print(json.dumps({
-        "bench": "decode",
-        "value": round(med["all"] / med["ours"], 3),
-        "unit": "speedup (decode every frame / ours), median",
-        "video": path.name, "source_frames": source_frames, "kept_frames": kept, "runs": args.runs,
-        "ours_s": round(med["ours"], 4), "decode_all_s": round(med["all"], 4), "ffmpeg_graph_s": round(med["graph"], 4),
-        "ours_source_fps": round(source_frames / med["ours"], 1),
-        "decode_all_source_fps": round(source_frames / med["all"], 1),
-        "ours_kept_fps": round(kept / med["ours"], 1), "decode_all_kept_fps": round(kept / med["all"], 1),
-        "speedup_vs_ffmpeg_graph": round(med["graph"] / med["ours"], 3),
-        "identical_pixels": identical,
-    }))
+    emit("decode", med["all"] / med["ours"],
+         unit="speedup (decode every frame / ours), median", video=path.name, source_frames=source_frames,
+         kept_frames=kept, runs=args.runs, ours_s=round(med["ours"], 4), decode_all_s=round(med["all"], 4),
+         ffmpeg_graph_s=round(med["graph"], 4), ours_source_fps=round(source_frames / med["ours"], 1),
+         decode_all_source_fps=round(source_frames / med["all"], 1), ours_kept_fps=round(kept / med["ours"], 1),
+         decode_all_kept_fps=round(kept / med["all"], 1),
+         speedup_vs_ffmpeg_graph=round(med["graph"] / med["ours"], 3), identical_pixels=identical)
     return 0
 
 

@@ -182,6 +182,11 @@ def test_bad_video_item_names_the_field(processor):
     zero_fps = [{"role": "user", "content": [{"type": "video", "video": {"video_path": "x.mp4", "fps": 0}}]}]
     with pytest.raises(DataError, match=r"content\[0\]\.video\.fps"):
         processor(conversation=zero_fps)
+    no_path = [{"role": "user", "content": [{"type": "video", "video": {"fps": 1}}]}]
+    with pytest.raises(DataError, match=r"content\[0\]\.video\.video_path"):
+        processor(conversation=no_path)
+    with pytest.raises(ConfigError, match="decoder"):
+        Processor(processor.tokenizer, decoder="opencv")
 
 
 @pytest.mark.parametrize("missing", ["vocab.json", "tokenizer_config.json"])

@@ -24,8 +24,8 @@ from cogstream_jax.data.image import (
 )
 from cogstream_jax.data.processor_config import ProcessorSettings, load_settings, load_tokenizer
 from cogstream_jax.data.template import expand_image_tokens, item_kind, render_conversation, tokens_per_frame
-from cogstream_jax.data.video import ClipPlan, VideoClip, VideoProbe, decode_plan, plan_stream
-from cogstream_jax.errors import DataError, InputError, VideoError
+from cogstream_jax.data.video import DECODERS, ClipPlan, VideoClip, VideoProbe, decode_plan, plan_stream
+from cogstream_jax.errors import ConfigError, DataError, InputError, VideoError
 
 VIDEO_ARGS = {"video_path", "fps", "max_frames"}
 
@@ -66,6 +66,8 @@ class Processor:
 
     def __init__(self, tokenizer, settings: ProcessorSettings = ProcessorSettings(), *,
                  faithful_image_swap: bool = False, decoder: str = "pyav", cache_frames: bool = False):
+        if decoder not in DECODERS:
+            raise ConfigError(f"decoder: expected one of {', '.join(DECODERS)}, got {decoder!r}")
         self.tokenizer = tokenizer
         self.settings = settings
         self.faithful_image_swap = faithful_image_swap
@@ -87,8 +89,8 @@ class Processor:
         unknown = sorted(set(args) - VIDEO_ARGS)
         if unknown:
             raise DataError(f"{where}.video: unsupported field(s) {unknown} (supported: {sorted(VIDEO_ARGS)})")
-        if "video_path" not in args:
-            raise DataError(f"{where}.video: missing field 'video_path'")
+        if not isinstance(args.get("video_path"), (str, os.PathLike)):
+            raise DataError(f"{where}.video.video_path: expected a file path, got {args.get('video_path')!r}")
         fps = args.get("fps", self.settings.fps)
         max_frames = args.get("max_frames", self.settings.max_frames)
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
