@@ -12,7 +12,7 @@ import dataclasses
 import os
 import pathlib
 import uuid
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -83,6 +83,7 @@ def check_against_config(adapter: AdapterTensors, config: ModelConfig, base: str
         raise AdapterError(f"{adapter.source}: adapter for a different base (base_fingerprint "
                            f"{adapter.base_fingerprint}, {base} has {fingerprint})")
     modules = modules_by_name(config, "original")
+    shapes = linear_shapes(config)
     unknown, not_linear, mismatched = [], [], []
     for name, (a, b) in adapter.tensors.items():
         entry = modules.get(name)
@@ -92,7 +93,7 @@ def check_against_config(adapter: AdapterTensors, config: ModelConfig, base: str
         if entry.kind not in LINEAR_KINDS:
             not_linear.append(name)
             continue
-        in_f, out_f = _linear_shape(config, entry)
+        in_f, out_f = shapes[entry.our_module]
         want_a, want_b = (in_f, adapter.rank), (adapter.rank, out_f)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
             mismatched.append(f"{name}: A {tuple(a.shape)} B {tuple(b.shape)}, {base} needs A {want_a} B {want_b}")
@@ -107,28 +108,29 @@ def check_against_config(adapter: AdapterTensors, config: ModelConfig, base: str
         raise AdapterError(f"{adapter.source}: " + " | ".join(problems))
 
 
-def _linear_shape(config: ModelConfig, entry: ModuleEntry) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear module, from the abstract model's kernel shape."""
-    return linear_shapes(config)[entry.our_module]
+_ABSTRACT_CACHE: dict[str, Any] = {}
 
 
-_KERNEL_CACHE: dict[str, dict[str, tuple[int, int]]] = {}
+def abstract_for(config: ModelConfig):
+    """The fp32 model of `config` with shape-only leaves (allocates nothing, even for 7B); cached per config."""
+    key = config.fingerprint()
+    if key not in _ABSTRACT_CACHE:
+        import jax.numpy as jnp
+
+        from cogstream_jax.weights.loader import abstract_model
+
+        _ABSTRACT_CACHE[key] = abstract_model(config, jnp.float32, jnp.float32)
+    return _ABSTRACT_CACHE[key]
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Our module path -> (in_features, out_features) of every Linear, from the abstract model (cached)."""
-    key = config.fingerprint()
-    if key not in _KERNEL_CACHE:
-        import jax.numpy as jnp
-        from flax import nnx
+    """Our module path -> (in_features, out_features) of every Linear, from the abstract model."""
+    from flax import nnx
 
-        from cogstream_jax.model.layers import Linear
-        from cogstream_jax.weights.loader import abstract_model
+    from cogstream_jax.model.layers import Linear
 
-        model = abstract_model(config, jnp.float32, jnp.float32)  # shapes only, even for 7B
-        _KERNEL_CACHE[key] = {".".join(str(p) for p in path): tuple(mod.kernel.shape)
-                              for path, mod in nnx.iter_modules(model) if isinstance(mod, Linear)}
-    return _KERNEL_CACHE[key]
+    return {".".join(str(p) for p in path): tuple(mod.kernel.shape)
+            for path, mod in nnx.iter_modules(abstract_for(config)) if isinstance(mod, Linear)}
 
 
 def _few(names: list[str], n: int = 5) -> str:

@@ -19,10 +19,10 @@ from flax import nnx
 
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import ConfigError, WeightError
-from cogstream_jax.lora_tensors import AdapterTensors, check_against_config
+from cogstream_jax.lora_tensors import AdapterTensors, abstract_for, check_against_config
 from cogstream_jax.weights.assign import param_leaves
 from cogstream_jax.weights.keys import Layout, TensorEntry, detect_layout, hf_key_table
-from cogstream_jax.weights.loader import abstract_model, check_headers
+from cogstream_jax.weights.loader import check_headers
 from cogstream_jax.weights.safetensors_io import INDEX_NAME, Checkpoint, TensorSpec, read_tensor, write_checkpoint, \
     write_json_atomic
 
@@ -34,9 +34,15 @@ _NOT_COPIED = ("config.json", INDEX_NAME, "adapter_config.json")
 
 
 def merged_weight(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
-    """W [out, in] + scale * (A [in, r] @ B [r, out]).T, in fp32 (the caller casts)."""
-    delta = (np.asarray(a, np.float32) @ np.asarray(b, np.float32)).T
-    return weight.astype(np.float32) + np.float32(scale) * delta
+    """W [out, in] + scale * (A [in, r] @ B [r, out]).T, in fp32 (the caller casts).
+
+    The delta is formed directly as B.T @ A.T, contiguous in W's [out, in] order (a transposed add is ~7x slower).
+    """
+    delta = np.asarray(b, np.float32).T @ np.asarray(a, np.float32).T
+    delta *= np.float32(scale)
+    merged = weight.astype(np.float32)  # always a fresh array: the read buffer is not modified
+    merged += delta
+    return merged
 
 
 def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output_dir: str | os.PathLike,
@@ -58,7 +64,7 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
     check_against_config(adapter, config, base=f"the base model {model_path}")
     checkpoint = Checkpoint(model_path)
     source_table = hf_key_table(config, detect_layout(checkpoint.keys()))
-    _, state = nnx.split(abstract_model(config, jnp.float32, jnp.float32))
+    _, state = nnx.split(abstract_for(config))
     check_headers(checkpoint.path, source_table, param_leaves(state), checkpoint.tensors)
     source_key = {(e.module.our_module, e.our_leaf): key for key, e in source_table.items()}
     target_table = hf_key_table(config, layout)
