@@ -175,7 +175,7 @@ def read_adapter_dir(directory: str | os.PathLike) -> AdapterTensors:
         raise AdapterError(f"{tensor_dir}: missing LoRA tensor checkpoint")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.restore(tensor_dir)
+            tree = checkpointer.restore(tensor_dir, _host_target(checkpointer.metadata(tensor_dir).item_metadata.tree))
     except Exception as e:  # orbax raises assorted types for damaged checkpoints
         raise AdapterError(f"{tensor_dir}: unreadable LoRA checkpoint: {e}") from None
     flat = adapter_io._from_tree(tree)  # noqa: SLF001 - the directory layout is owned by adapter_io
@@ -186,6 +186,15 @@ def read_adapter_dir(directory: str | os.PathLike) -> AdapterTensors:
         tensors[name] = (np.asarray(a), np.asarray(b))
     check_rank(tensors, meta.spec.r, str(directory / adapter_io.META_FILE), "r")
     return AdapterTensors(meta.spec, tensors, meta.base_fingerprint, str(directory))
+
+
+def _host_target(metadata_tree):
+    """Restore every stored array onto this process's first device, whatever mesh it was saved from (an adapter
+    trained on 8 accelerators converts on a 1-CPU machine)."""
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata_tree)
 
 
 def write_adapter_dir(adapter: AdapterTensors, name: str, directory: str | os.PathLike,

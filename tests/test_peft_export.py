@@ -176,3 +176,27 @@ def test_7b_adapter_names_and_shapes_match_the_official_recipe():
     with pytest.raises(lora.AdapterError, match="adapter for a different base"):
         check_against_config(AdapterTensors(spec, {n: (np.zeros((64, 8)), np.zeros((8, 64))) for n in names},
                                             None, "tiny"), config)
+
+
+def test_adapter_saved_on_a_mesh_converts_on_a_single_device(ours, tmp_path):
+    """Adapters come from multi-device training; the conversion machine may have one CPU device."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from cogstream_jax.sharding import make_mesh, shard_model
+
+    sharded = fresh_ours()
+    shard_model(sharded, make_mesh("data=2,fsdp=2,tensor=2"))
+    lora.add_adapter(sharded, lora.FULL_MODULE, lora.full_module_spec(sharded.config))
+    lora.set_adapter_tensors(sharded, lora.FULL_MODULE, lora.adapter_tensors(ours, lora.FULL_MODULE))
+    adapter_io.save_adapter(sharded, lora.FULL_MODULE, tmp_path / "ours")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "convert.lora_to_peft", "--adapter_dir", str(tmp_path / "ours"),
+                           "--output_dir", str(tmp_path / "peft")], capture_output=True, text=True, env=env,
+                          cwd=str(pathlib.Path(__file__).resolve().parents[1]), timeout=300)
+    assert done.returncode == 0, done.stderr
+    a, _ = lora.adapter_tensors(ours, lora.FULL_MODULE)["model.layers.0.self_attn.q_proj"]
+    got = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    np.testing.assert_array_equal(got["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].numpy(), a.T)
