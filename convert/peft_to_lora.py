@@ -42,7 +42,7 @@ def base_config(model_path: str | None, adapter_dir: str, adapter_name: str):
         named = None
     if isinstance(named, str) and os.path.isfile(os.path.join(named, "config.json")):
         return ModelConfig.from_hf_config(named), named
-    return videollama3_7b(), "VideoLLaMA3-7B"
+    return videollama3_7b(), "VideoLLaMA3-7B by default; pass --model_path for another base"
 
 
 def convert(adapter_dir: str, adapter_name: str, output_dir: str, model_path: str | None) -> None:
