@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from cogstream_jax.inference.kmeans import (kmeans_pp_indices, loop_key_for, num_events, reseed_indices,
+from cogstream_jax.inference.kmeans import (frame_gram, kmeans_pp_indices, loop_key_for, num_events, reseed_indices,
                                             time_kmeans)
 
 
@@ -99,8 +99,8 @@ def test_representatives_take_all_members_of_small_clusters():
 
 def test_kmeans_pp_is_seeded_and_spreads_centres():
     x, _ = _stream()
-    a = np.asarray(kmeans_pp_indices(jax.random.PRNGKey(3), x, 5))
-    b = np.asarray(kmeans_pp_indices(jax.random.PRNGKey(3), x, 5))
+    a = np.asarray(kmeans_pp_indices(jax.random.PRNGKey(3), frame_gram(x), 5))
+    b = np.asarray(kmeans_pp_indices(jax.random.PRNGKey(3), frame_gram(x), 5))
     np.testing.assert_array_equal(a, b)
     assert len(set((a // 12).tolist())) >= 4  # well separated events: centres land in different events
     assert num_events(135) == 9 and num_events(136) == 10 and num_events(180) == 12
