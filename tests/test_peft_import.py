@@ -71,6 +71,8 @@ def test_peft_adapter_imports_and_reproduces_peft_logits(peft_saved, tmp_path, c
     assert code == 0, err
     model = fresh_ours()
     assert adapter_io.load_adapter(model, tmp_path / "ours") == lora.FULL_MODULE
+    tensors = lora.adapter_tensors(model, lora.FULL_MODULE)
+    assert len(tensors) == 16 and all(np.count_nonzero(t) == t.size for pair in tensors.values() for t in pair)
     lora.set_adapter(model, lora.FULL_MODULE)
     got = our_logits(model)
     assert np.abs(got - expected).max() <= 1e-4
