@@ -9,9 +9,11 @@ any tensor is read, so a 7B export needs about one tensor of host memory. The ke
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +25,11 @@ from cogstream_jax.lora_tensors import AdapterTensors, abstract_for, check_again
 from cogstream_jax.weights.assign import param_leaves
 from cogstream_jax.weights.keys import Layout, TensorEntry, detect_layout, hf_key_table
 from cogstream_jax.weights.loader import check_headers
-from cogstream_jax.weights.safetensors_io import INDEX_NAME, Checkpoint, TensorSpec, read_tensor, write_checkpoint, \
-    write_json_atomic
+from cogstream_jax.weights.safetensors_io import (INDEX_NAME, SINGLE_NAME, Checkpoint, TensorSpec, plan_shards,
+                                                 read_header, read_tensor, write_file, write_json_atomic)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+SIGNATURE_METADATA = "cogstream_jax.merged_export"
 OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
 #: base-folder files copied along (tokenizer, processor, generation settings), never weights or config.json
 _SIDE_FILE_SUFFIXES = (".json", ".txt", ".py", ".model", ".jinja", ".gz")
@@ -47,10 +50,12 @@ def merged_weight(weight: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float
 
 def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output_dir: str | os.PathLike,
                   layout: Layout = "original", dtype: str | None = None,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                  on_skip: Callable[[str], None] | None = None) -> list[str]:
     """Write config.json + (sharded) safetensors of base + merged adapter; returns the weight file names.
 
-    `dtype`: "float32" | "bfloat16" output dtype; default keeps each base tensor's dtype.
+    `dtype`: "float32" | "bfloat16" output dtype; default keeps each base tensor's dtype. Resumable: shards that
+    an interrupted run of the same export already completed are kept (`on_skip(name)` is told about each).
     """
     model_path, output_dir = os.fspath(model_path), os.fspath(output_dir)
     if layout not in ("original", "native"):
@@ -83,13 +88,70 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
         return tensor.astype(spec.dtype, copy=False)
 
     os.makedirs(output_dir, exist_ok=True)
-    files = write_checkpoint(output_dir, specs, produce, max_shard_bytes)
+    signature = _signature(checkpoint, adapter, layout, specs, max_shard_bytes)
+    files = write_shards_resumably(output_dir, specs, produce, max_shard_bytes, signature, on_skip)
     hf_config = config.to_hf_config(layout)
     written = {str(s.dtype) for s in specs}
     hf_config["torch_dtype" if layout == "original" else "dtype"] = written.pop() if len(written) == 1 else "float32"
     write_json_atomic(os.path.join(output_dir, "config.json"), hf_config)
     _copy_side_files(model_path, output_dir)
     return files
+
+
+def _signature(checkpoint: Checkpoint, adapter: AdapterTensors, layout: str, specs: list[TensorSpec],
+               max_shard_bytes: int) -> str:
+    """What makes two exports identical: base files (name, size, mtime), adapter bytes and scale, output plan."""
+    digest = hashlib.sha256(json.dumps([layout, max_shard_bytes, adapter.spec.scale,
+                                        [(s.name, s.shape, str(s.dtype)) for s in specs]]).encode())
+    for file in checkpoint.files:
+        stat = os.stat(file)
+        digest.update(f"{os.path.basename(file)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for name, (a, b) in sorted(adapter.tensors.items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+        digest.update(np.ascontiguousarray(b).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def write_shards_resumably(folder: str, specs: list[TensorSpec], produce, max_shard_bytes: int, signature: str,
+                           on_skip: Callable[[str], None] | None = None) -> list[str]:
+    """`write_checkpoint`'s files and naming, but a shard already written with the same `signature` (recorded in
+    its safetensors metadata) and the planned header is kept instead of being produced again."""
+    shards = plan_shards(specs, max_shard_bytes)
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    metadata = {"format": "pt", SIGNATURE_METADATA: signature}
+    for name, shard in zip(names, shards):
+        path = os.path.join(folder, name)
+        if _complete(path, shard, signature):
+            if on_skip is not None:
+                on_skip(name)
+            continue
+        write_file(path, shard, produce, metadata)
+    index_path = os.path.join(folder, INDEX_NAME)
+    if len(shards) > 1:
+        write_json_atomic(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                                       "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}})
+    for entry in os.listdir(folder):  # weights of an earlier, different export must not linger
+        weights = entry.startswith("model") and (entry.endswith(".safetensors") or ".safetensors.tmp" in entry)
+        if (weights and entry not in names) or (entry == INDEX_NAME and len(shards) == 1):
+            os.remove(os.path.join(folder, entry))
+    return names
+
+
+def _complete(path: str, shard: list[TensorSpec], signature: str) -> bool:
+    from cogstream_jax.peft_io import safetensors_metadata
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        header = read_header(path)
+        if safetensors_metadata(path).get(SIGNATURE_METADATA) != signature:
+            return False
+    except (WeightError, OSError, ValueError):
+        return False
+    return [(i.name, i.shape, i.dtype) for i in sorted(header.values(), key=lambda i: i.start)] == [
+        (s.name, tuple(s.shape), np.dtype(s.dtype)) for s in shard]
 
 
 def _adapted_pair(adapter: AdapterTensors, entry: TensorEntry) -> tuple[np.ndarray, np.ndarray] | None:

@@ -112,7 +112,7 @@ def read_peft_adapter(directory: str | os.PathLike, adapter_name: str | None = N
         spec = LoraSpec(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout", 0.0)), target_modules=tuple(tensors))
     except (AdapterError, TypeError, ValueError) as e:
         raise AdapterError(f"{folder / CONFIG_FILE}: invalid 'lora_alpha' / 'lora_dropout': {e}") from None
-    fingerprint = _safetensors_metadata(weights).get(FINGERPRINT_METADATA)
+    fingerprint = safetensors_metadata(weights).get(FINGERPRINT_METADATA)
     adapter = AdapterTensors(spec, tensors, fingerprint, str(folder))
     if config is not None:
         check_against_config(adapter, config, base)
@@ -172,7 +172,8 @@ def _check_targets_exist(targets: str | list[str], names: list[str], source: str
                            f"{', '.join(missing[:4])}")
 
 
-def _safetensors_metadata(path: pathlib.Path) -> dict[str, str]:
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` strings of a safetensors header (read_header validates the rest)."""
     import struct
 
     with open(path, "rb") as f:

@@ -5,7 +5,8 @@
 
 `--model_path`: safetensors checkpoint folder of either layout. `--adapter_dir`: our adapter directory or a PEFT
 folder. The output (config.json + shards + index, tokenizer files copied) loads in transformers (`--layout
-native`) and in `cogstream_jax.weights.loader.load_pretrained` (both layouts). Tensors stream one at a time.
+native`) and in `cogstream_jax.weights.loader.load_pretrained` (both layouts). Tensors stream one at a time;
+re-running an interrupted export keeps the shards it had completed.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 def export(args: argparse.Namespace) -> None:
     from cogstream_jax.merged_export import export_merged_from_dir
 
+    kept: list[str] = []
     files = export_merged_from_dir(args.model_path, args.adapter_dir, args.output_dir, args.adapter_name,
                                    layout=args.layout, dtype=args.dtype,
-                                   max_shard_bytes=parse_size(args.max_shard_size))
+                                   max_shard_bytes=parse_size(args.max_shard_size), on_skip=kept.append)
+    if kept:
+        print(f"resumed: kept {len(kept)} shard(s) an earlier run of this export completed", file=sys.stderr)
     print(f"wrote {args.output_dir}: {len(files)} safetensors file(s), {args.layout} layout, adapter merged",
           file=sys.stderr)
 

@@ -133,3 +133,34 @@ def test_bad_input_is_one_line(bases, adapted, tmp_path, capsys):
                                                  "--output-dir", out], capsys)
         assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
         assert out == bases["native"] or not out.exists()
+
+
+def test_interrupted_export_resumes_keeping_completed_shards(bases, adapted, tmp_path, capsys):
+    """Re-running keeps finished shards (same file, untouched) and writes only the missing or stale ones."""
+    _, lora_logits, ours, _ = adapted
+    out = tmp_path / "merged"
+    argv = ["--model_path", bases["native"], "--adapter_dir", ours, "--output_dir", out, "--layout", "native",
+            "--max_shard_size", "200KB"]
+    assert run_cli(export_merged.main, argv, capsys)[0] == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()  # as if the run had died while writing shard 2
+    (out / f"{shards[0].name}.tmp999").write_bytes(b"partial")
+    code, err = run_cli(export_merged.main, argv, capsys)
+    assert code == 0 and f"kept {len(shards) - 1} shard(s)" in err
+    assert {p.name: p.stat().st_mtime_ns for p in shards if p != shards[1]} == {
+        k: v for k, v in before.items() if k != shards[1].name}
+    assert shards[1].exists() and not (out / f"{shards[0].name}.tmp999").exists()
+    assert np.abs(our_logits(load_pretrained(out)) - lora_logits).max() <= 1e-4
+    # another adapter: nothing may be kept
+    other = tmp_path / "other_adapter"
+    model = load_pretrained(bases["native"])
+    lora.add_adapter(model, lora.FULL_MODULE, lora.full_module_spec(model.config))
+    randomize(model, lora.FULL_MODULE, seed=99)
+    adapter_io.save_adapter(model, lora.FULL_MODULE, other)
+    argv[3] = other
+    code, err = run_cli(export_merged.main, argv, capsys)
+    assert code == 0 and "kept" not in err
+    lora.set_adapter(model, lora.FULL_MODULE)
+    assert np.abs(our_logits(load_pretrained(out)) - our_logits(model)).max() <= 1e-4
