@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def measure(which: str, base: str, adapter: str, out: str, repeats: int) -> list
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)  # a fresh folder each time: our export would resume a finished one
         done = subprocess.run([sys.executable, "-m", "bench.merged_export", "--child", which, "--base", base,
                                "--adapter", adapter, "--out", out], capture_output=True, text=True, env=env,
                               check=True, cwd=root)
