@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from cogstream_jax.data.dataset import list_segments, zip_mapping
+from cogstream_jax.data.dataset import list_segments, read_json, zip_mapping
 from cogstream_jax.data.records import Chain, QARecord, parse_chains
 from cogstream_jax.errors import DataError, UserError
 from cogstream_jax.inference.session import StreamingSession
@@ -27,15 +27,6 @@ class VideoJob:
     qa_file: Path
     segments: tuple[Path, ...]
     chains: tuple[Chain, ...]
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
 
 
 def find_jobs(video_dir: Path, query_dir: Path, warn: Callable[[str], None] = print) -> list[VideoJob]:

@@ -65,6 +65,7 @@ class SessionOptions:
     embed_with: str = "full_module"
     seed: int = 42
     retrieval_max_new_tokens: int = retrieval.RETRIEVAL_MAX_NEW_TOKENS
+    eos_token_ids: tuple[int, ...] = DEFAULT_EOS  # answer stop ids (benchmarks pass an unreachable id)
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -185,7 +186,7 @@ class StreamingSession:
         set_adapter(self.model, self.answer_adapter)
         out = generate(self.model, ids, max_new_tokens=self.options.max_new_tokens, visual_features=features,
                        sampling=self.sampling, key=jax.random.fold_in(key, 2), penalize_prompt=False,
-                       eos_token_ids=DEFAULT_EOS, pad_token_id=PAD_ID, bucket=True)
+                       eos_token_ids=self.options.eos_token_ids, pad_token_id=PAD_ID, bucket=True)
         text = self.processor.tokenizer.decode(list(out[0]), skip_special_tokens=True).strip()
         timings["answer_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - start
