@@ -14,6 +14,7 @@ from cogstream_jax.data.synth import sample_dataset_dir
 from cogstream_jax.inference.evaluation import shard
 from cogstream_jax.inference.loading import tiny_model
 from cogstream_jax.lora import add_adapter, full_module_spec, language_module_spec
+from cogstream_jax.peft_io import save_peft_adapter
 from evaluate.answer_generate import main
 
 VIDEOS = ("synth_0_000", "synth_0_001")
@@ -37,7 +38,8 @@ def adapters(tmp_path_factory):
     add_adapter(model, "language_module", language_module_spec(model.config), seed=1)
     add_adapter(model, "full_module", full_module_spec(model.config), seed=2)
     out = {"retrieval": save_adapter(model, "language_module", root / "stage1"),
-           "answer": save_adapter(model, "full_module", root / "stage2")}
+           "answer": save_adapter(model, "full_module", root / "stage2"),
+           "answer_peft": save_peft_adapter(model, "full_module", root / "stage2_peft")}
     from cogstream_jax.model.videollama3 import VideoLlama3
     from flax import nnx
 
@@ -54,8 +56,8 @@ def _args(dataset, save_dir, *extra):
 
 
 def test_end_to_end_valid_files_and_official_adapter_flags(dataset, adapters, tmp_path):
-    # official flags in the official (swapped) order: roles are detected from content
-    assert main(_args(dataset, tmp_path, "--lora_adapter_1_path", str(adapters["answer"]),
+    # official flags in the official (swapped) order, one PEFT folder: roles are detected from content
+    assert main(_args(dataset, tmp_path, "--lora_adapter_1_path", str(adapters["answer_peft"]),
                       "--lora_adapter_2_path", str(adapters["retrieval"]))) == 0
     for name in VIDEOS:
         data = json.loads((tmp_path / f"{name}.json").read_text(encoding="utf-8"))

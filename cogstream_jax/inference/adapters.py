@@ -3,7 +3,9 @@
 The answer adapter (`full_module`, stage 2) also targets the projector (`mm_projector.readout.*`); the retrieval
 adapter (`language_module`, stage 1) targets only LLM layers. The official evaluation loads
 `--lora_adapter_1_path` as full_module and `--lora_adapter_2_path` as language_module, the swap of protocol 7 #3;
-we look at what each folder contains instead of trusting the flag order, and stop on a mismatch.
+we look at what each folder contains instead of trusting the flag order, and stop on a mismatch. Both our adapter
+folders (`adapter_meta.json`) and PyTorch PEFT folders (`adapter_config.json`, e.g. the released CogReasoner
+adapters) load.
 """
 from __future__ import annotations
 
@@ -17,15 +19,18 @@ Role = Literal["answer", "retrieval"]
 ROLE_NAMES = {"answer": FULL_MODULE, "retrieval": LANGUAGE_MODULE}
 
 
+def _targets(directory: str) -> str:
+    """The adapter's target modules as one string, from our adapter_meta.json or a PEFT adapter_config.json."""
+    if os.path.isfile(os.path.join(directory, META_FILE)) or not os.path.isdir(directory):
+        return " ".join(read_adapter_meta(directory).spec.target_modules)
+    from cogstream_jax.peft_io import adapter_folder, read_peft_config
+
+    return str(read_peft_config(adapter_folder(directory))["target_modules"])
+
+
 def adapter_role(directory: str | os.PathLike) -> Role:
-    """'answer' when the adapter targets the projector, else 'retrieval'."""
-    directory = os.fspath(directory)
-    if os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, META_FILE)) and \
-            os.path.isfile(os.path.join(directory, "adapter_config.json")):
-        raise AdapterError(f"{directory}: a PEFT adapter folder; convert it to our adapter format first "
-                           f"(missing {META_FILE})")
-    meta = read_adapter_meta(directory)
-    return "answer" if any("mm_projector" in t or "projector" in t for t in meta.spec.target_modules) else "retrieval"
+    """'answer' when the adapter targets the projector, else 'retrieval' (our adapter folders or PEFT folders)."""
+    return "answer" if "projector" in _targets(os.fspath(directory)) else "retrieval"
 
 
 def check_role(directory: str | os.PathLike | None, expected: Role, flag: str) -> None:
@@ -57,5 +62,13 @@ def load_role_adapters(model, retrieval_dir: str | None, answer_dir: str | None)
     check_role(answer_dir, "answer", "--answer_adapter")
     names = []
     for directory, role in ((retrieval_dir, "retrieval"), (answer_dir, "answer")):
-        names.append(load_adapter(model, directory, name=ROLE_NAMES[role]) if directory else None)
+        names.append(_load(model, os.fspath(directory), ROLE_NAMES[role]) if directory else None)
     return names[0], names[1]
+
+
+def _load(model, directory: str, name: str) -> str:
+    if os.path.isfile(os.path.join(directory, META_FILE)):
+        return load_adapter(model, directory, name=name)
+    from cogstream_jax.peft_io import load_peft_adapter
+
+    return load_peft_adapter(model, directory, name)
