@@ -34,6 +34,12 @@ def convert(adapter_dir: str, output_dir: str, layout: str, base_name: str | Non
     from cogstream_jax.lora_tensors import AdapterTensors, check_against_config, ordered, read_adapter_dir
     from cogstream_jax.peft_io import write_peft_adapter
 
+    import os
+
+    from cogstream_jax.errors import ConfigError
+
+    if os.path.abspath(adapter_dir) == os.path.abspath(output_dir):
+        raise ConfigError(f"--output_dir {output_dir}: must differ from --adapter_dir")
     adapter = read_adapter_dir(adapter_dir)
     config = None
     if model_path is not None:

@@ -140,6 +140,9 @@ def test_lora_to_peft_bad_input_is_one_line(our_dirs, tmp_path, capsys):
     code, err = run_cli(lora_to_peft.main, ["--adapter_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "o"],
                         capsys)
     assert code == 2 and "adapter directory does not exist" in err and len(err.strip().splitlines()) == 1
+    code, err = run_cli(lora_to_peft.main, ["--adapter_dir", our_dirs[lora.FULL_MODULE], "--output_dir",
+                                            our_dirs[lora.FULL_MODULE]], capsys)
+    assert code == 2 and "must differ from --adapter_dir" in err
     other = tmp_path / "other_base"
     other.mkdir()
     (other / "config.json").write_text(json.dumps(fresh_torch(kv_heads=4).config.to_dict()))
