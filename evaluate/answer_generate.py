@@ -15,13 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from cogstream_jax.cli_utils import add_flag as _add
+from cogstream_jax.cli_utils import run_cli
 from cogstream_jax.errors import UserError
-
-
-def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Official underscore flag plus its hyphenated alias."""
-    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    parser.add_argument(*flags, dest=name, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,31 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from cogstream_jax.inference.adapters import assign_official_adapters
     from cogstream_jax.inference.evaluation import find_jobs, run_evaluation, shard
     from cogstream_jax.inference.session import StreamingSession
 
-    try:
-        retrieval_dir, answer_dir = args.retrieval_adapter, args.answer_adapter
-        if args.lora_adapter_1_path or args.lora_adapter_2_path:
-            if retrieval_dir or answer_dir:
-                raise UserError("give either --retrieval_adapter/--answer_adapter or the official "
-                                "--lora_adapter_1_path/--lora_adapter_2_path, not both")
-            retrieval_dir, answer_dir = assign_official_adapters(args.lora_adapter_1_path, args.lora_adapter_2_path)
-        if args.limit is not None and args.limit < 0:
-            raise UserError(f"--limit must be >= 0, got {args.limit}")
-        jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)),
-                     args.process_index, args.num_processes)
-        jobs = jobs[: args.limit] if args.limit is not None else jobs
-        session = StreamingSession.from_pretrained(
-            args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
-            max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy, mode=args.mode,
-            max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed)
-        stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
-                               progress=not args.no_progress)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    retrieval_dir, answer_dir = args.retrieval_adapter, args.answer_adapter
+    if args.lora_adapter_1_path or args.lora_adapter_2_path:
+        if retrieval_dir or answer_dir:
+            raise UserError("give either --retrieval_adapter/--answer_adapter or the official "
+                            "--lora_adapter_1_path/--lora_adapter_2_path, not both")
+        retrieval_dir, answer_dir = assign_official_adapters(args.lora_adapter_1_path, args.lora_adapter_2_path)
+    if args.limit is not None and args.limit < 0:
+        raise UserError(f"--limit must be >= 0, got {args.limit}")
+    jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)),
+                 args.process_index, args.num_processes)
+    jobs = jobs[: args.limit] if args.limit is not None else jobs
+    session = StreamingSession.from_pretrained(
+        args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
+        max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy, mode=args.mode,
+        max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed)
+    stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
+                           progress=not args.no_progress)
     print(f"done: {stats['videos']} videos ({stats['skipped']} already finished), {stats['questions']} questions, "
           f"{stats['errors']} errors -> {args.save_dir}", file=sys.stderr)
     return 0

@@ -109,9 +109,10 @@ def test_bad_input_gives_one_line_errors(case, message, dataset, adapters, tmp_p
     if case == "empty_queries":
         (tmp_path / "empty").mkdir()
         dataset = (video_dir, tmp_path / "empty")
-    assert main(_args(dataset, tmp_path / "out", *extra)) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert main(_args(dataset, tmp_path / "out", *extra)) == 2  # the project's user-error exit code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
 
 
 def test_failing_questions_are_recorded_and_the_run_goes_on(dataset, tmp_path):

@@ -93,9 +93,11 @@ class StreamingSession:
                         resize: str = "faithful", max_stream_frames: int = 180, *, dtype: str = "float32",
                         greedy: bool = False, **options: Any) -> "StreamingSession":
         """`model_path` is a checkpoint folder or the literal `tiny` (random tiny model, bundled tokenizer)."""
+        from cogstream_jax.inference.adapters import check_role, load_role_adapters
         from cogstream_jax.inference.loading import load_model_and_processor
-        from cogstream_jax.inference.adapters import load_role_adapters
 
+        check_role(retrieval_adapter, "retrieval", "--retrieval_adapter")  # fail before loading any weights
+        check_role(answer_adapter, "answer", "--answer_adapter")
         model, processor, sampling = load_model_and_processor(model_path, dtype=dtype)
         names = load_role_adapters(model, retrieval_adapter, answer_adapter)
         return cls(model, processor, retrieval_adapter=names[0], answer_adapter=names[1],
