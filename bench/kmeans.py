@@ -1,6 +1,7 @@
 """Time-aware k-means: our jitted JAX clustering (one Gram matrix, then 30 iterations in frame space) vs a torch
 implementation that follows the official algorithm step by step (per-frame min-max normalisation loop,
-per-cluster mask/mean updates), same initial centres, exactly 30 iterations each (tolerance disabled), T = 180 frames, P = 84 tokens, D = 3584, fp32.
+per-cluster mask/mean updates), same initial centres, exactly 30 iterations each (tolerance disabled),
+T = 180 frames, P = 84 tokens, D = 3584, fp32.
 Headline value = torch time / JAX time. Run: `.venv/bin/python bench/kmeans.py [--repeats 3]`.
 """
 from __future__ import annotations
