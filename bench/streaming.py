@@ -30,7 +30,7 @@ QUESTIONS = [
 ]
 
 
-def write_stream(folder: str) -> list[str]:
+def write_stream(folder: str, seconds: int = SECONDS) -> list[str]:
     from cogstream_jax.data.mp4_writer import write_mp4
 
     rng = np.random.default_rng(0)
@@ -39,7 +39,7 @@ def write_stream(folder: str) -> list[str]:
     for seg in range(SEGMENTS):
         background = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
         frames = []
-        for i in range(SECONDS * FPS):
+        for i in range(seconds * FPS):
             frame = background.copy()
             y, x = (i * 3 + seg * 20) % (h - 24), (i * 5 + seg * 30) % (w - 24)
             frame[y:y + 24, x:x + 24] = (60 * seg, 200, 255 - 60 * seg)
@@ -65,6 +65,7 @@ def run_stream(session, paths: list[str]) -> list[float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=1, help="timed passes after the warm-up (median per turn)")
+    p.add_argument("--seconds", type=int, default=SECONDS, help="length of each synthetic segment (1 frame/s)")
     args = p.parse_args(argv)
     from flax import nnx
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     never = (cfg.text.vocab_size + 7,)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        paths = write_stream(folder)
+        paths = write_stream(folder, args.seconds)
         for resize in ("fixed", "faithful"):
             session = StreamingSession(model, processor, sampling=sampling, options=SessionOptions(
                 resize=resize, max_new_tokens=16, eos_token_ids=never))
