@@ -84,8 +84,14 @@ class ModelConfig:
         return tuple(sorted({self.image_token_id, self.video_token_id}))
 
     def fingerprint(self) -> str:
-        """Stable hash of the architecture: adapters record it and refuse another base."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        """Stable hash of the weight-bearing architecture: adapters record it and refuse another base.
+
+        Token ids are left out on purpose: the same checkpoint read from the original layout (one placeholder id)
+        and from the native layout (separate image / video ids) must accept the same adapters.
+        """
+        arch = {"vision": dataclasses.asdict(self.vision), "text": dataclasses.asdict(self.text),
+                "projector_type": self.projector_type}
+        blob = json.dumps(arch, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     # ------------------------------------------------------------------ HF config I/O

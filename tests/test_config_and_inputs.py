@@ -92,3 +92,12 @@ def test_eager_entry_points_refuse_lora_dropout():
     _, jm = reference_pair()
     with lora_dropout(jax.random.PRNGKey(0)), pytest.raises(RuntimeError, match="lora_dropout"):
         jm(np.asarray([[1, 2, 3]]))
+
+
+def test_fingerprint_ignores_token_ids_but_not_shapes():
+    import dataclasses
+
+    base = configs.tiny()
+    assert dataclasses.replace(base, video_token_id=151656).fingerprint() == base.fingerprint()
+    other = dataclasses.replace(base, text=dataclasses.replace(base.text, num_key_value_heads=2))
+    assert other.fingerprint() != base.fingerprint()

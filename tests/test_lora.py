@@ -265,10 +265,20 @@ def test_dropout_changes_output_deterministically_per_key(config, pixels, base_l
     assert np.abs(out1 - plain).max() > 1e-3
     np.testing.assert_array_equal(forward(k1), out1)
     assert np.abs(forward(k2) - out1).max() > 1e-3
-    # a key captured as a constant by a trace (here: the eager API's internal jit) would freeze the masks
+    # a key captured as a constant by a trace would freeze the masks: the layer refuses it ...
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def captured(state):
+        return nnx.merge(graphdef, state).forward(jnp.asarray([[7, 8, 9]])).logits
+
     with pytest.raises(ValueError, match="must be an argument of the jitted function"):
         with lora_dropout(k1):
-            model(np.asarray([[7, 8, 9]]))  # a shape no other test traces, so this call traces anew
+            captured(state)
+    # ... and the eager API (whose jit cannot take the key) refuses any active key up front
+    with pytest.raises(RuntimeError, match="lora_dropout is only honoured"):
+        with lora_dropout(k1):
+            model(np.asarray([[7, 8, 9]]))
 
 
 # ---------------------------------------------------------------------------------------------- adapter files
