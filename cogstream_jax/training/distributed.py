@@ -70,6 +70,19 @@ def global_max(value: int) -> int:
     return int(np.max(gathered))
 
 
+def process_rows(arrays: Mapping[str, np.ndarray], rows_axis: int = 1) -> dict[str, np.ndarray]:
+    """This process's contiguous slice of the rows axis of host arrays that every process holds in full."""
+    count, index = jax.process_count(), jax.process_index()
+    out = {}
+    for key, value in arrays.items():
+        rows = value.shape[rows_axis]
+        if rows % count:
+            raise ConfigError(f"{key}: {rows} rows do not split over {count} processes")
+        per = rows // count
+        out[key] = np.take(value, np.arange(index * per, (index + 1) * per), axis=rows_axis)
+    return out
+
+
 def to_global(local: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding, rows_axis: int = 1
               ) -> dict[str, jax.Array]:
     """Per-process arrays (this process's rows) -> global arrays; rows concatenate in process order."""

@@ -2,14 +2,13 @@
 
 Global batch = `global_batch_size` items (official 8 devices x 1 item x accumulation 4 = 32), split into
 micro-batches of `micro_batch_size` items (default: one item per data-parallel device) that the jitted step
-scans over. Each process reads its own items (grain shard by process) and pads to the length all hosts agree on.
+scans over. Each process feeds its slice of the rows of every micro-batch (see `run`).
 """
 from __future__ import annotations
 
 import argparse
 import math
 
-import grain
 import jax
 import numpy as np
 
@@ -84,24 +83,25 @@ def run(args: argparse.Namespace) -> int:
                                         mesh_shape=dict(mesh.shape))
     run_common.announce_config(args.output_dir, config)
 
-    shard = grain.sharding.ShardOptions(jax.process_index(), jax.process_count(), drop_remainder=True)
-    local_items = args.global_batch_size // jax.process_count()
+    # Every process reads the whole global batch (tokenising is cheap) and keeps its slice of every micro-batch,
+    # so the global [micro, rows] layout, and with it each row's LoRA-dropout mask, is the same for any number
+    # of processes (a 2-host run equals the 1-host run).
     ds = stage1_dataset(dataset, tokenizer, Stage1Config(seed=args.seed, num_epochs=args.num_train_epochs,
-                                                         max_length=args.max_length, batch_size=local_items,
-                                                         buckets=length_buckets(args.max_length)), shard)
+                                                         max_length=args.max_length, batch_size=args.global_batch_size,
+                                                         buckets=length_buckets(args.max_length)))
     iterator = iter(ds)
     step_fn = setup.accumulating_step(allowed)
     rows = batch_sharding(mesh)
 
     def update(state, it):
         element = next(it)
-        if element["input_ids"].shape[0] != local_items:
+        if element["input_ids"].shape[0] != args.global_batch_size:
             raise StopIteration  # the tail of the last epoch does not fill a global batch
         length = distributed.global_max(element["input_ids"].shape[-1])
         element = pad_length(element, length, PAD_ID)
         needed = int((np.asarray(element["labels"])[..., 1:] != -100).sum(-1).max())
         positions = distributed.global_max(max(MIN_POSITIONS, math.ceil(needed / POSITION_MULTIPLE) * POSITION_MULTIPLE))
-        local = stage1_step_batch(element, accumulation, positions)
+        local = distributed.process_rows(stage1_step_batch(element, accumulation, positions))
         return step_fn(state, setup.frozen, distributed.to_global(local, rows))
 
     result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
