@@ -5,7 +5,12 @@ Heavy submodules are imported lazily so that `import cogstream_jax` stays cheap 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
+
+# Jitted prefill/decode/train steps donate their caches and states; CPU backends cannot reuse donated buffers
+# and say so on every compile. The donation matters on GPU/TPU, the message does not.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable", category=UserWarning)
 
 __version__ = "0.1.0"
 
