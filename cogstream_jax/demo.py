@@ -95,10 +95,13 @@ def demo(args) -> int:
          ["--model_path", str(model), "--output_dir", str(orbax)], [orbax / "config.json"])
     _run("validate the dataset", "validate-data", ["--data_dir", str(data)], [])
 
+    import jax
+
     stage1, stage2 = out / "stage1", out / "stage2"
+    batch = max(2, jax.device_count())  # one item per data-parallel device at least
     _run("stage 1: Historic Dialogue Retrieval LoRA", "train-stage1",
          ["--model_path", str(orbax), "--QA_path", str(data / "QA_Dataset"), "--output_dir", str(stage1),
-          "--max_steps", str(args.steps), "--global_batch_size", "2", "--no_progress"],
+          "--max_steps", str(args.steps), "--global_batch_size", str(batch), "--no_progress"],
          [stage1 / "adapter" / "adapter_meta.json", stage1 / "metrics.jsonl"])
     _run("stage 2: interleave-reasoning LoRA", "train-stage2",
          ["--model_path", str(orbax), "--video_dir", str(data / "event_segments"),

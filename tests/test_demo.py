@@ -1,0 +1,38 @@
+"""The demo pipeline end to end on the bundled sample (fewer steps than `make demo`)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cogstream_jax import demo
+
+
+@pytest.mark.slow
+def test_demo_pipeline_writes_valid_outputs(tmp_path):
+    out = tmp_path / "demo"
+    code = demo.main(["--output_dir", str(out), "--steps", "1", "--videos", "1", "--questions", "2",
+                      "--max_new_tokens", "4"])
+    assert code == 0
+    # model, conversion
+    assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "videollama3_qwen2"
+    assert (out / "model_orbax" / "cogstream_meta.json").exists()
+    # both adapters, in our format and as PEFT folders
+    for stage, name, modules in (("stage1", "language_module", 2 * 7), ("stage2", "full_module", 2 * 7 + 2)):
+        meta = json.loads((out / stage / "adapter" / "adapter_meta.json").read_text())
+        assert meta["name"] == name and meta["r"] == 8
+        assert (out / stage / "metrics.jsonl").read_text().strip()
+    for folder, modules in (("retrieval", 14), ("answer", 16)):
+        cfg = json.loads((out / "peft" / folder / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and len(cfg["target_modules"]) == modules
+    # evaluation results in the official format
+    results = sorted((out / "results").glob("*.json"))
+    assert len(results) == 1
+    data = json.loads(results[0].read_text())
+    chain = data["Data"][0]
+    assert [qa["qa_id"] for qa in chain] == [0, 1]
+    assert chain[0]["predicted_visual"] is True
+    assert all(len(qa["predicted_coi"]) == qa["qa_id"] for qa in chain)
+    # report
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report and (out / "report" / "report.md").read_text().count("|") > 20
