@@ -49,17 +49,20 @@ def write_stream(folder: str, seconds: int = SECONDS) -> list[str]:
     return paths
 
 
-def run_stream(session, paths: list[str]) -> list[float]:
-    """Seconds per question; a turn that brings a new segment includes `add_segment` (where fixed encodes it)."""
+def run_stream(session, paths: list[str]) -> tuple[list[float], list[dict]]:
+    """Seconds per question (a turn that brings a new segment includes `add_segment`, where fixed encodes it) and
+    each answer's own breakdown (visual, retrieval, events, answer seconds; prompt tokens; selection)."""
     session.reset("bench-stream")
-    latencies = []
+    latencies, details = [], []
     for k, question in enumerate(QUESTIONS):
         start = time.perf_counter()
         if k % QUESTIONS_PER_SEGMENT == 0:
             session.add_segment(paths[k // QUESTIONS_PER_SEGMENT])
-        session.ask(question)
+        answer = session.ask(question)
         latencies.append(time.perf_counter() - start)
-    return latencies
+        details.append({**{name: round(value, 3) for name, value in answer.timings.items()},
+                        "prompt_tokens": answer.prompt_tokens, "selection": answer.selection})
+    return latencies, details
 
 
 def main(argv=None) -> int:
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     processor = Processor.from_pretrained(bundled_model_dir())
     sampling = SamplingConfig.from_generation_config(bundled_model_dir()).greedy()
     never = (cfg.text.vocab_size + 7,)
-    results = {}
+    results, breakdown = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         paths = write_stream(folder, args.seconds)
         for resize in ("fixed", "faithful"):
@@ -89,12 +92,14 @@ def main(argv=None) -> int:
                 resize=resize, max_new_tokens=16, eos_token_ids=never))
             run_stream(session, paths)  # warm-up: compiles every shape of this stream
             passes = [run_stream(session, paths) for _ in range(args.repeats)]
-            results[resize] = [median(list(turn)) for turn in zip(*passes)]
+            results[resize] = [median(list(turn)) for turn in zip(*[p[0] for p in passes])]
+            breakdown[resize] = passes[-1][1]
             calls = session.encoder.calls
             print(f"{resize:9s} vision-encoder runs over warm-up + timed passes: {calls}")
-    print("turn   fixed_s  official_s")
-    for k, (a, b) in enumerate(zip(results["fixed"], results["faithful"]), start=1):
-        print(f"{k:4d}  {a:8.3f}  {b:10.3f}")
+    print("turn   fixed_s  official_s   fixed: visual retrieval events answer  prompt  selection")
+    for k, (a, b, d) in enumerate(zip(results["fixed"], results["faithful"], breakdown["fixed"]), start=1):
+        print(f"{k:4d}  {a:8.3f}  {b:10.3f}   {d['visual_s']:13.3f} {d['retrieval_s']:9.3f} {d['events_s']:6.3f} "
+              f"{d['answer_s']:6.3f}  {d['prompt_tokens']:6d}  {d['selection'][:40]}")
     fixed, official = results["fixed"], results["faithful"]
     emit("streaming", fixed[11] / fixed[1], fixed_turn_s=[round(x, 3) for x in fixed],
          official_turn_s=[round(x, 3) for x in official], official_ratio_12_2=round(official[11] / official[1], 3),
