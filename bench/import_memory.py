@@ -40,7 +40,8 @@ def write_synthetic(folder: str, layout: str, n_shards: int = 3, seed: int = 0) 
 
     from cogstream_jax.weights.export import export_specs
     from cogstream_jax.weights.loader import abstract_model
-    from cogstream_jax.weights.safetensors_io import plan_shards, write_checkpoint, write_json_atomic
+    from cogstream_jax.io_utils import atomic_write_json
+    from cogstream_jax.weights.safetensors_io import plan_shards, write_checkpoint
 
     config = bench_config()
     specs = export_specs(abstract_model(config, jnp.bfloat16, jnp.bfloat16), layout)
@@ -52,7 +53,7 @@ def write_synthetic(folder: str, layout: str, n_shards: int = 3, seed: int = 0) 
         return (rng.standard_normal(spec.shape, np.float32) * 0.02).astype(spec.dtype)
 
     files = write_checkpoint(folder, specs, produce, max_shard_bytes=limit)
-    write_json_atomic(os.path.join(folder, "config.json"), config.to_hf_config(layout))
+    atomic_write_json(os.path.join(folder, "config.json"), config.to_hf_config(layout))
     return {"files": files, "model_bytes": total, "largest_tensor_bytes": max(s.nbytes for s in specs),
             "num_tensors": len(specs)}
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cogstream_jax.io_utils import atomic_write_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import ConfigError, WeightError
 from cogstream_jax.lora_tensors import AdapterTensors, abstract_for, check_against_config
@@ -26,7 +27,7 @@ from cogstream_jax.weights.assign import param_leaves
 from cogstream_jax.weights.keys import Layout, TensorEntry, detect_layout, hf_key_table
 from cogstream_jax.weights.loader import check_headers
 from cogstream_jax.weights.safetensors_io import (INDEX_NAME, SINGLE_NAME, Checkpoint, TensorSpec, plan_shards,
-                                                 read_header, read_tensor, write_file, write_json_atomic)
+                                                 read_header, read_tensor, write_file)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 SIGNATURE_METADATA = "cogstream_jax.merged_export"
@@ -93,7 +94,7 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
     hf_config = config.to_hf_config(layout)
     written = {str(s.dtype) for s in specs}
     hf_config["torch_dtype" if layout == "original" else "dtype"] = written.pop() if len(written) == 1 else "float32"
-    write_json_atomic(os.path.join(output_dir, "config.json"), hf_config)
+    atomic_write_json(os.path.join(output_dir, "config.json"), hf_config)
     _copy_side_files(model_path, output_dir)
     return files
 
@@ -130,7 +131,7 @@ def write_shards_resumably(folder: str, specs: list[TensorSpec], produce, max_sh
         write_file(path, shard, produce, metadata)
     index_path = os.path.join(folder, INDEX_NAME)
     if len(shards) > 1:
-        write_json_atomic(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+        atomic_write_json(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                                        "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}})
     for entry in os.listdir(folder):  # weights of an earlier, different export must not linger
         weights = entry.startswith("model") and (entry.endswith(".safetensors") or ".safetensors.tmp" in entry)

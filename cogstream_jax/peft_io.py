@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from cogstream_jax.io_utils import atomic_write_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.lora import AdapterError, LoraSpec, add_adapter, adapter_names, delete_adapter, set_adapter_tensors
 from cogstream_jax.lora_tensors import (AdapterTensors, check_against_config, check_rank, from_model, layout_of,
                                         module_in_layout, modules_by_name, ordered)
 from cogstream_jax.weights.keys import Layout
-from cogstream_jax.weights.safetensors_io import Checkpoint, TensorSpec, read_tensor, write_file, write_json_atomic
+from cogstream_jax.weights.safetensors_io import Checkpoint, TensorSpec, read_tensor, write_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -214,7 +215,7 @@ def write_peft_adapter(adapter: AdapterTensors, output_dir: str | os.PathLike, l
         metadata[FINGERPRINT_METADATA] = adapter.base_fingerprint
     write_file(str(output_dir / WEIGHTS_FILE), specs, lambda spec: arrays[spec.name], metadata)
     base = base_model_name_or_path if base_model_name_or_path is not None else DEFAULT_BASE_NAME[layout]
-    write_json_atomic(str(output_dir / CONFIG_FILE), peft_config_json(adapter.spec, list(modules), base))
+    atomic_write_json(str(output_dir / CONFIG_FILE), peft_config_json(adapter.spec, list(modules), base))
     return output_dir
 
 

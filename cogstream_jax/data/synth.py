@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cogstream_jax.io_utils import atomic_write_json
 from cogstream_jax.cli_utils import ArgumentParser, run_cli
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR
 from cogstream_jax.data.mp4_writer import write_mp4
@@ -42,10 +43,6 @@ SHORT_STREAM = StreamSpec()
 LONG_LOW_RES_STREAM = StreamSpec(size=(56, 56), fps=2.0, segments=(3, 3), seconds=(50.0, 50.0))
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def segment_lengths(rng: np.random.Generator, spec: StreamSpec) -> list[float]:
@@ -115,8 +112,8 @@ def generate_video(root: Path, name: str, seed: int, index: int, spec: StreamSpe
     write_segments(scene, root / SEGMENTS_DIR / name, name)
     chains = build_chains(scene, rng, n_chains)
     qa_chains = [qa_json(chain, scene) for chain in chains]
-    write_json_atomic(root / VQA_DIR / f"{name}.json", vqa_json(chains, qa_chains, scene, name))
-    write_json_atomic(qa_path, qa_chains)
+    atomic_write_json(root / VQA_DIR / f"{name}.json", vqa_json(chains, qa_chains, scene, name), indent=1)
+    atomic_write_json(qa_path, qa_chains, indent=1)
 
 
 def generate_dataset(

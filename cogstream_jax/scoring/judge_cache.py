@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from cogstream_jax.scoring.io_utils import atomic_write_json
+from cogstream_jax.io_utils import atomic_write_json
 
 
 def judgement_key(judge_identity: str, messages: list[dict[str, str]]) -> str:

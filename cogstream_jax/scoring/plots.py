@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cogstream_jax.scoring import METRICS  # noqa: E402
-from cogstream_jax.scoring.io_utils import atomic_write_bytes  # noqa: E402
+from cogstream_jax.io_utils import atomic_write_bytes  # noqa: E402
 from cogstream_jax.scoring.labels import CAPABILITIES  # noqa: E402
 from cogstream_jax.scoring.paper_results import PAPER_ROWS  # noqa: E402
 

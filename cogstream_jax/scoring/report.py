@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cogstream_jax.scoring import METRICS
-from cogstream_jax.scoring.io_utils import atomic_write_json, atomic_write_text
+from cogstream_jax.io_utils import atomic_write_json, atomic_write_text
 from cogstream_jax.scoring.labels import CAPABILITIES, LEVEL_NAMES
 from cogstream_jax.scoring.paper_results import PAPER_ROWS
 

@@ -14,11 +14,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from cogstream_jax.io_utils import atomic_write_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.weights.assign import export_hf_tensors, param_leaves
 from cogstream_jax.weights.keys import Layout, hf_key_table
-from cogstream_jax.weights.safetensors_io import TensorSpec, write_checkpoint, write_json_atomic
+from cogstream_jax.weights.safetensors_io import TensorSpec, write_checkpoint
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _DTYPE_NAMES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
@@ -61,5 +62,5 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, layout: Layou
     hf_config = model.config.to_hf_config(layout)
     written_dtype = str(specs[0].dtype) if len({s.dtype for s in specs}) == 1 else "float32"
     hf_config["torch_dtype" if layout == "original" else "dtype"] = written_dtype
-    write_json_atomic(os.path.join(out_dir, "config.json"), hf_config)
+    atomic_write_json(os.path.join(out_dir, "config.json"), hf_config)
     return files

@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from cogstream_jax.io_utils import atomic_write_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import WeightError
 from cogstream_jax.sharding import DEFAULT_RULES, variable_sharding
 from cogstream_jax.weights.assign import coverage_error, param_leaves
-from cogstream_jax.weights.safetensors_io import write_json_atomic
 
 META_NAME = "cogstream_meta.json"
 PARAMS_DIR = "params"
@@ -82,14 +82,14 @@ def save_orbax(model: nnx.Module, out_dir: str | os.PathLike, *, source: str | N
     flat = {key: var.get_value() for key, var in _flat_params(nnx.state(model, nnx.Param)).items()}
     _checkpointer().save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.StandardSave(flat), force=True)
     config: ModelConfig = model.config
-    write_json_atomic(os.path.join(out_dir, "config.json"), config.to_hf_config("native"))
+    atomic_write_json(os.path.join(out_dir, "config.json"), config.to_hf_config("native"))
     if copy_aux_from:
         for name in AUX_FILES:
             src = os.path.join(copy_aux_from, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(out_dir, name))
     dtypes = sorted({str(np.dtype(v.dtype)) for v in flat.values()})
-    write_json_atomic(meta_path, {
+    atomic_write_json(meta_path, {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "config_fingerprint": config.fingerprint(),

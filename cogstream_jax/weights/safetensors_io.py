@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
+from cogstream_jax.io_utils import atomic_write_json
 from cogstream_jax.errors import WeightError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -248,12 +249,6 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], produce: Producer,
@@ -274,7 +269,7 @@ def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], pro
     index_path = os.path.join(folder, INDEX_NAME)
     if n > 1:
         weight_map = {spec.name: name for name, shard in zip(names, shards) for spec in shard}
-        write_json_atomic(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+        atomic_write_json(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                                        "weight_map": weight_map})
     for stale in os.listdir(folder):
         stale_shard = _SHARD_RE.match(stale) or stale == SINGLE_NAME
