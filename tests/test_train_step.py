@@ -18,7 +18,7 @@ from cogstream_jax.training.losses import allowed_mask, ce_sums, supervised_posi
 from cogstream_jax.training.setup import build_setup
 from cogstream_jax.training.state import init_state
 from cogstream_jax.training.step import StepOptions
-from train_helpers import ALLOWED, peft_pair, random_rows
+from train_helpers import ALLOWED, peft_pair, random_rows, random_video_batch
 from torch_reference import VOCAB
 
 
@@ -158,3 +158,30 @@ def test_schedules_match_hf_and_torch():
     for t in range(s2.total_steps):
         assert abs(float(ours(t)) - cos.get_last_lr()[0]) <= 1e-9, t
         opt.step(); cos.step()
+
+
+def test_stage2_loss_and_gradients_equal_peft_on_a_multimodal_sample():
+    """full_module (LLM + projector readout.0/.2) on a 2-frame video with a DiffFP-style compression mask."""
+    peft_model, ours, name, spec, modules = peft_pair(lora.full_module_spec, seed=5)
+    arrays, layout, kept, labels = random_video_batch(ours.config, seed=2)
+    mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
+    setup = build_setup(ours, name, spec, optax.sgd(1.0), mesh, seed=0, options=StepOptions(dropout=False))
+    grads, loss, count = setup.qa_grad(accumulation=1)(setup.state, setup.frozen, arrays, 0, layout, kept)
+
+    out = peft_model(input_ids=torch.as_tensor(arrays["input_ids"], dtype=torch.long),
+                     pixel_values_videos=torch.as_tensor(arrays["pixel_values"]),
+                     video_grid_thw=torch.as_tensor([list(layout.grids[0])]),
+                     video_merge_sizes=torch.as_tensor([2]),
+                     video_compression_mask=torch.as_tensor(arrays["compression_mask"]))
+    tgt = torch.as_tensor(labels[:, 1:], dtype=torch.long)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), tgt.reshape(-1),
+                                            ignore_index=-100)
+    ref.backward()
+    assert abs(float(loss) - float(ref.detach())) <= 1e-5 and float(count) == 6
+    model = setup.model(setup.state.__class__(step=None, params=grads, opt_state=None, rng=None))
+    for original, (a_var, b_var) in lora.adapter_variables(model, name).items():
+        layer = modules[original]
+        assert np.abs(np.asarray(a_var[...]) - layer.lora_A["default"].weight.grad.numpy().T).max() <= 1e-5, original
+        assert np.abs(np.asarray(b_var[...]) - layer.lora_B["default"].weight.grad.numpy().T).max() <= 1e-5, original
+    proj = modules["model.mm_projector.readout.0"].lora_B["default"].weight.grad
+    assert float(proj.abs().max()) > 1e-6  # the projector adapter receives gradient through the visual tokens

@@ -77,7 +77,7 @@ def random_video_batch(config, seed: int = 0, frames: int = 2, grid: int = 4, te
     kept = int(mask.sum())
     vocab = config.text.vocab_size
     prompt = rng.integers(0, vocab - 8, text).tolist()
-    ids = prompt[:5] + [config.image_token_id] * kept + prompt[5:]
+    ids = prompt[:5] + [config.video_token_id] * kept + prompt[5:]
     ans = rng.integers(0, vocab - 8, answer).tolist()
     ids = np.asarray(ids + ans, np.int32)[None]
     labels = np.full(ids.shape, -100)
