@@ -32,10 +32,14 @@ def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*flags, dest=name, **kwargs)
 
 
-def run_cli(body: Callable[[], int | None]) -> int:
-    """Run `body`; a UserError (or an unreadable/unwritable path) prints one line and returns exit code 2."""
+def run_cli(body: Callable[[], object]) -> int:
+    """Run `body`; a UserError (or an unreadable/unwritable path) prints one line and returns exit code 2.
+
+    An int returned by `body` is the exit code; anything else means success.
+    """
     try:
-        return int(body() or 0)
+        result = body()
+        return result if isinstance(result, int) else 0
     except (UserError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR

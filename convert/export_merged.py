@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convert.cli_common import add_flag, run_reporting_user_errors
+from cogstream_jax.cli_utils import add_flag, run_cli
 from convert.orbax_to_hf import parse_size
 
 
@@ -46,7 +46,7 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_reporting_user_errors(lambda: export(args))
+    return run_cli(lambda: export(args))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from convert.cli_common import add_flag, run_reporting_user_errors
+from cogstream_jax.cli_utils import add_flag, run_cli
 from cogstream_jax.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ def convert(model_path: str, output_dir: str, dtype: str = "bfloat16") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_reporting_user_errors(lambda: convert(args.model_path, args.output_dir, args.dtype))
+    return run_cli(lambda: convert(args.model_path, args.output_dir, args.dtype))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convert.cli_common import add_flag, run_reporting_user_errors
+from cogstream_jax.cli_utils import add_flag, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +52,7 @@ def convert(adapter_dir: str, output_dir: str, layout: str, base_name: str | Non
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_reporting_user_errors(lambda: convert(args.adapter_dir, args.output_dir, args.layout,
+    return run_cli(lambda: convert(args.adapter_dir, args.output_dir, args.layout,
                                                      args.base_model_name_or_path, args.model_path))
 
 

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from convert.cli_common import add_flag, run_reporting_user_errors
+from cogstream_jax.cli_utils import add_flag, run_cli
 from cogstream_jax.errors import ConfigError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -64,7 +64,7 @@ def export(model_path: str, output_dir: str, layout: str, dtype: str | None, max
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_reporting_user_errors(
+    return run_cli(
         lambda: export(args.model_path, args.output_dir, args.layout, args.dtype, args.max_shard_size))
 
 

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from convert.cli_common import add_flag, run_reporting_user_errors
+from cogstream_jax.cli_utils import add_flag, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def convert(adapter_dir: str, adapter_name: str, output_dir: str, model_path: st
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_reporting_user_errors(
+    return run_cli(
         lambda: convert(args.adapter_dir, args.adapter_name, args.output_dir, args.model_path))
 
 
