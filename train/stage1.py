@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cogstream_jax.cli_utils import forward, run_cli
-from cogstream_jax.training.run_common import build_common_parser
+from cogstream_jax.training.run_common import build_common_parser, cli_main
 
 
 def build_parser():
@@ -22,14 +21,7 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(forward(argv))
-
-    def body() -> int:
-        from cogstream_jax.training.stage1_run import run
-
-        return run(args)
-
-    return run_cli(body)
+    return cli_main(build_parser, "cogstream_jax.training.stage1_run", argv)
 
 
 if __name__ == "__main__":

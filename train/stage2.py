@@ -4,10 +4,10 @@
 """
 from __future__ import annotations
 
+import argparse
 from typing import Sequence
 
-from cogstream_jax.cli_utils import forward, run_cli
-from cogstream_jax.training.run_common import build_common_parser
+from cogstream_jax.training.run_common import build_common_parser, cli_main
 
 
 def build_parser():
@@ -18,20 +18,13 @@ def build_parser():
     p.add_argument("--gradient_accumulation_steps", type=int, default=4, help="QAs per optimiser update")
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--max_frames", type=int, default=180)
-    p.add_argument("--event_compression", default=True, action=__import__("argparse").BooleanOptionalAction,
+    p.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction,
                    help="question-aware event compression on top of DiffFP (when the module is available)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(forward(argv))
-
-    def body() -> int:
-        from cogstream_jax.training.stage2_run import run
-
-        return run(args)
-
-    return run_cli(body)
+    return cli_main(build_parser, "cogstream_jax.training.stage2_run", argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,17 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--process_id", type=int, default=None)
     p.add_argument("--no_progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     return p
+
+
+def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run_module: str,
+             argv: Sequence[str] | None) -> int:
+    """Parse, then run `<run_module>.run(args)` with user errors reported on one line (exit code 2)."""
+    import importlib
+
+    from cogstream_jax.cli_utils import forward, run_cli
+
+    args = build_parser().parse_args(forward(argv))
+    return run_cli(lambda: importlib.import_module(run_module).run(args))
 
 
 def start(args: argparse.Namespace) -> None:
