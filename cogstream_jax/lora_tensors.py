@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import uuid
 from typing import Any, Mapping
 
 import numpy as np
@@ -164,60 +163,18 @@ def from_model(model, name: str) -> AdapterTensors:
 
 def read_adapter_dir(directory: str | os.PathLike) -> AdapterTensors:
     """Our adapter directory (adapter_meta.json + orbax `lora/`) -> host tensors, without building a model."""
-    import orbax.checkpoint as ocp
-
     from cogstream_jax import adapter_io
 
     directory = pathlib.Path(directory).absolute()
-    meta = adapter_io.read_adapter_meta(directory)
-    tensor_dir = directory / adapter_io.TENSOR_DIR
-    if not tensor_dir.is_dir():
-        raise AdapterError(f"{tensor_dir}: missing LoRA tensor checkpoint")
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.restore(tensor_dir, _host_target(checkpointer.metadata(tensor_dir).item_metadata.tree))
-    except Exception as e:  # orbax raises assorted types for damaged checkpoints
-        raise AdapterError(f"{tensor_dir}: unreadable LoRA checkpoint: {e}") from None
-    flat = adapter_io._from_tree(tree)  # noqa: SLF001 - the directory layout is owned by adapter_io
-    tensors = {}
-    for name, (a, b) in flat.items():
-        if a is None or b is None:
-            raise AdapterError(f"{tensor_dir}: module {name!r} lacks lora_a or lora_b")
-        tensors[name] = (np.asarray(a), np.asarray(b))
+    meta, tensors = adapter_io.read_adapter_tensors(directory)
     check_rank(tensors, meta.spec.r, str(directory / adapter_io.META_FILE), "r")
     return AdapterTensors(meta.spec, tensors, meta.base_fingerprint, str(directory))
-
-
-def _host_target(metadata_tree):
-    """Restore every stored array onto this process's first device, whatever mesh it was saved from (an adapter
-    trained on 8 accelerators converts on a 1-CPU machine)."""
-    import jax
-
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), metadata_tree)
 
 
 def write_adapter_dir(adapter: AdapterTensors, name: str, directory: str | os.PathLike,
                       base_fingerprint: str, created_by: str) -> pathlib.Path:
     """Write our adapter directory format from host tensors, atomically (the format `load_adapter` reads)."""
-    import json
-    import shutil
-
-    import orbax.checkpoint as ocp
-
     from cogstream_jax import adapter_io
 
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()) and not (directory / adapter_io.META_FILE).is_file():
-        raise AdapterError(f"{directory}: exists and is not an adapter directory; refusing to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / adapter_io.TENSOR_DIR, adapter_io._to_tree(dict(adapter.tensors)))  # noqa: SLF001
-        meta = adapter_io.AdapterMeta(name, adapter.spec, base_fingerprint, created_by)
-        (tmp / adapter_io.META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
-        adapter_io._replace_dir(tmp, directory)  # noqa: SLF001
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    meta = adapter_io.AdapterMeta(name, adapter.spec, base_fingerprint, created_by)
+    return adapter_io.write_adapter_dir(directory, meta, adapter.tensors)
