@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -185,3 +186,99 @@ def test_stage2_loss_and_gradients_equal_peft_on_a_multimodal_sample():
         assert np.abs(np.asarray(b_var[...]) - layer.lora_B["default"].weight.grad.numpy().T).max() <= 1e-5, original
     proj = modules["model.mm_projector.readout.0"].lora_B["default"].weight.grad
     assert float(proj.abs().max()) > 1e-6  # the projector adapter receives gradient through the visual tokens
+
+
+def test_event_compression_pooling_in_the_step_matches_the_streaming_module():
+    from flax import nnx
+
+    from cogstream_jax.inference.events import pool_minor_frames
+    from cogstream_jax.model.videollama3 import VideoLlama3
+    from cogstream_jax.training.step import pool_minor_tokens
+    from train_helpers import small_vocab_config
+
+    config = small_vocab_config()
+    features = jax.random.normal(jax.random.key(0), (3 * 4, 16))
+    minor = np.array([False, True, True])
+    assert np.array_equal(np.asarray(pool_minor_tokens(features, minor)),
+                          np.asarray(pool_minor_frames(features, [1, 2], 4)))
+
+    arrays, layout, _, _ = random_video_batch(config, seed=4, frames=3)
+    mask = np.ones(layout.num_tokens, bool)
+    mask[[5, 6, 7, 9, 10, 11]] = False  # frames 1 and 2 keep only token 0 (minor)
+    ids = arrays["input_ids"][0].tolist()
+    first = ids.index(config.video_token_id)
+    kept = int(mask.sum())
+    n_slots = sum(i == config.video_token_id for i in ids)
+    ids = ids[:first] + [config.video_token_id] * kept + ids[first + n_slots:]
+    from cogstream_jax.training.losses import supervised_positions
+
+    labels = np.full((1, len(ids)), -100)
+    labels[0, -6:] = ids[-6:]
+    pos, tgt, w = supervised_positions(labels)
+    batch = {**arrays, "input_ids": np.asarray([ids], np.int32), "attention_mask": np.ones((1, len(ids)), np.int32),
+             "compression_mask": mask, "logits_positions": pos, "targets": tgt, "weights": w}
+    model = VideoLlama3(config, rngs=nnx.Rngs(0))
+    setup = build_setup(model, lora.FULL_MODULE, lora.full_module_spec(config), optax.sgd(1.0),
+                        make_mesh("1,1,1", devices=jax.devices()[:1]), seed=0, options=StepOptions(dropout=False))
+    grad = setup.qa_grad(accumulation=1)
+    _, plain, _ = grad(setup.state, setup.frozen, batch, 0, layout, kept)
+    _, pooled, _ = grad(setup.state, setup.frozen, {**batch, "minor_frame_mask": np.array([False, True, True])}, 0,
+                        layout, kept)
+    view = setup.model()
+    feats = pool_minor_frames(view.encode_visual(jnp.asarray(arrays["pixel_values"]), layout), [1, 2], 4)
+    out = view.forward(jnp.asarray(batch["input_ids"]), visual_features=feats, compression_mask=jnp.asarray(mask),
+                       num_kept=kept, attention_mask=jnp.asarray(batch["attention_mask"]),
+                       logits_positions=jnp.asarray(pos))
+    total, count = ce_sums(out.logits, tgt, w)
+    assert abs(float(pooled) - float(total / count)) <= 1e-5 and abs(float(pooled) - float(plain)) > 1e-6
+
+
+def test_stage2_batch_applies_injected_minor_frames():
+    from cogstream_jax.data.dataset import load_dataset
+    from cogstream_jax.data.pipelines import stage2_episode
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.synth import sample_dataset_dir
+    from cogstream_jax.reference_files import bundled_model_dir
+    from cogstream_jax.training.stage2_batches import build_stage2_batch
+
+    processor = Processor.from_pretrained(bundled_model_dir())
+    sample = stage2_episode(load_dataset(sample_dataset_dir()).videos[0], 0)[1]
+    plain = build_stage2_batch(sample, processor)
+    seen = []
+    compressed = build_stage2_batch(sample, processor, minor_frames_fn=lambda out, q: seen.append(q) or (2, 3))
+    assert seen == [sample.question]
+    per_frame = plain.layout.num_tokens // plain.layout.grids[0][0]
+    frames = compressed.arrays["compression_mask"].reshape(-1, per_frame)
+    assert frames[2].tolist() == frames[3].tolist() == [True] + [False] * (per_frame - 1)
+    assert compressed.arrays["minor_frame_mask"].tolist()[:4] == [False, False, True, True]
+    assert compressed.num_kept < plain.num_kept
+    n_slots = int((compressed.arrays["input_ids"] == 151665).sum())
+    assert n_slots == compressed.num_kept
+
+
+def test_stage2_event_scorer_runs_the_streaming_scoring(monkeypatch):
+    """The run's scorer wires the current adapter into inference.events (forced on for a short stream)."""
+    from flax import nnx
+
+    from cogstream_jax import config as configs
+    from cogstream_jax.data.dataset import load_dataset
+    from cogstream_jax.data.pipelines import stage2_episode
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.synth import sample_dataset_dir
+    from cogstream_jax.inference import events
+    from cogstream_jax.model.videollama3 import VideoLlama3
+    from cogstream_jax.reference_files import bundled_model_dir
+    from cogstream_jax.training.stage2_run import event_scorer
+
+    processor = Processor.from_pretrained(bundled_model_dir())
+    sample = stage2_episode(load_dataset(sample_dataset_dir()).videos[0], 0)[-1]
+    out = processor(conversation=list(sample.conversation))
+    model = VideoLlama3(configs.tiny(), rngs=nnx.Rngs(0))
+    setup = build_setup(model, lora.FULL_MODULE, lora.full_module_spec(model.config), optax.sgd(1.0),
+                        make_mesh("1,1,1", devices=jax.devices()[:1]), seed=0)
+    scorer = event_scorer(setup, setup.state, processor.tokenizer, seed=0)
+    assert scorer(out, sample.question) == ()  # short streams are never compressed (<= 135 frames)
+    monkeypatch.setattr(events, "should_compress", lambda n: True)
+    monkeypatch.setattr(events, "num_events", lambda n: 2)
+    minor = scorer(out, sample.question)
+    assert all(isinstance(f, int) and 0 <= f < out.num_frames for f in minor)

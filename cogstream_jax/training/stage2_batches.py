@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -43,9 +43,14 @@ class Stage2Batch:
     prompt_tokens: int
 
 
+#: (processor output, current question) -> minor frames (global indices); runs the model outside the gradient
+MinorFramesFn = Callable[[Any, str], Sequence[int]]
+
+
 def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple: int = 64,
-                       answer_positions: int | None = None) -> Stage2Batch:
-    """One QA's teacher-forced inputs (DiffFP compression; see module doc)."""
+                       answer_positions: int | None = None, minor_frames_fn: MinorFramesFn | None = None
+                       ) -> Stage2Batch:
+    """One QA's teacher-forced inputs (DiffFP, plus event compression when `minor_frames_fn` is given)."""
     conversation = list(sample.conversation)
     out = processor(conversation=conversation)
     turns = turns_from_processor_output(conversation, out)
@@ -61,7 +66,11 @@ def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple:
         if len(result.kept_frames) != out.num_frames:
             raise InputError(f"{sample.video}: the rewrite kept {len(result.kept_frames)} of {out.num_frames} frames; "
                              "stage 2 expects all clips or none (protocol 6.4)")
-        mask = difffp_mask(out.pixel_values, out.grid_sizes, out.merge_sizes, modals=out.modals)
+        minor = tuple(minor_frames_fn(out, sample.question)) if minor_frames_fn is not None else ()
+        mask = difffp_mask(out.pixel_values, out.grid_sizes, out.merge_sizes, modals=out.modals,
+                           minor_frame_indices=minor)
+        if minor:
+            arrays["minor_frame_mask"] = np.isin(np.arange(out.num_frames), minor)
         keep_ids = np.ones(ids.shape, bool)
         keep_ids[ids == IMAGE_TOKEN_ID] = mask
         ids, labels = ids[keep_ids], labels[keep_ids]

@@ -8,19 +8,23 @@ the very end of training is dropped.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from cogstream_jax import lora
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR, load_dataset
 from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
 from cogstream_jax.data.processor import Processor
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import run_common
 from cogstream_jax.training.loop import run_loop
@@ -54,6 +58,29 @@ def count_qas(dataset, config: Stage2Config) -> int:
     return sum(1 for _ in stage2_dataset(dataset, config))
 
 
+def event_scorer(setup, state, tokenizer, seed: int):
+    """Question-aware event scoring with the current adapter (protocol 6.1-6.2), outside the gradient: it only
+    decides which frames are minor; the pooling of those frames happens inside the differentiated step."""
+    from cogstream_jax.inference.events import compress_events, should_compress
+
+    model = setup.model(state)
+    key = jax.random.fold_in(jax.random.key(seed), int(jax.device_get(state.step)))
+
+    def minor_frames(out, question: str):
+        if not should_compress(out.num_frames):
+            return ()
+        layout = VisualLayout.from_arrays(out.grid_sizes, out.merge_sizes)
+        features = _encode(setup.split.graphdef, state.params, setup.frozen, jnp.asarray(out.pixel_values), layout)
+        return compress_events(model, tokenizer, features, out.timestamps, question, key).minor_frames
+
+    return minor_frames
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _encode(graphdef, params, frozen, pixel_values, layout):
+    return jax.lax.stop_gradient(nnx.merge(graphdef, params, frozen).encode_visual(pixel_values, layout))
+
+
 def run(args: argparse.Namespace) -> int:
     run_common.start(args)
     if args.num_epochs < 1:
@@ -70,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.event_compression and not events:
         print("note: event compression (cogstream_jax.inference.events) is not available in this build; "
               "stage 2 trains with DiffFP only", file=sys.stderr)
+    # (event compression only acts on streams above 135 frames, inference.events.should_compress)
     spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
                          lora.full_module_spec(model.config).target_modules)
     optim = stage2_optim(args.num_epochs, len(dataset.videos), args.learning_rate or 1e-4)
@@ -86,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
 
     def update(state, it):
         grads, losses, tokens = None, [], 0.0
+        scorer = event_scorer(setup, state, processor.tokenizer, args.seed) if events else None
         for index in range(args.gradient_accumulation_steps):
-            batch = build_stage2_batch(next(it), processor)
+            batch = build_stage2_batch(next(it), processor, minor_frames_fn=scorer)
             arrays = {k: jax.device_put(v, rep) for k, v in batch.arrays.items()}
             g, loss, count = grad_fn(state, setup.frozen, arrays, index, batch.layout, batch.num_kept)
             grads = g if grads is None else add_grads_jit(grads, g)

@@ -60,11 +60,27 @@ def _forward_sums(graphdef, params, frozen, batch: dict[str, jax.Array], key, al
                   layout: VisualLayout | None = None, num_kept: int | None = None):
     model = nnx.merge(graphdef, params, frozen)
     with lora_dropout(key if options.dropout else None):
-        out = model.forward(batch["input_ids"], pixel_values=batch.get("pixel_values"), layout=layout,
+        pixels, features = batch.get("pixel_values"), None
+        if "minor_frame_mask" in batch:  # event compression: minor frames' token 0 := mean of the frame's tokens
+            features = pool_minor_tokens(model.encode_visual(pixels, layout), batch["minor_frame_mask"])
+            pixels = None
+        out = model.forward(batch["input_ids"], pixel_values=pixels, layout=layout, visual_features=features,
                             compression_mask=batch.get("compression_mask"), num_kept=num_kept,
                             attention_mask=batch.get("attention_mask"), logits_positions=batch["logits_positions"],
                             remat=options.remat)
     return ce_sums(out.logits, batch["targets"], batch["weights"], allowed)
+
+
+def pool_minor_tokens(features: jax.Array, minor: jax.Array) -> jax.Array:
+    """features [T * P, D], minor [T] bool -> token 0 of each minor frame replaced by its frame's mean.
+
+    The minor-frame decision comes from the host (question-aware scoring under stop_gradient); the pooling
+    itself is differentiable, as in the official compress_unimportant_events."""
+    t = minor.shape[0]
+    frames = features.reshape(t, features.shape[0] // t, features.shape[-1])
+    pooled = frames.astype(jnp.float32).mean(axis=1).astype(frames.dtype)
+    first = jnp.where(minor[:, None], pooled, frames[:, 0])
+    return frames.at[:, 0].set(first).reshape(features.shape)
 
 
 def _zeros_f32(tree):
