@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax.adapter_io import read_json_object
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.lora import AdapterError, LoraSpec, add_adapter, adapter_names, delete_adapter, set_adapter_tensors
 from cogstream_jax.lora_tensors import (AdapterTensors, check_against_config, check_rank, from_model, layout_of,
@@ -63,12 +64,7 @@ def adapter_folder(directory: str | os.PathLike, adapter_name: str | None = None
 # ---------------------------------------------------------------------------------------------- reading
 def read_peft_config(folder: pathlib.Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{path}: unreadable JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: field 'peft_type' is {raw.get('peft_type')!r}; only LORA adapters convert")
     for field in ("r", "lora_alpha", "target_modules"):
