@@ -55,6 +55,7 @@ def _args(dataset, save_dir, *extra):
             "--save_dir", str(save_dir), *FAST, *extra]
 
 
+@pytest.mark.slow
 def test_end_to_end_valid_files_and_official_adapter_flags(dataset, adapters, tmp_path):
     # official flags in the official (swapped) order, one PEFT folder: roles are detected from content
     assert main(_args(dataset, tmp_path, "--lora_adapter_1_path", str(adapters["answer_peft"]),
@@ -71,6 +72,7 @@ def test_end_to_end_valid_files_and_official_adapter_flags(dataset, adapters, tm
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_resume_and_process_split_are_byte_identical(dataset, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(_args(dataset, one)) == 0

@@ -87,6 +87,7 @@ def test_pooling_and_minor_override_match_the_official_mask():
     np.testing.assert_array_equal(pooled[2, 1:], ref[2, 1:])
 
 
+@pytest.mark.slow
 def test_end_to_end_on_the_long_sample_stream(tiny):
     from cogstream_jax.inference.session import SessionOptions, StreamingSession
 
