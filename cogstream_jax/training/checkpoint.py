@@ -61,7 +61,8 @@ class TrainCheckpointer:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises assorted types for damaged directories
-            raise CheckpointError(f"{self.directory / str(step)}: unreadable checkpoint metadata ({_short(e)})") from None
+            where = self.directory / str(step)
+            raise CheckpointError(f"{where}: unreadable checkpoint metadata ({_short(e)})") from None
 
     def restore(self, template: TrainState, shardings: TrainState, *, step: int | None = None,
                 data_iterator: Any = None) -> TrainState:
@@ -87,7 +88,8 @@ class TrainCheckpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise CheckpointError(f"{self.directory / str(step)}: cannot restore the train state ({_short(e)})") from None
+            where = self.directory / str(step)
+            raise CheckpointError(f"{where}: cannot restore the train state ({_short(e)})") from None
         flat = restored["state"]
         return jax.tree.unflatten(treedef, [flat[f"leaf_{i:05d}"] for i in range(len(leaves))])
 

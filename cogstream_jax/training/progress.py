@@ -39,8 +39,9 @@ class Progress:
             from tqdm import tqdm
 
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            self.bar = None if not show_bar else tqdm(total=total_steps, initial=start_step, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                            mininterval=0.5)
+            if show_bar:
+                self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, file=sys.stderr,
+                                dynamic_ncols=True, mininterval=0.5)
             self.tb = _tensorboard_writer(self.metrics_path.parent)
 
     def update(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:

@@ -54,7 +54,8 @@ def batch_geometry(args: argparse.Namespace, mesh) -> tuple[int, int]:
     if args.global_batch_size < 1 or micro < 1:
         raise ConfigError("--global_batch_size and --micro_batch_size must be >= 1")
     if args.global_batch_size % micro:
-        raise ConfigError(f"--global_batch_size {args.global_batch_size} is not divisible by --micro_batch_size {micro}")
+        raise ConfigError(f"--global_batch_size {args.global_batch_size} is not divisible by "
+                          f"--micro_batch_size {micro}")
     check_rows_divisible(micro * MAX_SAMPLES_PER_ITEM, mesh, f"micro-batch rows (4 per item x {micro} items)")
     if micro % jax.process_count():
         raise ConfigError(f"--micro_batch_size {micro} is not divisible by the {jax.process_count()} processes")
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(dataset_root(args.QA_path))
     n_items = len(stage1_items(dataset))
     total_steps = max(1, n_items * args.num_train_epochs // args.global_batch_size)
+    steps_per_epoch = max(1, n_items // args.global_batch_size)  # official: a checkpoint every epoch
     model, tokenizer_dir = run_common.load_model(args, mesh)
     tokenizer = load_tokenizer(tokenizer_dir)
     allowed = allowed_mask(allowed_token_ids(tokenizer), model.config.text.vocab_size)
@@ -100,12 +102,13 @@ def run(args: argparse.Namespace) -> int:
         length = distributed.global_max(element["input_ids"].shape[-1])
         element = pad_length(element, length, PAD_ID)
         needed = int((np.asarray(element["labels"])[..., 1:] != -100).sum(-1).max())
-        positions = distributed.global_max(max(MIN_POSITIONS, math.ceil(needed / POSITION_MULTIPLE) * POSITION_MULTIPLE))
+        rounded = math.ceil(needed / POSITION_MULTIPLE) * POSITION_MULTIPLE
+        positions = distributed.global_max(max(MIN_POSITIONS, rounded))
         local = distributed.process_rows(stage1_step_batch(element, accumulation, positions))
         return step_fn(state, setup.frozen, distributed.to_global(local, rows))
 
     result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
-                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps or total_steps,
+                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps or steps_per_epoch,
                       keep_last=args.keep_last, meta={"stage": 1}, show_progress=not args.no_progress, desc="stage1")
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.LANGUAGE_MODULE, args.output_dir)

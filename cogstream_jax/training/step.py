@@ -13,7 +13,7 @@ LoRA dropout keys derive from (state.rng, step, micro-batch index) only, so a re
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
