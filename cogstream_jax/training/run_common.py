@@ -33,7 +33,8 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes, e.g. '2,4,1' or 'data=2,fsdp=4' "
                                                     "(-1 = the remaining devices)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many updates (schedule unchanged)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="stop once this many updates are done in total, restored ones included (schedule unchanged)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--learning_rate", type=float, default=None)
     p.add_argument("--lora_r", type=int, default=8)
