@@ -1,7 +1,8 @@
 """LoRA train step (stage-1 style, text only): jitted JAX step vs transformers + peft (torch CPU), fp32.
 
 Same random base weights (bench config), same LoRA targets (q,k,v,o,gate,up,down of every layer, r 8, alpha 16,
-dropout 0.1), same batch (ROWS x 1024 tokens, loss on the last P positions, lm_head only there in both),
+dropout 0.1; JAX masks from XLA's fast RngBitGenerator by default, `--dropout_rng threefry` for the default
+training RNG), same batch (ROWS x 1024 tokens, loss on the last P positions, lm_head only there in both),
 AdamW update included in both. Headline value = JAX tokens/s / PyTorch tokens/s (target >= 1.0).
 Run: `.venv/bin/python bench/train_step.py [--repeats 5]`. Figures are noisy while other jobs share the CPU.
 """
@@ -24,6 +25,7 @@ from cogstream_jax import lora  # noqa: E402
 from cogstream_jax.sharding import make_mesh  # noqa: E402
 from cogstream_jax.training.batching import step_batch  # noqa: E402
 from cogstream_jax.training.setup import build_setup  # noqa: E402
+from cogstream_jax.training.step import StepOptions  # noqa: E402
 from cogstream_jax.weights.keys import hf_module_for_our_path  # noqa: E402
 
 ROWS, LENGTH, SUPERVISED = 2, 1024, 64
@@ -52,7 +54,7 @@ def torch_step_fn(tm, cfg, ids, labels):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -60,6 +62,8 @@ def torch_step_fn(tm, cfg, ids, labels):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dropout_rng", default="rbg", choices=["threefry", "rbg"],
+                   help="JAX LoRA-dropout RNG (torch uses its own fast generator)")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     cfg, tm, jm = build_models()
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
     labels[:, LENGTH - SUPERVISED:] = ids[:, LENGTH - SUPERVISED:]
 
     mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
-    setup = build_setup(jm, lora.LANGUAGE_MODULE, lora.language_module_spec(cfg), optax.adamw(1e-4), mesh, seed=0)
+    setup = build_setup(jm, lora.LANGUAGE_MODULE, lora.language_module_spec(cfg), optax.adamw(1e-4), mesh, seed=0,
+                        options=StepOptions(dropout_rng=args.dropout_rng))
     jax_step = setup.accumulating_step(None)
     batch = jax.device_put(step_batch(ids, labels, np.ones_like(ids), micro_batches=1, num_positions=SUPERVISED))
 
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
     print(f"torch {median(t_torch) * 1e3:8.1f} ms/step  {torch_tps:8.0f} tokens/s")
     emit("train_step", jax_tps / torch_tps, jax_tokens_per_s=round(jax_tps, 1), torch_tokens_per_s=round(torch_tps, 1),
          jax_ms=[round(t * 1e3, 2) for t in t_jax], torch_ms=[round(t * 1e3, 2) for t in t_torch], rows=ROWS,
-         length=LENGTH, dtype="float32", **machine())
+         length=LENGTH, dtype="float32", dropout_rng=args.dropout_rng, **machine())
     return 0
 
 

@@ -282,3 +282,28 @@ def test_stage2_event_scorer_runs_the_streaming_scoring(monkeypatch):
     monkeypatch.setattr(events, "num_events", lambda n: 2)
     minor = scorer(out, sample.question)
     assert all(isinstance(f, int) and 0 <= f < out.num_frames for f in minor)
+
+
+def test_rbg_dropout_rng_is_deterministic_and_active():
+    from flax import nnx
+
+    from cogstream_jax.model.videollama3 import VideoLlama3
+    from train_helpers import small_vocab_config
+
+    config = small_vocab_config()
+    ids, labels, mask = random_rows(np.random.default_rng(3), rows=2, length=16, n_targets=3)
+    batch = step_batch(ids, labels, mask, micro_batches=1)
+    results = {}
+    for rng_kind, dropout in (("rbg", True), ("rbg", True), ("threefry", False)):
+        model = VideoLlama3(config, rngs=nnx.Rngs(0))
+        spec = lora.language_module_spec(config)
+        setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optax.sgd(1.0),
+                            make_mesh("1,1,1", devices=jax.devices()[:1]), seed=0,
+                            options=StepOptions(dropout=dropout, dropout_rng=rng_kind))
+        allowed = allowed_mask(ALLOWED, config.text.vocab_size)
+        state, _ = setup.accumulating_step(allowed)(setup.state, setup.frozen, batch)
+        results.setdefault((rng_kind, dropout), []).append(np.concatenate([np.ravel(x) for x in
+                                                                           jax.tree.leaves(state.params)]))
+    first, second = results[("rbg", True)]
+    assert np.array_equal(first, second)
+    assert np.abs(first - results[("threefry", False)][0]).max() > 1e-7

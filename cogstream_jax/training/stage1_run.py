@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                          lora.language_module_spec(model.config).target_modules)
     optim = stage1_optim(total_steps, args.learning_rate or 2e-4)
     setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optim, mesh, seed=args.seed,
-                        options=StepOptions(remat=args.remat))
+                        options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
     config = run_common.resolved_config(args, stage=1, items=n_items, total_steps=total_steps,
                                         micro_batch_items=micro, accumulation_steps=accumulation,
                                         warmup_steps=optim.warmup_steps, quantized_kernels=quantized,

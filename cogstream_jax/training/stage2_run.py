@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                          lora.full_module_spec(model.config).target_modules)
     optim = stage2_optim(args.num_epochs, len(dataset.videos), args.learning_rate or 1e-4)
     setup = build_setup(model, lora.FULL_MODULE, spec, optim, mesh, seed=args.seed,
-                        options=StepOptions(remat=args.remat))
+                        options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
     config = run_common.resolved_config(args, stage=2, videos=len(dataset.videos), qas=total_qas,
                                         total_steps=total_steps, t_max=optim.total_steps,
                                         event_compression_active=events, quantized_kernels=quantized,
