@@ -143,3 +143,18 @@ def test_remat_policies_keep_gradients(policy):
     remat = nnx.grad(lambda m: m.forward(ids, remat=policy).logits.sum())(jm)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_chunked_attention_gradients_equal_dense():
+    q, k, v = _random_qkv(seed=5)
+    b, t = q.shape[:2]
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    spec = MaskSpec(causal=True, q_index=slots, kv_index=slots, aligned=True)
+
+    def loss(impl):
+        return lambda q, k, v: (attend(q, k, v, spec, impl=impl, chunk_size=8) ** 2).sum()
+
+    dense = jax.grad(loss("dense"), argnums=(0, 1, 2))(q, k, v)
+    chunked = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+    for a, b_ in zip(dense, chunked):
+        np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-4, rtol=1e-4)

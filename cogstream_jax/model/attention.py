@@ -2,8 +2,8 @@
 
 Three interchangeable implementations, all equal to dense softmax attention:
 - "dense": one einsum over every query/key pair (small inputs, tests);
-- "chunked": queries processed in blocks under `lax.map`, so at most [B, heads, chunk, S] scores exist at once
-  (long prompts on CPU/TPU);
+- "chunked": queries processed in blocks under `lax.map`, so at most [B, heads, chunk, S] scores exist at once,
+  in the forward and (by rematerialising each block) in the backward pass (long prompts on CPU/TPU);
 - "jax": `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when the shapes allow).
 Masks are described by `MaskSpec` and built per block, never as a full [L, S] tensor in the chunked path.
 GQA is computed by grouping query heads ([B, T, K, G, D]) instead of repeating keys and values.
@@ -126,6 +126,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = Non
         qi = qi.reshape(b, n_chunks, chunk_size).transpose(1, 0, 2)
     qp = qp.reshape(b, n_chunks, chunk_size, kh, h // kh, d).transpose(1, 0, 2, 3, 4, 5)
 
+    # Rematerialised per chunk: the backward pass recomputes one chunk's probabilities at a time instead of
+    # keeping [B, heads, T, S] of them alive (flash-attention's memory behaviour, without a custom kernel).
+    @jax.checkpoint
     def one_chunk(args):
         q_blk, qi_blk = args
         return _scores_softmax_values(q_blk, k, v, mask.block(q_index=qi_blk))
