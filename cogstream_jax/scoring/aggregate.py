@@ -7,7 +7,7 @@
 - Coherence: 1 - mean |difference| of consecutive normalised (score/10) values, x100. Inter: per-QA means
   inside one segment, averaged over segments with >= 2 scored QAs. Exter: segment means along one chain,
   averaged over chains with >= 2 segments. (Official: seeded both lists with a fake 0, never closed the last
-  segment, returned 1 instead of 10 for short lists; see docs/fidelity/scoring.md.)
+  segment, returned 1 instead of 10 for short lists; see docs/fidelity.md.)
 Labels the official code excludes (Streaming/Temporal Perception) are left out of every judge aggregate.
 """
 from __future__ import annotations
