@@ -2,7 +2,6 @@
 correct COI/relevance/Event_Time, determinism for a seed, the long low-resolution stream, and the CLI."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import av
