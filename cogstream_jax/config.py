@@ -15,6 +15,7 @@ import os
 from typing import Any, Literal
 
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.io_utils import read_config_json
 
 Layout = Literal["original", "native"]
 
@@ -99,17 +100,7 @@ class ModelConfig:
     def from_hf_config(cls, config: dict[str, Any] | str | os.PathLike, *, source: str = "config") -> "ModelConfig":
         """Build from a config.json dict (or a path to it / its folder) of either layout."""
         if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            source = path
-            try:
-                with open(path) as f:
-                    config = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: config.json not found") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            config, source = read_config_json(config, "config.json")
         model_type = config.get("model_type")
         if model_type == "videollama3_qwen2":
             return cls._from_original(config, source)

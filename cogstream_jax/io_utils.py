@@ -30,3 +30,27 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 def atomic_write_json(path: Path | str, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def read_config_json(source: Any, filename: str) -> tuple[dict, str]:
+    """A JSON config given as a dict, a file path or the folder holding `filename` -> (dict, where it came from).
+
+    Missing or malformed files raise ConfigError naming the file.
+    """
+    from cogstream_jax.errors import ConfigError
+
+    if isinstance(source, dict):
+        return source, filename.rsplit(".", 1)[0]
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {filename} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data, path

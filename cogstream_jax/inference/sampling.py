@@ -11,7 +11,6 @@ The defaults are VideoLLaMA3's `generation_config.json` (T 0.7, top-k 20, top-p 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.io_utils import read_config_json
 
 NEG_INF = -jnp.inf
 
@@ -47,19 +47,7 @@ class SamplingConfig:
     def from_generation_config(cls, source: str | os.PathLike | dict[str, Any]) -> "SamplingConfig":
         """Read `generation_config.json` (a dict, the file or its folder); missing fields keep transformers'
         own defaults (no sampling filters, no penalty)."""
-        where = "generation_config"
-        if not isinstance(source, dict):
-            path = os.fspath(source)
-            if os.path.isdir(path):
-                path = os.path.join(path, "generation_config.json")
-            where = path
-            try:
-                with open(path) as f:
-                    source = json.load(f)
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: generation_config.json not found") from None
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        source, where = read_config_json(source, "generation_config.json")
         try:
             return cls(do_sample=bool(source.get("do_sample", False)),
                        temperature=float(source.get("temperature", 1.0)),
