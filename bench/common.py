@@ -35,3 +35,22 @@ def machine() -> dict[str, Any]:
 def emit(name: str, value: float, **raw: Any) -> None:
     """Print the one-line JSON result last, as every benchmark must."""
     print(json.dumps({"bench": name, "value": round(float(value), 4), **raw}), flush=True)
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM, RssAnon, RssFile)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so a peak measures one phase only; False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

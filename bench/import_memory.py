@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from bench.common import reset_peak_rss, status_kib
+
 MiB = 2**20
 
 
@@ -59,23 +61,6 @@ def write_synthetic(folder: str, layout: str, n_shards: int = 3, seed: int = 0) 
 
 
 # ------------------------------------------------------------------------------------------------ child side
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(which: str, folder: str) -> None:
     """Run inside the fresh subprocess: import, reset the peak, load, report one JSON line."""
     if which == "ours":
@@ -97,18 +82,18 @@ def child(which: str, folder: str) -> None:
         def load():
             return VideoLlama3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
 
-    reset = _reset_peak()
-    base_kib = _status_kib("VmRSS")
+    reset = reset_peak_rss()
+    base_kib = status_kib("VmRSS")
     start = time.perf_counter()
     model = load()
     seconds = time.perf_counter() - start
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     touch_all(model)  # transformers memory-maps safetensors: weights are only read when first used
     print(json.dumps({"baseline_rss_bytes": base_kib * 1024, "peak_rss_bytes": peak_kib * 1024,
                       "growth_bytes": (peak_kib - base_kib) * 1024, "peak_reset": reset, "seconds": seconds,
-                      "growth_after_touch_bytes": (_status_kib("VmHWM") - base_kib) * 1024,
-                      "final_rss_anon_bytes": _status_kib("RssAnon") * 1024,
-                      "final_rss_file_bytes": _status_kib("RssFile") * 1024}))
+                      "growth_after_touch_bytes": (status_kib("VmHWM") - base_kib) * 1024,
+                      "final_rss_anon_bytes": status_kib("RssAnon") * 1024,
+                      "final_rss_file_bytes": status_kib("RssFile") * 1024}))
 
 
 def touch_all(model) -> None:

@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from bench.import_memory import _reset_peak, _status_kib, bench_config, write_synthetic
+from bench.common import reset_peak_rss, status_kib
+from bench.import_memory import bench_config, write_synthetic
 
 MiB = 2**20
 
@@ -67,12 +68,12 @@ def child(which: str, base: str, adapter: str, out: str) -> None:
             merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
             merged.save_pretrained(out)
 
-    reset = _reset_peak()
-    base_kib = _status_kib("VmRSS")
+    reset = reset_peak_rss()
+    base_kib = status_kib("VmRSS")
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
-    print(json.dumps({"growth_bytes": (_status_kib("VmHWM") - base_kib) * 1024, "seconds": seconds,
+    print(json.dumps({"growth_bytes": (status_kib("VmHWM") - base_kib) * 1024, "seconds": seconds,
                       "peak_reset": reset}))
 
 
