@@ -83,7 +83,11 @@ def load_settings(directory: pathlib.Path) -> ProcessorSettings:
 
 
 def load_tokenizer(directory: pathlib.Path):
-    """`transformers.AutoTokenizer.from_pretrained(directory)` from local files only."""
+    """The Qwen2 tokenizer of a VideoLLaMA3 folder, from local files only.
+
+    `Qwen2Tokenizer` is named directly: `AutoTokenizer` would read the checkpoint's config.json, whose custom
+    `videollama3_qwen2` type makes transformers warn (or, without `trust_remote_code=False`, prompt).
+    """
     if not directory.is_dir():
         raise ConfigError(f"{directory}: tokenizer folder does not exist")
     if not (directory / TOKENIZER_CONFIG).is_file():
@@ -92,12 +96,12 @@ def load_tokenizer(directory: pathlib.Path):
         missing = [name for name in TOKENIZER_FILE_SETS[1] if not (directory / name).is_file()]
         raise ConfigError(f"{directory}: missing tokenizer file(s) {', '.join(missing)} (or tokenizer.json)")
     try:
-        from transformers import AutoTokenizer
+        from transformers import Qwen2Tokenizer
     except ImportError:  # pragma: no cover - transformers is a pinned dependency
         raise ConfigError(f"{directory}: loading the tokenizer needs the 'transformers' package") from None
     try:
         with warnings.catch_warnings():  # transformers warns about the checkpoint's config.json, not the tokenizer
             warnings.simplefilter("ignore", FutureWarning)
-            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+            return Qwen2Tokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{directory}: the tokenizer files cannot be loaded ({exc})") from None
