@@ -81,13 +81,25 @@ class MaskSpec:
 
 
 def _scores_softmax_values(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """q [B, T, K, G, D], k/v [B, S, K, D] -> [B, T, K, G, D]; softmax in fp32."""
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        scores = jnp.where(mask, scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    """q [B, T, K, G, D], k/v [B, S, K, D] -> [B, T, K, G, D]; softmax statistics in fp32.
+
+    Both products are plain batched matmuls over (B, kv head) with the G query heads of a kv head stacked along
+    the rows, and the softmax normalisation is applied to the [.., T, D] output instead of the [.., T, S]
+    probabilities (as flash attention does): the same arithmetic, several times faster on XLA:CPU.
+    """
+    b, t, kh, g, d = q.shape
+    scale = 1.0 / np.sqrt(d)
+    # [B, K, G*T, D]: the query groups of one kv head form a single batched matrix product
+    qt = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.matmul(qt, kt.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32) * scale
+    if mask is not None:  # [B, 1, 1, T or 1, S] -> [B, 1, G*T, S]
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, g, t, mask.shape[-1]))
+        scores = jnp.where(mask.reshape(mask.shape[0], 1, g * t, mask.shape[-1]), scores, _NEG)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    out = jnp.matmul(weights.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+    out = out / weights.sum(-1, keepdims=True)
+    return out.astype(v.dtype).reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4)
 
 
 #: above this many query x key pairs a masked "jax" call would materialise too much; use the chunked path
