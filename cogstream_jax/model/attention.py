@@ -68,7 +68,7 @@ class MaskSpec:
     kv_valid: jax.Array | None = None
     aligned: bool = False
 
-    def block(self, q_slice: slice | None = None, q_index: jax.Array | None = None) -> jax.Array | None:
+    def block(self, q_index: jax.Array | None = None) -> jax.Array | None:
         """Boolean mask [B, 1, 1, Tq, S] for the queries `q_index` (defaults to all queries)."""
         mask = None
         if self.causal:
