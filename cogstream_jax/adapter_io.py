@@ -123,22 +123,48 @@ def write_adapter_dir(directory: str | os.PathLike, meta: AdapterMeta,
     """Write {original module name: (A [in, r], B [r, out])} + metadata as an adapter directory, atomically.
 
     Model-free (converters use it); `save_adapter` is this plus the model's own tensors and fingerprint.
+    In a multi-process run every process calls it with the same arguments (global arrays are written shard by
+    shard by their owners); process 0 writes the metadata and renames the folder into place.
     """
     import orbax.checkpoint as ocp
 
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()) and not (directory / META_FILE).is_file():
         raise AdapterError(f"{directory}: exists and is not an adapter directory; refusing to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    primary = jax.process_index() == 0
+    if primary:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{_shared_token()}"
     try:
+        # every process takes part: orbax writes each array shard from the process that owns it
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / TENSOR_DIR, _to_tree(dict(tensors)))
-        (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
-        _replace_dir(tmp, directory)
+        if primary:
+            (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+            _replace_dir(tmp, directory)
+        _barrier(f"adapter_io.write:{directory}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def _shared_token() -> str:
+    """A random temp-folder token that every process of a multi-process run agrees on (process 0's)."""
+    token = np.uint32(uuid.uuid4().int & 0xFFFFFFFF)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    return f"{int(token):08x}"
+
+
+def _barrier(name: str) -> None:
+    """Multi-process: nobody returns before process 0 has renamed the directory into place."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:

@@ -144,11 +144,7 @@ def announce_config(output_dir: str | os.PathLike, config: dict[str, Any]) -> No
 
 
 def export_adapter(model: nnx.Module, adapter: str, output_dir: str | os.PathLike) -> pathlib.Path | None:
-    """The final adapter in the adapter directory format (single-process runs; see docs/fidelity.md)."""
-    if jax.process_count() > 1:
-        print("note: multi-process run: the adapter directory is not written; the last checkpoint in "
-              f"{output_dir}/checkpoints holds the LoRA params", file=sys.stderr)
-        return None
+    """The final adapter in the adapter directory format (every process takes part in multi-process runs)."""
     from cogstream_jax.adapter_io import save_adapter
 
     return save_adapter(model, adapter, pathlib.Path(output_dir) / "adapter")
