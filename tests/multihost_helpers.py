@@ -1,0 +1,82 @@
+"""Shared pieces of the multi-process training tests: one CLI run on 8 fake CPU devices in one process, the same
+run as 2 real JAX processes x 4 fake devices on 127.0.0.1 (jax.distributed + gloo), and comparisons of what both
+leave in their output folders (metrics.jsonl, the final adapter directory)."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+from typing import Sequence
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "cogstream_jax" / "assets" / "sample"
+TIMEOUT_S = 900
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_single(module: str, args: Sequence[str], out: pathlib.Path, devices: int = 8) -> None:
+    """`python -m <module> <args> --output_dir <out>` in one process with `devices` fake CPU devices."""
+    done = subprocess.run([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=_env(devices),
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def run_multi(module: str, args: Sequence[str], out: pathlib.Path, processes: int = 2, devices: int = 4) -> None:
+    """The same command as `processes` cooperating JAX processes with `devices` fake CPU devices each."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args, "--output_dir", str(out),
+                               "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
+                               "--process_id", str(i)], env=_env(devices), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT_S))
+    finally:
+        for p in procs:  # a failed peer leaves the others waiting for the coordinator
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["jax"] == {"devices": processes * devices, "processes": processes, "backend": "cpu"}
+
+
+def metrics(out: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_adapters(a: pathlib.Path, b: pathlib.Path, tol: float = 1e-5) -> None:
+    """Both adapter directories hold the same metadata (but the stamp) and the same tensors within `tol`."""
+    from cogstream_jax.adapter_io import read_adapter_tensors
+
+    meta_a, tensors_a = read_adapter_tensors(a)
+    meta_b, tensors_b = read_adapter_tensors(b)
+    assert meta_a == meta_b
+    assert tensors_a.keys() == tensors_b.keys() and tensors_a
+    for module, pair in tensors_a.items():
+        for x, y in zip(pair, tensors_b[module]):
+            assert x.shape == y.shape and np.abs(x - y).max() <= tol, module
+
+
+def assert_no_temp_leftovers(out: pathlib.Path) -> None:
+    """Atomic writes leave no temp siblings (`.adapter.tmp-*`, `.adapter.old-*`, `.*.tmp`) behind."""
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
