@@ -95,16 +95,8 @@ def generate(model, input_ids, *, max_new_tokens: int, pixel_values=None, grid_s
         num_kept = int(features.shape[0])
         features = jnp.asarray(features)
     b, length = input_ids.shape
-    vocab = model.config.text.vocab_size
-    seen = np.zeros((b, vocab), bool)
-    if penalize_prompt and sampling.repetition_penalty != 1.0:
-        rows = np.broadcast_to(np.arange(b)[:, None], input_ids.shape)
-        seen[rows[mask == 1], input_ids[mask == 1]] = True
-    allowed = None
-    if allowed_token_ids is not None:
-        allowed = np.zeros(vocab, bool)
-        allowed[np.asarray(list(allowed_token_ids), np.int64)] = True
-        allowed = jnp.asarray(allowed)
+    seen, allowed = sampling_masks(model.config.text.vocab_size, input_ids, mask, sampling, allowed_token_ids,
+                                   penalize_prompt)
     key = jax.random.PRNGKey(0) if key is None else key
     graphdef, state = nnx.split(model)
     cache = KVCache.init(model.config.text, b, length + max_new_tokens, cache_dtype or model.dtype)
@@ -115,10 +107,28 @@ def generate(model, input_ids, *, max_new_tokens: int, pixel_values=None, grid_s
                                   jnp.asarray(seen), allowed, key, layout=layout, num_kept=num_kept,
                                   sampling=sampling)
     next_pos = jnp.asarray(mask.sum(-1), jnp.int32)
-    out = _decode(graphdef, state, cache, first, next_pos, seen, allowed, key,
-                  jnp.asarray(tuple(eos_token_ids), jnp.int32), jnp.int32(pad), max_new_tokens=max_new_tokens,
-                  sampling=sampling)
+    out, _, _ = decode_loop(graphdef, state, cache, first, next_pos, seen, allowed, key,
+                            jnp.asarray(tuple(eos_token_ids), jnp.int32), jnp.int32(pad),
+                            max_new_tokens=max_new_tokens, sampling=sampling)
     return np.asarray(out)
+
+
+def sampling_masks(vocab: int, input_ids: np.ndarray, mask: np.ndarray, sampling: SamplingConfig,
+                   allowed_token_ids: Sequence[int] | None, penalize_prompt: bool
+                   ) -> tuple[np.ndarray, jax.Array | None]:
+    """The repetition penalty's seen-token mask [B, vocab] (prompt tokens when `penalize_prompt`) and the
+    optional allowed-id mask [vocab]."""
+    b = input_ids.shape[0]
+    seen = np.zeros((b, vocab), bool)
+    if penalize_prompt and sampling.repetition_penalty != 1.0:
+        rows = np.broadcast_to(np.arange(b)[:, None], input_ids.shape)
+        seen[rows[mask == 1], input_ids[mask == 1]] = True
+    allowed = None
+    if allowed_token_ids is not None:
+        allowed = np.zeros(vocab, bool)
+        allowed[np.asarray(list(allowed_token_ids), np.int64)] = True
+        allowed = jnp.asarray(allowed)
+    return seen, allowed
 
 
 def greedy_generate(model, input_ids, *, max_new_tokens: int, **kwargs) -> np.ndarray:
@@ -142,8 +152,10 @@ def _prefill(graphdef, state, input_ids, pixel_values, visual_features, compress
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, first, next_pos, seen, allowed, key, eos_ids, pad_id, *, max_new_tokens,
-            sampling):
+def decode_loop(graphdef, state, cache, first, next_pos, seen, allowed, key, eos_ids, pad_id, *, max_new_tokens,
+                sampling):
+    """Tokens [B, max_new_tokens] after `first`, the cache, and how many tokens were fed (their K/V written at
+    slots [cache.index, cache.index + fed)): every generated token but the last."""
     model = nnx.merge(graphdef, state)
     b = first.shape[0]
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -164,5 +176,5 @@ def _decode(graphdef, state, cache, first, next_pos, seen, allowed, key, eos_ids
         return step + 1, out.cache, tokens, done | jnp.isin(nxt, eos_ids), pos + 1, mark_seen(seen, nxt)
 
     carry = (jnp.int32(1), cache, tokens, done, next_pos, seen)
-    _, _, tokens, _, _, _ = jax.lax.while_loop(cond, body, carry)
-    return tokens
+    step, cache, tokens, _, _, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, cache, step - 1
