@@ -93,11 +93,18 @@ def test_end_to_end_on_the_long_sample_stream(tiny):
 
     model, processor = tiny
     root = sample_dataset_dir() / "event_segments" / "synth_0_long_00"
-    session = StreamingSession(model, processor, options=SessionOptions(resize="fixed", max_new_tokens=4))
-    for path in sorted(root.glob("*.mp4")):
-        session.add_segment(path)
+    sessions = [StreamingSession(model, processor, options=SessionOptions(resize="fixed", max_new_tokens=4,
+                                                                          reuse_prefix=reuse))
+                for reuse in (True, False)]
+    answers = []
+    for session in sessions:
+        for path in sorted(root.glob("*.mp4")):
+            session.add_segment(path)
+        answers.append([session.ask(q) for q in ("What happens to the blue square?", "And then?")])
+    # prefix reuse (pooled minor-frame rows keyed apart from plain rows) changes no answer or minor frame
+    assert [(a.answer, a.minor_frames) for a in answers[0]] == [(a.answer, a.minor_frames) for a in answers[1]]
+    session, answer = sessions[0], answers[0][0]
     assert session.frames > 135
-    answer = session.ask("What happens to the blue square?")
     assert answer.num_events == events.num_events(session.frames) == 10
     per_frame = session.cached[0].tokens_per_frame
     assert all(0 <= f < session.frames for f in answer.minor_frames)

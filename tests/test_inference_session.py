@@ -31,10 +31,10 @@ def _questions():
     return [qa["Q"] for qa in chain]
 
 
-def _run(tiny, resize):
+def _run(tiny, resize, reuse_prefix=True):
     model, processor, sampling = tiny
     session = StreamingSession(model, processor, sampling=sampling,
-                               options=SessionOptions(resize=resize, max_new_tokens=6))
+                               options=SessionOptions(resize=resize, max_new_tokens=6, reuse_prefix=reuse_prefix))
     session.reset(VIDEO)
     segs, qs = _segments(), _questions()
     answers, calls = [], []
@@ -61,6 +61,18 @@ def test_fixed_equals_faithful_and_never_reencodes(tiny):
     assert len(fixed[2].predicted_coi) == 2
     # the prediction becomes the assistant turn later questions see
     assert [m["content"] for m in session.conversation if m["role"] == "assistant"] == [a.answer for a in fixed]
+
+
+def test_prefix_reuse_changes_no_answer(tiny):
+    reused, _, session = _run(tiny, "fixed")
+    fresh, _, _ = _run(tiny, "fixed", reuse_prefix=False)
+    for a, b in zip(reused, fresh):
+        assert (a.answer, a.selection, a.prompt_tokens) == (b.answer, b.selection, b.prompt_tokens)
+    answer_cache = session.prefixes["answer"]
+    assert 0 < answer_cache.reused_tokens < reused[-1].prompt_tokens  # the last question reused its history
+    assert session.prefixes["retrieval"].reused_tokens > 0
+    session.clear_prefix_caches()
+    assert session.prefixes == {}
 
 
 def test_question_keys_depend_only_on_stream_and_index(tiny):

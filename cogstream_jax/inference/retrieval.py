@@ -18,6 +18,7 @@ import numpy as np
 from cogstream_jax.data.prompts import format_selection, retrieval_prompt
 from cogstream_jax.data.selection import ALLOWED_TOKEN_IDS, parse_selection, postprocess_generated
 from cogstream_jax.errors import InputError
+from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
 from cogstream_jax.inference.sampling import SamplingConfig
 from cogstream_jax.model.generate import generate
 
@@ -60,14 +61,18 @@ def decode_generated(tokenizer: Any, ids: Sequence[int], eos: int = RETRIEVAL_EO
 def predict_selection(model, tokenizer: Any, question: str, history_questions: Sequence[str],
                       history_answers: Sequence[str], *, penalty: float = 1.05,
                       max_new_tokens: int = RETRIEVAL_MAX_NEW_TOKENS, with_demos: bool = True,
-                      eos_token_id: int = RETRIEVAL_EOS) -> RetrievalOutput:
-    """Run the constrained greedy retrieval with the model's ACTIVE adapter (the caller selects it)."""
+                      eos_token_id: int = RETRIEVAL_EOS, prefix: PrefixCache | None = None) -> RetrievalOutput:
+    """Run the constrained greedy retrieval with the model's ACTIVE adapter (the caller selects it).
+    With `prefix` (a cache kept for this adapter), only the part of the prompt that changed is prefilled."""
     prompt = retrieval_prompt(question, list(zip(history_questions, history_answers)), with_demos)
     ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=penalty)
-    out = generate(model, ids, max_new_tokens=max_new_tokens, sampling=sampling, key=jax.random.PRNGKey(0),
-                   allowed_token_ids=ALLOWED_TOKEN_IDS, eos_token_ids=(eos_token_id,), pad_token_id=151643,
-                   bucket=True)
+    common = dict(max_new_tokens=max_new_tokens, sampling=sampling, key=jax.random.PRNGKey(0),
+                  allowed_token_ids=ALLOWED_TOKEN_IDS, eos_token_ids=(eos_token_id,), pad_token_id=151643)
+    if prefix is None:
+        out = generate(model, ids, bucket=True, **common)
+    else:
+        out = generate_with_prefix(model, prefix, ids, **common)
     raw = decode_generated(tokenizer, out[0], eos_token_id)
     return from_selection(postprocess_generated(raw), raw)
 

@@ -8,8 +8,9 @@ re-encode a segment).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from cogstream_jax.model.vision import VisualLayout
 
 VIDEO_FPS = 1
 VIDEO_MAX_FRAMES = 180
+_ENCODINGS = itertools.count()
 
 
 def video_item(path: str | os.PathLike) -> dict:
@@ -42,6 +44,7 @@ class EncodedSegment:
     merge_size: int
     features: jax.Array
     clip_mask: np.ndarray
+    uid: int = field(default_factory=lambda: next(_ENCODINGS))  # this encoding's identity (prefix-cache keys)
 
     @property
     def num_frames(self) -> int:
@@ -110,6 +113,11 @@ class StreamTimeline:
         self.total_duration += probe.duration
         self.next_start = plan.timestamps[-1] + 1
         return plan, probe
+
+
+def row_keys(segments: list[EncodedSegment]) -> list[tuple[int, int]]:
+    """The provenance of every row of the concatenated features: (encoding uid, row in that segment)."""
+    return [(s.uid, row) for s in segments for row in range(s.num_frames * s.tokens_per_frame)]
 
 
 def frame_rows(segments: list[EncodedSegment]) -> np.ndarray:

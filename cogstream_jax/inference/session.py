@@ -15,6 +15,11 @@ adapter; the prediction becomes the assistant turn that later questions see.
 - `resize="fixed"`: the per-frame resolution is the budget's answer for `max_stream_frames` frames; each clip is
   decoded and encoded ONCE in `add_segment` and its features are reused. Identical to faithful while the budget
   does not bind.
+
+Prefix reuse (`reuse_prefix`, on by default): the retrieval and the answer prompt each keep their KV cache for
+the rest of the stream, so a question prefills only what differs from the previous question's prompt (its new
+history pair, clip and question); visual rows are matched by provenance (encoding uid, row), so the faithful
+mode's re-encoded clips are recomputed. Outputs equal full prefills up to float rounding.
 """
 from __future__ import annotations
 
@@ -33,8 +38,10 @@ from cogstream_jax.data.rewrite import history_of, rewrite, turns_from_conversat
 from cogstream_jax.data.selection import parse_selection
 from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.inference import events, retrieval
+from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
 from cogstream_jax.inference.sampling import SamplingConfig
-from cogstream_jax.inference.segments import EncodedSegment, SegmentEncoder, StreamTimeline, frame_rows, video_item
+from cogstream_jax.inference.segments import (EncodedSegment, SegmentEncoder, StreamTimeline, frame_rows, row_keys,
+                                              video_item)
 from cogstream_jax.lora import set_adapter
 from cogstream_jax.model.generate import DEFAULT_EOS, generate
 
@@ -66,6 +73,7 @@ class SessionOptions:
     seed: int = 42
     retrieval_max_new_tokens: int = retrieval.RETRIEVAL_MAX_NEW_TOKENS
     eos_token_ids: tuple[int, ...] = DEFAULT_EOS  # answer stop ids (benchmarks pass an unreachable id)
+    reuse_prefix: bool = True  # keep the stream's KV caches and prefill only what changed (prefix_cache)
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -86,6 +94,8 @@ class StreamingSession:
         self.model, self.processor, self.sampling, self.options = model, processor, sampling, options
         self.retrieval_adapter, self.answer_adapter = retrieval_adapter, answer_adapter
         self.encoder = SegmentEncoder(model, processor, answer_adapter)
+        # one KV cache per prompt stream ("retrieval", "answer"), each filled under its own adapter
+        self.prefixes: dict[str, PrefixCache] = {}
         self.reset()
 
     @classmethod
@@ -113,6 +123,7 @@ class StreamingSession:
         self.timeline = StreamTimeline()
         self.frames = 0
         self.questions = 0
+        self.prefixes.clear()  # a stream's caches start empty: the same stream always compiles the same shapes
 
     def add_segment(self, path) -> None:
         """Queue the next clip; it becomes part of the next question's user turn (the fixed mode encodes it now)."""
@@ -132,6 +143,13 @@ class StreamingSession:
 
             probe_video(path)  # fail now, naming the file, rather than at the next question
         self.pending.append(path)
+
+    def clear_prefix_caches(self) -> None:
+        """Drop the kept KV caches (frees their memory; the next question prefills its whole prompt once)."""
+        self.prefixes.clear()
+
+    def _prefix(self, role: str) -> PrefixCache | None:
+        return self.prefixes.setdefault(role, PrefixCache()) if self.options.reuse_prefix else None
 
     def question_key(self, index: int | None = None) -> jax.Array:
         """PRNG key of (seed, stream id, question index): independent of how streams are split across workers."""
@@ -174,10 +192,10 @@ class StreamingSession:
         key = self.question_key()
         tick = time.perf_counter()
         ids = self.processor.tokenize(rewritten.text)
-        features, compression = None, events.NO_COMPRESSION
+        features, keys, compression = None, [], events.NO_COMPRESSION
         if rewritten.if_visual and rewritten.kept_frames:
-            features, mask, compression = self._visual_input(segments, rewritten.kept_frames, current,
-                                                       jax.random.fold_in(key, 1))
+            features, keys, mask, compression = self._visual_input(segments, rewritten.kept_frames, current,
+                                                                   jax.random.fold_in(key, 1))
             ids = drop_masked_placeholders(ids, mask)
         timings["events_s"] = time.perf_counter() - tick
         limit = self.model.config.text.max_position_embeddings
@@ -186,9 +204,14 @@ class StreamingSession:
                              f"{self.options.max_new_tokens} exceeds the context limit {limit}")
         tick = time.perf_counter()
         set_adapter(self.model, self.answer_adapter)
-        out = generate(self.model, ids, max_new_tokens=self.options.max_new_tokens, visual_features=features,
-                       sampling=self.sampling, key=jax.random.fold_in(key, 2), penalize_prompt=False,
-                       eos_token_ids=self.options.eos_token_ids, pad_token_id=PAD_ID, bucket=True)
+        common = dict(max_new_tokens=self.options.max_new_tokens, visual_features=features, sampling=self.sampling,
+                      key=jax.random.fold_in(key, 2), penalize_prompt=False,
+                      eos_token_ids=self.options.eos_token_ids, pad_token_id=PAD_ID)
+        prefix = self._prefix("answer")
+        if prefix is None:
+            out = generate(self.model, ids, bucket=True, **common)
+        else:
+            out = generate_with_prefix(self.model, prefix, ids, visual_keys=keys, **common)
         text = self.processor.tokenizer.decode(list(out[0]), skip_special_tokens=True).strip()
         timings["answer_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - start
@@ -218,12 +241,15 @@ class StreamingSession:
         set_adapter(self.model, self.retrieval_adapter)
         return retrieval.predict_selection(self.model, self.processor.tokenizer, current, hist_qs, hist_as,
                                            penalty=self.sampling.repetition_penalty,
-                                           max_new_tokens=self.options.retrieval_max_new_tokens)
+                                           max_new_tokens=self.options.retrieval_max_new_tokens,
+                                           prefix=self._prefix("retrieval"))
 
     def _visual_input(self, segments: list[EncodedSegment], kept_frames: Sequence[int], question: str,
-                      key: jax.Array) -> tuple[jax.Array, np.ndarray, events.EventCompression]:
-        """Features of the kept frames after event compression and DiffFP, and the matching placeholder mask."""
+                      key: jax.Array) -> tuple[jax.Array, list, np.ndarray, events.EventCompression]:
+        """Features of the kept frames after event compression and DiffFP, each row's provenance key (for
+        prefix reuse), and the matching placeholder mask."""
         features = jnp.concatenate([s.features for s in segments]) if len(segments) > 1 else segments[0].features
+        keys = row_keys(segments)
         timestamps = [t for s in segments for t in s.timestamps]
         per_frame = {s.tokens_per_frame for s in segments}
         compression = events.NO_COMPRESSION
@@ -238,10 +264,14 @@ class StreamingSession:
             features = events.pool_minor_frames(features, compression.minor_frames, per_frame.pop())
         mask = events.override_minor_frames([s.clip_mask for s in segments], compression.minor_frames)
         rows = frame_rows(segments)
+        for frame in compression.minor_frames:  # token 0 of a minor frame now holds the frame's mean
+            keys[rows[frame]] = ("frame mean", keys[rows[frame]])
         kept = np.zeros(len(mask), bool)
         for f in kept_frames:
             kept[rows[f]:rows[f + 1]] = True
         if not kept.all():
             mask = mask[kept]
             features = features[jnp.asarray(np.nonzero(kept)[0])]
-        return features[jnp.asarray(np.nonzero(mask)[0])], mask, compression
+            keys = [k for k, keep in zip(keys, kept) if keep]
+        chosen = np.nonzero(mask)[0]
+        return features[jnp.asarray(chosen)], [keys[i] for i in chosen], mask, compression
