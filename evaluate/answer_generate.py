@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(parser, "resize", default="faithful", choices=["faithful", "fixed"],
          help="faithful: official shared budget, re-encode per question; fixed: encode each segment once")
     _add(parser, "max_stream_frames", default=180, type=int, help="frames the fixed resolution is sized for")
+    _add(parser, "no_reuse_prefix", action="store_true",
+         help="prefill every prompt whole (official) instead of reusing the previous question's KV prefix")
     _add(parser, "embed_with", default="full_module", choices=["full_module", "answer", "retrieval", "base"],
          help="weights that embed events and the question for event compression")
     _add(parser, "seed", default=42, type=int, help="base seed; each (video, question) derives its own key")
@@ -73,7 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     session = StreamingSession.from_pretrained(
         args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
         max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy, mode=args.mode,
-        max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed)
+        max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed,
+        reuse_prefix=not args.no_reuse_prefix)
     stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
                            progress=not args.no_progress)
     print(f"done: {stats['videos']} videos ({stats['skipped']} already finished), {stats['questions']} questions, "

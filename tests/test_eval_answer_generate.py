@@ -86,6 +86,11 @@ def test_resume_and_process_split_are_byte_identical(dataset, tmp_path, capsys):
     assert first.stat().st_mtime_ns == stamp
     for name in VIDEOS:
         assert (one / f"{name}.json").read_bytes() == (two / f"{name}.json").read_bytes()
+    # prompt-prefix KV reuse (default) changes no result: the official full prefills give the same files
+    full = tmp_path / "full"
+    assert main(_args(dataset, full, "--no_reuse_prefix")) == 0
+    for name in VIDEOS:
+        assert (one / f"{name}.json").read_bytes() == (full / f"{name}.json").read_bytes()
     jobs = [type("J", (), {"name": f"v{i}"})() for i in range(5)]
     parts = [[j.name for j in shard(jobs, i, 3)] for i in range(3)]
     assert sorted(sum(parts, [])) == [f"v{i}" for i in range(5)] and all(parts)
