@@ -171,7 +171,7 @@ def add_adapter(model: nnx.Module, name: str, spec: LoraSpec, *, rngs: nnx.Rngs 
 
 
 def _follow_kernel_mesh(linear: Linear, name: str) -> None:
-    sharding = getattr(linear.kernel[...], "sharding", None)
+    sharding = linear.base_sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         weights = linear.adapters[name]
@@ -206,7 +206,10 @@ def merge_adapter(model: nnx.Module, name: str) -> None:
 
     Other adapters stay, now on top of the merged base (as PEFT's merge_and_unload would leave them).
     """
-    for _, linear in _adapted(model, name).values():
+    for module, linear in _adapted(model, name).values():
+        if linear.quant is not None:
+            raise AdapterError(f"{module}: the base kernel is stored quantized ({linear.quant}); merge adapters into "
+                               "an unquantized base")
         weights = linear.adapters[name]
         kernel = linear.kernel[...]
         delta = (weights.lora_a[...].astype(jnp.float32) @ weights.lora_b[...].astype(jnp.float32)) * weights.scale

@@ -77,6 +77,13 @@ class LoraWeights(nnx.Module):
         return (h @ self.lora_b[...].astype(dtype)) * jnp.asarray(self.scale, dtype)
 
 
+QUANT_TILE = 64
+
+
+class QuantizedKernel(nnx.Variable):
+    """Codes or scales of a quantized frozen kernel (never trained, never saved in adapters)."""
+
+
 class Linear(nnx.Module):
     """`y = x @ kernel + bias` with kernel [in, out] (PyTorch weight transposed) and optional LoRA adapters."""
 
@@ -89,6 +96,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.adapters = nnx.Dict()
         self.active_adapter: str | None = None
+        self.quant: str | None = None  # "int8" / "nf4" once `quantize` stored the kernel quantized
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, path: str, *, rngs: nnx.Rngs,
                     dtype=jnp.float32) -> None:
@@ -96,9 +104,43 @@ class Linear(nnx.Module):
         self.adapters[name] = LoraWeights(self.in_features, self.out_features, r, alpha, dropout,
                                           self.axes[0], self.axes[1], salt, rngs=rngs, dtype=dtype)
 
+    def quantize(self, qtype: str) -> None:
+        """Store the frozen kernel quantized, QLoRA style (qwix; scales per output channel, NF4 also per tile of
+        64 inputs when the input size allows): int8 codes, or NF4 codes packed two per byte. The dense kernel
+        is dropped; every call dequantizes it on the fly (the adapters stay in full precision)."""
+        import qwix
+
+        kernel = self.kernel[...]
+        tiled = {"tiled_axes": {0: QUANT_TILE}} if qtype == "nf4" and kernel.shape[0] % QUANT_TILE == 0 else {}
+        q = qwix.quantize(kernel.astype(jnp.float32), qtype, channelwise_axes=(1,), **tiled)
+        codes = q.qvalue
+        if qtype == "nf4" and kernel.shape[0] % 2 == 0:
+            codes = q.qvalue.astype(jnp.uint8)
+            codes = codes[0::2] | (codes[1::2] << 4)
+        self.kernel_codes = QuantizedKernel(codes, axes=self.axes)
+        self.kernel_scale = QuantizedKernel(q.scale, axes=(None, self.axes[1]))
+        self.kernel, self.quant = None, qtype
+
+    def dense_kernel(self) -> jax.Array:
+        """The kernel [in, out]: stored, or dequantized from its codes."""
+        if self.quant is None:
+            return self.kernel[...]
+        import qwix
+
+        codes = self.kernel_codes[...]
+        if codes.dtype == jnp.uint8 and self.quant == "nf4":  # two 4-bit codes per byte along the input axis
+            codes = jnp.stack([codes & 15, codes >> 4], axis=1).reshape(self.in_features, self.out_features)
+            codes = codes.astype(jnp.uint4)
+        return qwix.dequantize(qwix.QArray(codes, self.kernel_scale[...], None, self.quant))
+
+    @property
+    def base_sharding(self):
+        """Placement of the frozen base weights (the kernel or its codes)."""
+        return getattr((self.kernel if self.quant is None else self.kernel_codes)[...], "sharding", None)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype
-        y = x.astype(dtype) @ self.kernel[...].astype(dtype)
+        y = x.astype(dtype) @ self.dense_kernel().astype(dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         if self.active_adapter is not None:

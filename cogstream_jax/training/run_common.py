@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -46,7 +47,7 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--dropout_rng", default="threefry", choices=["threefry", "rbg"],
                    help="LoRA-dropout RNG: threefry (same masks on any mesh) or rbg (faster, mesh-dependent)")
     p.add_argument("--base_quant", default="none", choices=["none", *QUANT_TYPES],
-                   help="quantize the frozen base kernels with qwix (QLoRA numerics)")
+                   help="store the frozen base kernels quantized with qwix (QLoRA: int8, or NF4 two codes per byte)")
     p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N updates")
     p.add_argument("--keep_last", type=int, default=3, help="checkpoints to keep")
     p.add_argument("--coordinator_address", default=None, help="multi-host: host:port of process 0")
@@ -98,27 +99,18 @@ def load_model(args: argparse.Namespace, mesh) -> tuple[nnx.Module, pathlib.Path
 
 
 def quantize_base(model: nnx.Module, qtype: str) -> int:
-    """Replace every frozen 2-D Linear kernel by its qwix quantize->dequantize round trip (per output channel).
-
-    This reproduces the numerics of a QLoRA base (weights seen through int8 / NF4), not its memory savings:
-    the dequantized kernels are stored in the base dtype. Returns the number of kernels quantized.
-    """
+    """Store every frozen Linear kernel quantized (`Linear.quantize`: int8, or NF4 packed two codes per byte),
+    as the official QLoRA base: its numerics and its memory. Returns the number of kernels quantized."""
     if qtype == "none":
         return 0
-    try:
-        import qwix
-    except ImportError:
-        raise ConfigError("--base_quant needs the 'qwix' package (pip install qwix==0.1.8)") from None
+    if importlib.util.find_spec("qwix") is None:
+        raise ConfigError("--base_quant needs the 'qwix' package (pip install qwix==0.1.8)")
     from cogstream_jax.model.layers import Linear
 
     count = 0
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, Linear):
-            kernel = module.kernel[...]
-            q = qwix.quantize(kernel.astype(jnp.float32), QUANT_TYPES[qtype], channelwise_axes=(1,),
-                              **({"tiled_axes": {0: 64}} if qtype == "nf4" and kernel.shape[0] % 64 == 0 else {}))
-            deq = qwix.dequantize(q).astype(kernel.dtype)
-            module.kernel.set_value(jax.device_put(deq, kernel.sharding))
+        if isinstance(module, Linear) and module.quant is None:
+            module.quantize(QUANT_TYPES[qtype])
             count += 1
     return count
 
