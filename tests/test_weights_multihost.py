@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from multihost_helpers import free_port
 from weights_helpers import torch_model, write_native
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,16 +46,10 @@ print(json.dumps({"process": pid, "devices": jax.device_count(), "local": jax.lo
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_each_hold_their_correct_shards(tmp_path):
     folder = write_native(torch_model(), tmp_path / "native")
-    port = str(_free_port())
+    port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(pid), port, str(folder)], cwd=REPO, env=env,

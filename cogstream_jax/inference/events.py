@@ -26,6 +26,7 @@ from cogstream_jax.data.prompts import event_summary_prompt
 from cogstream_jax.errors import InputError
 from cogstream_jax.inference.kmeans import MIN_EVENTS, KMeansResult, num_events, time_kmeans
 from cogstream_jax.model.generate import bucket_length
+from cogstream_jax.sharding import to_host
 
 COSINE_THRESHOLD = 0.45
 QUESTION_MAX_TOKENS = 128
@@ -107,7 +108,7 @@ def pooled_hidden(model, ids: np.ndarray, mask: np.ndarray, features: jax.Array 
     graphdef, state = nnx.split(model)
     if features is None:
         features = jnp.zeros((1, model.config.text.hidden_size), model.dtype)
-    return np.asarray(_pooled(graphdef, state, jnp.asarray(ids), jnp.asarray(features), jnp.asarray(mask)))
+    return to_host(_pooled(graphdef, state, jnp.asarray(ids), jnp.asarray(features), jnp.asarray(mask)))
 
 
 def cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.ndarray:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cogstream_jax.errors import InputError
+from cogstream_jax.sharding import to_host
 
 ALPHA = 2.0
 MAX_ITERATIONS = 30
@@ -176,8 +177,7 @@ def time_kmeans(features, timestamps, num_clusters: int, key: jax.Array, *, alph
                                               max_iterations=max_iterations, tol=tol)
     reps = representative_frames(gram, weights, assign)
     centers, center_times = _centres(x, times, weights)
-    return KMeansResult(np.asarray(centers), np.asarray(center_times), np.asarray(assign), int(iterations),
-                        np.asarray(reps))
+    return KMeansResult(to_host(centers), to_host(center_times), to_host(assign), int(iterations), to_host(reps))
 
 
 def loop_key_for(key: jax.Array) -> jax.Array:

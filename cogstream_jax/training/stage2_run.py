@@ -3,14 +3,13 @@ one optimiser update per `accumulation` (4) QAs, a checkpoint every 30 updates (
 
 Every process runs the same QA stream (batch 1 cannot be split over data-parallel devices); the mesh shards
 the model (fsdp / tensor) and the data axis only replicates. In multi-process runs each process places its
-(identical) host arrays with `jax.device_put` onto the global replicated sharding, and the event scorer reads
-replicated hidden states back (tests/test_train_stage2_multihost.py). A trailing group of fewer than
+(identical) host arrays with `jax.device_put` onto the global replicated sharding, and the event scorer's
+host reads gather shards owned by other processes (`sharding.to_host`; tests/test_train_stage2_multihost.py). A trailing group of fewer than
 `accumulation` QAs at the very end of training is dropped.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import pathlib
@@ -66,7 +65,7 @@ def event_scorer(setup, state, tokenizer, seed: int):
     decides which frames are minor; the pooling of those frames happens inside the differentiated step."""
     from cogstream_jax.inference.events import compress_events, should_compress
 
-    model = ReplicatedHidden(setup.model(state), replicated(setup.mesh))
+    model = setup.model(state)
     key = jax.random.fold_in(jax.random.key(seed), int(jax.device_get(state.step)))
 
     def minor_frames(out, question: str):
@@ -77,23 +76,6 @@ def event_scorer(setup, state, tokenizer, seed: int):
         return compress_events(model, tokenizer, features, out.timestamps, question, key).minor_frames
 
     return minor_frames
-
-
-class ReplicatedHidden(nnx.Module):
-    """The scorer's view of the model: same parameters, final hidden states gathered onto every device.
-
-    The event embeddings are read back to the host (numpy cosines); on a multi-process mesh a sharded array spans
-    devices of other processes and cannot be read, a replicated one can (each process reads its own copy).
-    """
-
-    def __init__(self, model: nnx.Module, sharding: jax.sharding.NamedSharding):
-        self.model, self.sharding = model, sharding
-        self.config, self.dtype = model.config, model.dtype
-
-    def forward(self, *args, **kwargs):
-        out = self.model.forward(*args, **kwargs)
-        return dataclasses.replace(out, hidden_states=jax.lax.with_sharding_constraint(out.hidden_states,
-                                                                                       self.sharding))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
