@@ -104,6 +104,9 @@ def _scores_softmax_values(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
 
 #: above this many query x key pairs a masked "jax" call would materialise too much; use the chunked path
 _MAX_DENSE_PAIRS = 1 << 24
+#: "auto" off GPU: one dense [B, H, T, S] score tensor up to this many elements (256 MiB fp32); beyond it the
+#: chunked path (one query chunk at a time, recomputed in the backward pass) bounds memory
+_MAX_DENSE_SCORES = 1 << 26
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = None, *, impl: Impl = "auto",
@@ -114,7 +117,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = Non
     mask = mask or MaskSpec()
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu"
-        impl = "jax" if on_gpu else ("chunked" if t > chunk_size else "dense")
+        impl = "jax" if on_gpu else ("dense" if b * h * t * s <= _MAX_DENSE_SCORES else "chunked")
     if impl == "jax":
         plain = not mask.causal and mask.kv_valid is None
         plain_causal = mask.causal and mask.aligned and mask.kv_valid is None
