@@ -1,8 +1,8 @@
 """LoRA train step (stage-1 style, text only): jitted JAX step vs transformers + peft (torch CPU), fp32.
 
 Same random base weights (bench config), same LoRA targets (q,k,v,o,gate,up,down of every layer, r 8, alpha 16,
-dropout 0.1; JAX masks from XLA's fast RngBitGenerator by default, `--dropout_rng threefry` for the default
-training RNG), same batch (ROWS x 1024 tokens, loss on the last P positions, lm_head only there in both),
+dropout 0.1; JAX masks from the training default, the counter-based hash (`--dropout_rng threefry|rbg` for the
+bit generators)), same batch (ROWS x 1024 tokens, loss on the last P positions, lm_head only there in both),
 AdamW update included in both. Headline value = JAX tokens/s / PyTorch tokens/s (target >= 1.0).
 Run: `.venv/bin/python bench/train_step.py [--repeats 5]`. Figures are noisy while other jobs share the CPU.
 """
@@ -62,7 +62,7 @@ def torch_step_fn(tm, cfg, ids, labels):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--dropout_rng", default="rbg", choices=["threefry", "rbg"],
+    p.add_argument("--dropout_rng", default="hash", choices=["hash", "threefry", "rbg"],
                    help="JAX LoRA-dropout RNG (torch uses its own fast generator)")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -284,7 +284,8 @@ def test_stage2_event_scorer_runs_the_streaming_scoring(monkeypatch):
     assert all(isinstance(f, int) and 0 <= f < out.num_frames for f in minor)
 
 
-def test_rbg_dropout_rng_is_deterministic_and_active():
+@pytest.mark.parametrize("kind", ["rbg", "hash"])
+def test_dropout_rng_is_deterministic_and_active(kind):
     from flax import nnx
 
     from cogstream_jax.model.videollama3 import VideoLlama3
@@ -294,7 +295,7 @@ def test_rbg_dropout_rng_is_deterministic_and_active():
     ids, labels, mask = random_rows(np.random.default_rng(3), rows=2, length=16, n_targets=3)
     batch = step_batch(ids, labels, mask, micro_batches=1)
     results = {}
-    for rng_kind, dropout in (("rbg", True), ("rbg", True), ("threefry", False)):
+    for rng_kind, dropout in ((kind, True), (kind, True), ("threefry", False)):
         model = VideoLlama3(config, rngs=nnx.Rngs(0))
         spec = lora.language_module_spec(config)
         setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optax.sgd(1.0),
@@ -304,6 +305,25 @@ def test_rbg_dropout_rng_is_deterministic_and_active():
         state, _ = setup.accumulating_step(allowed)(setup.state, setup.frozen, batch)
         results.setdefault((rng_kind, dropout), []).append(np.concatenate([np.ravel(x) for x in
                                                                            jax.tree.leaves(state.params)]))
-    first, second = results[("rbg", True)]
+    first, second = results[(kind, True)]
     assert np.array_equal(first, second)
     assert np.abs(first - results[("threefry", False)][0]).max() > 1e-7
+
+
+def test_hashed_dropout_masks_keep_the_rate_and_ignore_the_mesh():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cogstream_jax.model.layers import hashed_keep_mask
+
+    shape = (4, 64, 96)
+    key = jax.random.key(5)
+    masks = jax.jit(lambda k: hashed_keep_mask(k, shape, 0.9))
+    single = np.asarray(masks(key))
+    assert abs(single.mean() - 0.9) < 0.01
+    assert not np.array_equal(single, np.asarray(masks(jax.random.key(6))))
+    assert not np.array_equal(single[0], single[1])  # no repetition along the rows
+    mesh = make_mesh("2,2,2")
+    sharded = jax.jit(lambda k: hashed_keep_mask(k, shape, 0.9),
+                      out_shardings=NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "tensor")))(key)
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(sharded), single)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import zlib
 from typing import Iterator
 
@@ -19,25 +20,48 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
+_DROPOUT_MASKS: contextvars.ContextVar[str] = contextvars.ContextVar("lora_dropout_masks", default="bernoulli")
+MASK_METHODS = ("bernoulli", "hash")
 
 
 @contextlib.contextmanager
-def lora_dropout(key: jax.Array | None) -> Iterator[None]:
+def lora_dropout(key: jax.Array | None, masks: str = "bernoulli") -> Iterator[None]:
     """Enable LoRA dropout for the model calls traced inside this block (None = deterministic).
 
     Each adapted Linear derives its own mask key from `key` and a hash of its module path, so no RNG has to be
-    threaded through every module call.
+    threaded through every module call. `masks`: "bernoulli" draws them with `jax.random.bernoulli` (the key's
+    own bit generator); "hash" (`hashed_keep_mask`) is about 100x faster on XLA:CPU and equally mesh-independent.
     """
-    token = _DROPOUT_KEY.set(key)
+    if masks not in MASK_METHODS:
+        raise ValueError(f"lora_dropout masks: expected one of {MASK_METHODS}, got {masks!r}")
+    token, method = _DROPOUT_KEY.set(key), _DROPOUT_MASKS.set(masks)
     try:
         yield
     finally:
         _DROPOUT_KEY.reset(token)
+        _DROPOUT_MASKS.reset(method)
 
 
 def active_dropout_key() -> jax.Array | None:
     """The key set by `lora_dropout` (None outside it); cached-jit entry points should refuse to run under one."""
     return _DROPOUT_KEY.get()
+
+
+def hashed_keep_mask(key: jax.Array, shape: tuple[int, ...], keep: float) -> jax.Array:
+    """Boolean keep mask with P(True) = `keep` from a counter-based hash: the element's global flat index (iota,
+    which the SPMD partitioner offsets per shard, so masks do not depend on the mesh) mixed with a 32-bit seed
+    drawn from `key` by the lowbias32 integer hash. A few integer ops per element instead of a bit generator."""
+    seed = jax.random.bits(key, (), jnp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    x = index * jnp.uint32(0x9E3779B9) + seed
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    x = x ^ (x >> 16)
+    return x >= jnp.uint32(min(round((1.0 - keep) * 2**32), 2**32 - 1))
 
 
 def _normal(key: jax.Array, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
@@ -71,10 +95,42 @@ class LoraWeights(nnx.Module):
                 raise ValueError("lora_dropout: the key must be an argument of the jitted function that runs the "
                                  "model (e.g. your train step), not a constant captured by its trace; the eager "
                                  "model(...) API does not support dropout, call model.forward inside your own jit")
-            keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt), 1.0 - self.dropout, x.shape)
+            module_key = jax.random.fold_in(key, self.salt)
+            if _DROPOUT_MASKS.get() == "hash":
+                keep = hashed_keep_mask(module_key, x.shape, 1.0 - self.dropout)
+            else:
+                keep = jax.random.bernoulli(module_key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
-        h = x.astype(dtype) @ self.lora_a[...].astype(dtype)
-        return (h @ self.lora_b[...].astype(dtype)) * jnp.asarray(self.scale, dtype)
+        return low_rank_product(x.astype(dtype), self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype),
+                                self.scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """`((x @ a) @ b) * scale` for x [..., in], a [in, r], b [r, out].
+
+    Same values as plain autodiff; the hand-written backward contracts over the tokens as `g^T @ x` (rank-sized
+    operand transposed) where autodiff's `x^T @ g` makes XLA:CPU materialise a transposed copy of every big
+    activation (~25% of a CPU LoRA train step)."""
+    return ((x @ a) @ b) * jnp.asarray(scale, x.dtype)
+
+
+def _low_rank_fwd(x, a, b, scale):
+    h = x @ a
+    return (h @ b) * jnp.asarray(scale, x.dtype), (x, a, b, h)
+
+
+def _low_rank_bwd(scale, residuals, g):
+    x, a, b, h = residuals
+    rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  [tokens, features]
+    gs = g * jnp.asarray(scale, g.dtype)
+    grad_b = rows(h).T @ rows(gs)  # [r, out]: the rank-sized operand is the transposed one
+    gh = gs @ b.T  # [..., r]
+    grad_a = (rows(gh).T @ rows(x)).T  # [in, r]
+    return gh @ a.T, grad_a, grad_b
+
+
+low_rank_product.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 QUANT_TILE = 64

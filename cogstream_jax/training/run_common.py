@@ -44,8 +44,9 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="frozen base dtype")
     p.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--remat", action="store_true", help="rematerialise decoder layers in the backward pass")
-    p.add_argument("--dropout_rng", default="threefry", choices=["threefry", "rbg"],
-                   help="LoRA-dropout RNG: threefry (same masks on any mesh) or rbg (faster, mesh-dependent)")
+    p.add_argument("--dropout_rng", default="hash", choices=["hash", "threefry", "rbg"],
+                   help="LoRA-dropout masks: hash (counter-based, same masks on any mesh, fast), threefry (same "
+                        "masks on any mesh, slow on CPU) or rbg (mesh-dependent)")
     p.add_argument("--base_quant", default="none", choices=["none", *QUANT_TYPES],
                    help="store the frozen base kernels quantized with qwix (QLoRA: int8, or NF4 two codes per byte)")
     p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N updates")
