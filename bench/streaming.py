@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     from cogstream_jax import config as configs
     from cogstream_jax.data.processor import Processor
-    from cogstream_jax.inference.sampling import SamplingConfig
+    from cogstream_jax.model.sampling import SamplingConfig
     from cogstream_jax.inference.session import SessionOptions, StreamingSession
     from cogstream_jax.model.videollama3 import VideoLlama3
     from cogstream_jax.reference_files import bundled_model_dir

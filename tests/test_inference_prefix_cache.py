@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
-from cogstream_jax.inference.sampling import SamplingConfig
+from cogstream_jax.model.sampling import SamplingConfig
 from cogstream_jax.model.generate import generate
 from torch_reference import IMAGE_ID, VOCAB, reference_pair
 

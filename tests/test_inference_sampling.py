@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from cogstream_jax.errors import ConfigError
-from cogstream_jax.inference.sampling import SamplingConfig, mark_seen, process_logits
+from cogstream_jax.model.sampling import SamplingConfig, mark_seen, process_logits
 from cogstream_jax.model.generate import bucket_length, generate
 from cogstream_jax.reference_files import bundled_model_dir
 from torch_reference import VOCAB, reference_pair

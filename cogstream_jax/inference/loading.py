@@ -5,7 +5,7 @@ import os
 
 from cogstream_jax.data.processor import Processor
 from cogstream_jax.errors import WeightError
-from cogstream_jax.inference.sampling import SamplingConfig
+from cogstream_jax.model.sampling import SamplingConfig
 from cogstream_jax.reference_files import bundled_model_dir
 
 TINY = "tiny"

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from cogstream_jax.errors import InputError
-from cogstream_jax.inference.sampling import GREEDY, SamplingConfig, choose_tokens, mark_seen
+from cogstream_jax.model.sampling import GREEDY, SamplingConfig, choose_tokens, mark_seen
 from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, sampling_masks
 from cogstream_jax.model.qwen2 import KVCache
 

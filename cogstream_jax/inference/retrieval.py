@@ -19,7 +19,7 @@ from cogstream_jax.data.prompts import format_selection, retrieval_prompt
 from cogstream_jax.data.selection import ALLOWED_TOKEN_IDS, parse_selection, postprocess_generated
 from cogstream_jax.errors import InputError
 from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
-from cogstream_jax.inference.sampling import SamplingConfig
+from cogstream_jax.model.sampling import SamplingConfig
 from cogstream_jax.model.generate import generate
 
 MODES = ("FCC", "AC", "NC", "gt")

@@ -39,7 +39,7 @@ from cogstream_jax.data.selection import parse_selection
 from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.inference import events, retrieval
 from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
-from cogstream_jax.inference.sampling import SamplingConfig
+from cogstream_jax.model.sampling import SamplingConfig
 from cogstream_jax.inference.segments import (EncodedSegment, SegmentEncoder, StreamTimeline, frame_rows, row_keys,
                                               video_item)
 from cogstream_jax.lora import set_adapter

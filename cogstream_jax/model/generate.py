@@ -2,7 +2,7 @@
 
 - Positions follow transformers' `generate`: `cumsum(attention_mask) - 1` (1 on padding), so left-padded
   batches decode exactly like the reference. Rows that emitted an EOS id keep emitting `pad_token_id`.
-- Every step runs `cogstream_jax.inference.sampling` (repetition penalty, an optional allowed-id constraint,
+- Every step runs `cogstream_jax.model.sampling` (repetition penalty, an optional allowed-id constraint,
   temperature / top-k / top-p, then a categorical draw or argmax), like transformers' logits processors.
   `penalize_prompt=False` reproduces a `generate(inputs_embeds=...)` call, where transformers' repetition
   penalty only sees the generated ids (the official CogReasoner answer call).
@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from cogstream_jax.errors import InputError
-from cogstream_jax.inference.sampling import GREEDY, SamplingConfig, choose_tokens, mark_seen
+from cogstream_jax.model.sampling import GREEDY, SamplingConfig, choose_tokens, mark_seen
 from cogstream_jax.model.qwen2 import KVCache
 from cogstream_jax.model.videollama3 import check_inputs
 
