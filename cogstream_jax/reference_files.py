@@ -5,6 +5,7 @@ nothing needs a network.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -21,15 +22,23 @@ def _cache_root() -> pathlib.Path:
     return pathlib.Path(base)
 
 
-def bundled_model_dir() -> pathlib.Path:
-    """A folder with config.json, tokenizer files and processor configs of VideoLLaMA3-7B (no weights)."""
+@functools.lru_cache(maxsize=1)
+def _bundled_files() -> tuple[tuple[str, ...], str]:
+    """The bundled asset names and a digest of their bytes (hashed once per process)."""
     src = resources.files("cogstream_jax").joinpath(_ASSET)
-    files = sorted(p.name for p in src.iterdir() if p.name != "README.md")
+    files = tuple(sorted(p.name for p in src.iterdir() if p.name != "README.md"))
     digest = hashlib.sha256()
     for name in files:
         digest.update(name.encode())
         digest.update(src.joinpath(name).read_bytes())
-    target = _cache_root() / f"videollama3-{digest.hexdigest()[:12]}"
+    return files, digest.hexdigest()[:12]
+
+
+def bundled_model_dir() -> pathlib.Path:
+    """A folder with config.json, tokenizer files and processor configs of VideoLLaMA3-7B (no weights)."""
+    src = resources.files("cogstream_jax").joinpath(_ASSET)
+    files, digest = _bundled_files()
+    target = _cache_root() / f"videollama3-{digest}"
     if (target / "vocab.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
