@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from cogstream_jax.errors import InputError
-from cogstream_jax.model.sampling import GREEDY, SamplingConfig, choose_tokens, mark_seen
-from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, sampling_masks
+from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, generate, prefill, sampling_masks
+from cogstream_jax.model.sampling import GREEDY, SamplingConfig
 from cogstream_jax.model.qwen2 import KVCache
 
 MIN_CAPACITY = 256
@@ -68,13 +68,19 @@ def prompt_keys(input_ids: np.ndarray, placeholder_ids: Sequence[int], visual_ke
     return [("visual", next(rows)) if v else int(t) for t, v in zip(input_ids.tolist(), is_visual.tolist())]
 
 
-def generate_with_prefix(model, prefix: PrefixCache, input_ids, *, max_new_tokens: int, visual_features=None,
-                         visual_keys: Sequence[Hashable] = (), sampling: SamplingConfig = GREEDY,
-                         key: jax.Array | None = None, allowed_token_ids: Sequence[int] | None = None,
-                         penalize_prompt: bool = True, eos_token_ids: Sequence[int] = DEFAULT_EOS,
-                         pad_token_id: int | None = None) -> np.ndarray:
+def generate_with_prefix(model, prefix: PrefixCache | None, input_ids, *, max_new_tokens: int,
+                         visual_features=None, visual_keys: Sequence[Hashable] = (),
+                         sampling: SamplingConfig = GREEDY, key: jax.Array | None = None,
+                         allowed_token_ids: Sequence[int] | None = None, penalize_prompt: bool = True,
+                         eos_token_ids: Sequence[int] = DEFAULT_EOS, pad_token_id: int | None = None) -> np.ndarray:
     """`generate` for one prompt [1, L] (precomputed `visual_features` rows fill the placeholders in order),
-    reusing and then updating `prefix`. Returns the generated ids [1, max_new_tokens] (pad after EOS)."""
+    reusing and then updating `prefix`. Returns the generated ids [1, max_new_tokens] (pad after EOS).
+    `prefix=None` keeps nothing: a plain bucketed `generate` (the official full prefill)."""
+    if prefix is None:
+        return generate(model, input_ids, max_new_tokens=max_new_tokens, visual_features=visual_features,
+                        sampling=sampling, key=key, allowed_token_ids=allowed_token_ids,
+                        penalize_prompt=penalize_prompt, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+                        bucket=True)
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
         raise InputError(f"input_ids: prefix reuse takes one prompt [1, length], got shape {input_ids.shape}")
@@ -96,12 +102,12 @@ def generate_with_prefix(model, prefix: PrefixCache, input_ids, *, max_new_token
     key = jax.random.PRNGKey(0) if key is None else key
     cache, kept_keys = prefix.cache, prefix.keys[:start]
     prefix.clear()  # the cache is donated below: a call that fails leaves an empty (valid) prefix behind
-    cache = _with_capacity(cache, config.text, start + padded + max_new_tokens, model.dtype)
+    cache = _kept_prefix(cache, config.text, start, start + padded + max_new_tokens, model.dtype)
     graphdef, state = nnx.split(model)
     positions = jnp.asarray(reused + np.arange(padded, dtype=np.int32)[None])
-    first, cache, seen = _extend(graphdef, state, cache, jnp.int32(start), jnp.asarray(ids), features,
-                                 jnp.asarray(mask), positions, jnp.full((1, 1), new - 1, jnp.int32),
-                                 jnp.asarray(seen), allowed, key, num_kept=num_kept, sampling=sampling)
+    first, cache, seen = prefill(graphdef, state, jnp.asarray(ids), None, features, None, jnp.asarray(mask),
+                                 positions, jnp.full((1, 1), new - 1, jnp.int32), cache, jnp.asarray(seen), allowed,
+                                 key, layout=None, num_kept=num_kept, sampling=sampling)
     tokens, cache, fed = decode_loop(graphdef, state, cache, first, jnp.full((1,), length, jnp.int32), seen,
                                      allowed, key, jnp.asarray(tuple(eos_token_ids), jnp.int32), jnp.int32(pad),
                                      max_new_tokens=max_new_tokens, sampling=sampling)
@@ -130,31 +136,18 @@ def _new_rows(config, input_ids: np.ndarray, reused: int, visual_features) -> tu
     return jnp.pad(rows, ((0, bucket - needed), (0, 0))), bucket
 
 
-def _with_capacity(cache: KVCache | None, text_config, needed: int, dtype) -> KVCache:
-    """The cache itself when it has room; else a larger one (capacity bucketed) holding the same slots."""
-    if cache is not None and cache.length >= needed:
-        return cache
-    capacity = bucket_length(needed, MIN_CAPACITY)
+def _kept_prefix(cache: KVCache | None, text_config, start: int, needed: int, dtype) -> KVCache:
+    """The cache holding only slots [0, start) (later ones invalid, writing resumes at `start`), with room for
+    `needed` slots: grown (capacity bucketed) when too small."""
     if cache is None:
-        return KVCache.init(text_config, 1, capacity, dtype)
-    return _grow(cache, capacity - cache.length)
+        return KVCache.init(text_config, 1, bucket_length(needed, MIN_CAPACITY), dtype)
+    extra = 0 if cache.length >= needed else bucket_length(needed, MIN_CAPACITY) - cache.length
+    return _truncate(cache, jnp.int32(start), extra)
 
 
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))
-def _grow(cache: KVCache, extra: int) -> KVCache:
+@functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
+def _truncate(cache: KVCache, start: jax.Array, extra: int) -> KVCache:
     slots = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-    return KVCache(k=jnp.pad(cache.k, slots), v=jnp.pad(cache.v, slots),
-                   valid=jnp.pad(cache.valid, ((0, 0), (0, extra))), index=cache.index)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_kept", "sampling"), donate_argnames=("cache",))
-def _extend(graphdef, state, cache, start, input_ids, features, attention_mask, positions, last, seen, allowed, key,
-            *, num_kept, sampling):
-    """Forget slots >= `start`, prefill the new tokens there (attending to the kept prefix), pick the first token."""
-    model = nnx.merge(graphdef, state)
-    keep = jnp.arange(cache.length) < start
-    cache = KVCache(k=cache.k, v=cache.v, valid=cache.valid & keep[None], index=start)
-    out = model.forward(input_ids, visual_features=features, num_kept=num_kept, attention_mask=attention_mask,
-                        positions=positions, cache=cache, logits_positions=last)
-    first = choose_tokens(out.logits[:, -1], seen, sampling, jax.random.fold_in(key, 0), allowed)
-    return first, out.cache, mark_seen(seen, first)
+    valid = jnp.pad(cache.valid, ((0, 0), (0, extra)))
+    keep = jnp.arange(valid.shape[1]) < start
+    return KVCache(k=jnp.pad(cache.k, slots), v=jnp.pad(cache.v, slots), valid=valid & keep[None], index=start)

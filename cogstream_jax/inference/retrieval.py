@@ -20,7 +20,6 @@ from cogstream_jax.data.selection import ALLOWED_TOKEN_IDS, parse_selection, pos
 from cogstream_jax.errors import InputError
 from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
 from cogstream_jax.model.sampling import SamplingConfig
-from cogstream_jax.model.generate import generate
 
 MODES = ("FCC", "AC", "NC", "gt")
 RETRIEVAL_MAX_NEW_TOKENS = 50
@@ -67,12 +66,9 @@ def predict_selection(model, tokenizer: Any, question: str, history_questions: S
     prompt = retrieval_prompt(question, list(zip(history_questions, history_answers)), with_demos)
     ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]
     sampling = SamplingConfig(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=penalty)
-    common = dict(max_new_tokens=max_new_tokens, sampling=sampling, key=jax.random.PRNGKey(0),
-                  allowed_token_ids=ALLOWED_TOKEN_IDS, eos_token_ids=(eos_token_id,), pad_token_id=151643)
-    if prefix is None:
-        out = generate(model, ids, bucket=True, **common)
-    else:
-        out = generate_with_prefix(model, prefix, ids, **common)
+    out = generate_with_prefix(model, prefix, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                               key=jax.random.PRNGKey(0), allowed_token_ids=ALLOWED_TOKEN_IDS,
+                               eos_token_ids=(eos_token_id,), pad_token_id=151643)
     raw = decode_generated(tokenizer, out[0], eos_token_id)
     return from_selection(postprocess_generated(raw), raw)
 

@@ -39,11 +39,11 @@ from cogstream_jax.data.selection import parse_selection
 from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.inference import events, retrieval
 from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
-from cogstream_jax.model.sampling import SamplingConfig
 from cogstream_jax.inference.segments import (EncodedSegment, SegmentEncoder, StreamTimeline, frame_rows, row_keys,
                                               video_item)
 from cogstream_jax.lora import set_adapter
-from cogstream_jax.model.generate import DEFAULT_EOS, generate
+from cogstream_jax.model.generate import DEFAULT_EOS
+from cogstream_jax.model.sampling import SamplingConfig
 
 RESIZE_MODES = ("faithful", "fixed")
 SYSTEM_PROMPT = "You are a helpful assistant."  # answer_generate's first turn
@@ -204,14 +204,10 @@ class StreamingSession:
                              f"{self.options.max_new_tokens} exceeds the context limit {limit}")
         tick = time.perf_counter()
         set_adapter(self.model, self.answer_adapter)
-        common = dict(max_new_tokens=self.options.max_new_tokens, visual_features=features, sampling=self.sampling,
-                      key=jax.random.fold_in(key, 2), penalize_prompt=False,
-                      eos_token_ids=self.options.eos_token_ids, pad_token_id=PAD_ID)
-        prefix = self._prefix("answer")
-        if prefix is None:
-            out = generate(self.model, ids, bucket=True, **common)
-        else:
-            out = generate_with_prefix(self.model, prefix, ids, visual_keys=keys, **common)
+        out = generate_with_prefix(self.model, self._prefix("answer"), ids, max_new_tokens=self.options.max_new_tokens,
+                                   visual_features=features, visual_keys=keys, sampling=self.sampling,
+                                   key=jax.random.fold_in(key, 2), penalize_prompt=False,
+                                   eos_token_ids=self.options.eos_token_ids, pad_token_id=PAD_ID)
         text = self.processor.tokenizer.decode(list(out[0]), skip_special_tokens=True).strip()
         timings["answer_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - start

@@ -100,12 +100,12 @@ def generate(model, input_ids, *, max_new_tokens: int, pixel_values=None, grid_s
     key = jax.random.PRNGKey(0) if key is None else key
     graphdef, state = nnx.split(model)
     cache = KVCache.init(model.config.text, b, length + max_new_tokens, cache_dtype or model.dtype)
-    first, cache, seen = _prefill(graphdef, state, jnp.asarray(input_ids),
-                                  None if pixel_values is None else jnp.asarray(pixel_values), features,
-                                  None if compression_mask is None else jnp.asarray(compression_mask, bool),
-                                  jnp.asarray(mask), jnp.asarray(generation_positions(mask)), cache,
-                                  jnp.asarray(seen), allowed, key, layout=layout, num_kept=num_kept,
-                                  sampling=sampling)
+    first, cache, seen = prefill(graphdef, state, jnp.asarray(input_ids),
+                                 None if pixel_values is None else jnp.asarray(pixel_values), features,
+                                 None if compression_mask is None else jnp.asarray(compression_mask, bool),
+                                 jnp.asarray(mask), jnp.asarray(generation_positions(mask)),
+                                 jnp.full((b, 1), length - 1, jnp.int32), cache, jnp.asarray(seen), allowed, key,
+                                 layout=layout, num_kept=num_kept, sampling=sampling)
     next_pos = jnp.asarray(mask.sum(-1), jnp.int32)
     out, _, _ = decode_loop(graphdef, state, cache, first, next_pos, seen, allowed, key,
                             jnp.asarray(tuple(eos_token_ids), jnp.int32), jnp.int32(pad),
@@ -139,11 +139,11 @@ def greedy_generate(model, input_ids, *, max_new_tokens: int, **kwargs) -> np.nd
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "num_kept", "sampling"),
                    donate_argnames=("cache",))
-def _prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask, positions,
-             cache, seen, allowed, key, *, layout, num_kept, sampling):
+def prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask, positions,
+            last, cache, seen, allowed, key, *, layout, num_kept, sampling):
+    """Write the prompt's K/V into `cache` (at its index) and pick the first token from the logits at `last`
+    [B, 1] (the last real prompt position)."""
     model = nnx.merge(graphdef, state)
-    b, length = input_ids.shape
-    last = jnp.full((b, 1), length - 1, jnp.int32)
     out = model.forward(input_ids, pixel_values=pixel_values, layout=layout, visual_features=visual_features,
                         compression_mask=compression_mask, num_kept=num_kept, attention_mask=attention_mask,
                         positions=positions, cache=cache, logits_positions=last)
