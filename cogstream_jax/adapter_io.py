@@ -26,6 +26,7 @@ from flax import nnx
 from cogstream_jax import __version__
 from cogstream_jax.lora import (AdapterError, LoraSpec, adapter_names, adapter_spec, adapter_variables,
                                 add_adapter, delete_adapter, set_adapter_tensors)
+from cogstream_jax.multihost import barrier, broadcast_from_primary
 
 META_FILE = "adapter_meta.json"
 TENSOR_DIR = "lora"
@@ -142,7 +143,7 @@ def write_adapter_dir(directory: str | os.PathLike, meta: AdapterMeta,
         if primary:
             (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
             _replace_dir(tmp, directory)
-        _barrier(f"adapter_io.write:{directory}")
+        barrier(f"adapter_io.write:{directory}")
     finally:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -151,20 +152,7 @@ def write_adapter_dir(directory: str | os.PathLike, meta: AdapterMeta,
 
 def _shared_token() -> str:
     """A random temp-folder token that every process of a multi-process run agrees on (process 0's)."""
-    token = np.uint32(uuid.uuid4().int & 0xFFFFFFFF)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        token = multihost_utils.broadcast_one_to_all(token)
-    return f"{int(token):08x}"
-
-
-def _barrier(name: str) -> None:
-    """Multi-process: nobody returns before process 0 has renamed the directory into place."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    return f"{int(broadcast_from_primary(np.uint32(uuid.uuid4().int & 0xFFFFFFFF))):08x}"
 
 
 def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:

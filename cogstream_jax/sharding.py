@@ -125,12 +125,3 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> None:
             var.set_value(jax.device_put(var[...], variable_sharding(var, mesh, rules)))
     nnx.update(model, state)
 
-
-def to_host(x) -> np.ndarray:
-    """A (global) array as numpy on every process: shards owned by other processes are gathered first (reading
-    a multi-process sharded array directly fails). Single-process and replicated arrays are read as they are."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

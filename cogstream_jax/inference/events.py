@@ -26,7 +26,7 @@ from cogstream_jax.data.prompts import event_summary_prompt
 from cogstream_jax.errors import InputError
 from cogstream_jax.inference.kmeans import MIN_EVENTS, KMeansResult, num_events, time_kmeans
 from cogstream_jax.model.generate import bucket_length
-from cogstream_jax.sharding import to_host
+from cogstream_jax.multihost import to_host
 
 COSINE_THRESHOLD = 0.45
 QUESTION_MAX_TOKENS = 128

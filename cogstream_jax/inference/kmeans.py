@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cogstream_jax.errors import InputError
-from cogstream_jax.sharding import to_host
+from cogstream_jax.multihost import to_host
 
 ALPHA = 2.0
 MAX_ITERATIONS = 30

@@ -95,7 +95,3 @@ def to_global(local: Mapping[str, np.ndarray], sharding: jax.sharding.NamedShard
         out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
     return out
 
-
-def sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)

@@ -4,7 +4,7 @@ one optimiser update per `accumulation` (4) QAs, a checkpoint every 30 updates (
 Every process runs the same QA stream (batch 1 cannot be split over data-parallel devices); the mesh shards
 the model (fsdp / tensor) and the data axis only replicates. In multi-process runs each process places its
 (identical) host arrays with `jax.device_put` onto the global replicated sharding, and the event scorer's
-host reads gather shards owned by other processes (`sharding.to_host`; tests/test_train_stage2_multihost.py). A trailing group of fewer than
+host reads gather shards owned by other processes (`multihost.to_host`; tests/test_train_stage2_multihost.py). A trailing group of fewer than
 `accumulation` QAs at the very end of training is dropped.
 """
 from __future__ import annotations
