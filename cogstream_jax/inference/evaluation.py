@@ -9,7 +9,6 @@ field and an empty prediction; it stays in the conversation so later indices kee
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Callable, Iterable
 from cogstream_jax.data.dataset import list_segments, read_json, zip_mapping
 from cogstream_jax.data.records import Chain, QARecord, parse_chains
 from cogstream_jax.errors import DataError, UserError
+from cogstream_jax.io_utils import atomic_write_text
 from cogstream_jax.inference.session import StreamingSession
 
 
@@ -73,9 +73,7 @@ def is_finished(save_dir: Path, name: str) -> bool:
 
 
 def write_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=4), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=4))
 
 
 def chain_order(chain: Chain, n_segments: int, where: str) -> list[tuple[QARecord, int | None]]:

@@ -18,6 +18,7 @@ from flax import nnx
 from cogstream_jax.cli_utils import ArgumentParser
 from cogstream_jax.config import tiny
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.io_utils import atomic_write_text
 from cogstream_jax.reference_files import bundled_model_dir
 from cogstream_jax.training.distributed import DistributedConfig, is_primary, maybe_initialize
 
@@ -129,11 +130,7 @@ def announce_config(output_dir: str | os.PathLike, config: dict[str, Any]) -> No
         return
     text = json.dumps(config, indent=2, default=str)
     print(text, file=sys.stderr)
-    directory = pathlib.Path(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(text + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    atomic_write_text(pathlib.Path(output_dir) / CONFIG_FILE, text + "\n")
 
 
 def export_adapter(model: nnx.Module, adapter: str, output_dir: str | os.PathLike) -> pathlib.Path | None:
