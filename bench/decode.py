@@ -4,8 +4,12 @@ every frame to RGB and subsampling afterwards, on a 3-minute synthetic 30 fps vi
 The video (640x360 moving shapes, libx264 crf 23 preset veryfast, GOP 250, yuv420p; x264's default B-frames
 unless --no_bframes) is encoded once and cached in the temp dir. Both sides run the same frame selection and
 the same resize/normalise/patchify. Also timed: the official pipeline's FFmpeg filter graph
-(decode all, fps=1:round=up, rgb24) through PyAV. Prints one JSON line last; `value` = speedup over
-"decode every frame".
+(decode all, fps=1:round=up, rgb24) through PyAV.
+
+Each side runs single-threaded and with `--threads` (default: the usable cores, at most 8): ours splits the
+work at IDR pictures across decoders and resizes frames in parallel; "decode every frame" gets FFmpeg's frame
+threading and the same parallel resize. Prints one JSON line last; `value` = speedup over "decode every frame"
+at the same thread count (like for like); the single-threaded ratio is reported beside it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sys
 import tempfile
 import time
 from fractions import Fraction
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,6 +29,7 @@ import av  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import emit  # noqa: E402
+from cogstream_jax.data.threads import default_threads  # noqa: E402
 from cogstream_jax.data.image import compute_resize, frames_to_patches  # noqa: E402
 from cogstream_jax.data.video import decode_plan, plan_clip, probe_video  # noqa: E402
 
@@ -67,26 +73,31 @@ def ensure_video(bframes: bool) -> pathlib.Path:
     return path
 
 
-def preprocess(frames: np.ndarray) -> np.ndarray:
+def preprocess(frames: np.ndarray, threads: int = 1) -> np.ndarray:
     size = compute_resize(frames.shape[1], frames.shape[2], len(frames), 2)
-    return frames_to_patches(frames, size, 2)[0]
+    return frames_to_patches(frames, size, 2, threads=threads)[0]
 
 
-def ours(path: pathlib.Path) -> np.ndarray:
+def ours(path: pathlib.Path, threads: int = 1) -> np.ndarray:
     probe = probe_video(path)
-    return preprocess(decode_plan(plan_clip(probe, fps=1, max_frames=180), probe).frames)
+    clip = decode_plan(plan_clip(probe, fps=1, max_frames=180), probe, threads=threads)
+    return preprocess(clip.frames, threads)
 
 
-def decode_everything(path: pathlib.Path) -> np.ndarray:
-    """Baseline: every frame decoded and converted to RGB, then the same frames picked and preprocessed."""
+def decode_everything(path: pathlib.Path, threads: int = 1) -> np.ndarray:
+    """Baseline: every frame decoded (FFmpeg frame threading when threads > 1) and converted to RGB, then the
+    same frames picked and preprocessed."""
     probe = probe_video(path)
     wanted = plan_clip(probe, fps=1, max_frames=180).frame_indices
     with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if threads > 1:
+            stream.codec_context.thread_type, stream.codec_context.thread_count = "FRAME", threads
         decoded = {}
-        for frame in container.decode(container.streams.video[0]):
+        for frame in container.decode(stream):
             decoded[frame.pts] = frame.to_ndarray(format="rgb24")
     ordered = [decoded[p] for p in sorted(decoded)]
-    return preprocess(np.stack([ordered[i] for i in wanted]))
+    return preprocess(np.stack([ordered[i] for i in wanted]), threads)
 
 
 def ffmpeg_graph(path: pathlib.Path) -> np.ndarray:
@@ -135,25 +146,36 @@ def timed_rounds(functions: dict, path, runs: int) -> tuple[dict[str, list[float
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed rounds after one warm-up round")
+    parser.add_argument("--threads", type=int, default=default_threads(), help="threads of the parallel runs")
     parser.add_argument("--no_bframes", "--no-bframes", action="store_true", help="encode without B-frames")
     args = parser.parse_args(argv)
     path = ensure_video(bframes=not args.no_bframes)
     source_frames = len(probe_video(path).pts)
-    times, pixels = timed_rounds({"ours": ours, "all": decode_everything, "graph": ffmpeg_graph}, path, args.runs)
-    identical = bool(np.array_equal(pixels["ours"], pixels["all"]) and np.array_equal(pixels["ours"], pixels["graph"]))
+    n = args.threads
+    methods = {"ours_1": partial(ours, threads=1), "all_1": partial(decode_everything, threads=1), "graph": ffmpeg_graph}
+    if n > 1:
+        methods.update({f"ours_{n}": partial(ours, threads=n), f"all_{n}": partial(decode_everything, threads=n)})
+    times, pixels = timed_rounds(methods, path, args.runs)
+    identical = all(np.array_equal(pixels["ours_1"], other) for other in pixels.values())
     height, width = compute_resize(HEIGHT, WIDTH, 180, 2)
-    kept = pixels["ours"].shape[0] // ((height // 14) * (width // 14))
+    kept = pixels["ours_1"].shape[0] // ((height // 14) * (width // 14))
     med = {name: statistics.median(t) for name, t in times.items()}
     labels = {"ours": "ours (decode kept frames)", "all": "decode every frame", "graph": "official ffmpeg graph"}
-    for name, label in labels.items():
-        print(f"{label:28s} median {med[name]:.3f} s  runs {[round(x, 3) for x in times[name]]}", file=sys.stderr)
-    emit("decode", med["all"] / med["ours"],
-         unit="speedup (decode every frame / ours), median", video=path.name, source_frames=source_frames,
-         kept_frames=kept, runs=args.runs, ours_s=round(med["ours"], 4), decode_all_s=round(med["all"], 4),
-         ffmpeg_graph_s=round(med["graph"], 4), ours_source_fps=round(source_frames / med["ours"], 1),
-         decode_all_source_fps=round(source_frames / med["all"], 1), ours_kept_fps=round(kept / med["ours"], 1),
-         decode_all_kept_fps=round(kept / med["all"], 1),
-         speedup_vs_ffmpeg_graph=round(med["graph"] / med["ours"], 3), identical_pixels=identical)
+    for name in methods:
+        kind, _, threads = name.partition("_")
+        label = labels[kind] + (f", {threads} thread{'s' * (threads != '1')}" if threads else "")
+        print(f"{label:40s} median {med[name]:.3f} s  runs {[round(x, 3) for x in times[name]]}", file=sys.stderr)
+    ours_n, all_n = med[f"ours_{n}"], med[f"all_{n}"]
+    emit("decode", all_n / ours_n,
+         unit=f"speedup (decode every frame / ours, both with {n} threads), median", video=path.name,
+         source_frames=source_frames, kept_frames=kept, runs=args.runs, threads=n,
+         ours_s=round(ours_n, 4), decode_all_s=round(all_n, 4),
+         ours_1thread_s=round(med["ours_1"], 4), decode_all_1thread_s=round(med["all_1"], 4),
+         speedup_1thread=round(med["all_1"] / med["ours_1"], 3),
+         speedup_vs_1thread_decode_all=round(med["all_1"] / ours_n, 3),
+         ffmpeg_graph_s=round(med["graph"], 4), speedup_vs_ffmpeg_graph=round(med["graph"] / ours_n, 3),
+         ours_source_fps=round(source_frames / ours_n, 1), ours_kept_fps=round(kept / ours_n, 1),
+         identical_pixels=identical)
     return 0
 
 

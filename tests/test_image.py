@@ -79,6 +79,10 @@ def test_pixels_equal_naive_pipeline_exactly(odd_clips, name, merge):
     fused, fused_grid = frames_to_patches(frames, size, merge)
     assert fused_grid == grid and fused.dtype == np.float32
     np.testing.assert_array_equal(fused, expected)
+    for threads in (2, 4, 64):  # more threads than frames too
+        threaded, threaded_grid = frames_to_patches(frames, size, merge, threads=threads)
+        assert threaded_grid == grid
+        np.testing.assert_array_equal(threaded, expected)
 
 
 def test_patchify_layout_is_block_major():

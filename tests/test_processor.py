@@ -187,6 +187,16 @@ def test_bad_video_item_names_the_field(processor):
         processor(conversation=no_path)
     with pytest.raises(ConfigError, match="decoder"):
         Processor(processor.tokenizer, decoder="opencv")
+    with pytest.raises(ConfigError, match="threads"):
+        Processor(processor.tokenizer, threads=0)
+
+
+def test_thread_count_does_not_change_outputs(clips, processor):
+    conversation = conversation_for([clips[name] for name in SCENARIOS[sorted(SCENARIOS)[-1]]])
+    single = Processor(processor.tokenizer, processor.settings, threads=1)(conversation=conversation)
+    many = Processor(processor.tokenizer, processor.settings, threads=3)(conversation=conversation)
+    np.testing.assert_array_equal(single.pixel_values, many.pixel_values)
+    assert single.input_ids.tolist() == many.input_ids.tolist() and single.timestamps == many.timestamps
 
 
 @pytest.mark.parametrize("missing", ["vocab.json", "tokenizer_config.json"])

@@ -217,6 +217,36 @@ def test_sparse_frames_decoded_with_idr_seeks_match_ffmpeg(short_gop_videos, nam
     assert stats.seeks >= 7 and stats.packets_sent < 200  # most of the 600 packets never reach the decoder
 
 
+@pytest.mark.parametrize("name", ["p_only", "b_frames"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_decode_gives_the_same_pixels(short_gop_videos, name, threads):
+    path = short_gop_videos[name]
+    probe = probe_video(path)
+    wanted = sorted(set(load_video(path, fps=1, max_frames=40).frame_indices))
+    single, threaded = DecodeStats(), DecodeStats()
+    expected = decode_frames(str(path), probe.raw_pts, wanted, probe.decode_index, single)
+    frames = decode_frames(str(path), probe.raw_pts, wanted, probe.decode_index, threaded, threads=threads)
+    assert sorted(frames) == wanted and threaded.groups == threads and single.groups == 1
+    assert threaded.seeks >= single.seeks  # every group starts at its own IDR
+    for k in wanted:
+        np.testing.assert_array_equal(frames[k], expected[k])
+    clip = load_video(path, fps=1, max_frames=40, threads=threads)
+    np.testing.assert_array_equal(clip.frames, load_video(path, fps=1, max_frames=40).frames)
+
+
+def test_threaded_decode_with_a_late_seek_in_one_group(short_gop_videos):
+    path = short_gop_videos["p_only"]
+    probe = probe_video(path)
+    index = probe.decode_index
+    wrong = DecodeIndex(index.decode_pts, index.idr_positions, index.idr_pts[1:] + index.idr_pts[-1:])
+    wanted = [5, 95, 305, 599]
+    frames = decode_frames(str(path), probe.raw_pts, wanted, wrong, threads=2)
+    expected = decode_frames(str(path), probe.raw_pts, wanted, None)
+    assert sorted(frames) == wanted
+    for k in wanted:
+        np.testing.assert_array_equal(frames[k], expected[k])
+
+
 def test_seek_that_lands_late_falls_back_to_sequential(short_gop_videos):
     path = short_gop_videos["p_only"]
     probe = probe_video(path)

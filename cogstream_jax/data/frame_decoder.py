@@ -7,6 +7,9 @@ Three savings, none of which changes a single decoded pixel:
 * when a whole stretch between two wanted frames contains an IDR picture, the demuxer seeks straight to that
   IDR (an IDR empties the reference list, so decoding can restart there). Packets before the IDR are dropped
   if the seek lands early; if it lands after the IDR, the decoder falls back to a plain sequential pass.
+
+The IDR seek points also cut the work into independent runs, so `threads > 1` decodes groups of runs of
+near-equal length on separate threads, each with its own demuxer and decoder (libavcodec releases the GIL).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from typing import Sequence
 
 import av
 import numpy as np
+
+from cogstream_jax.data.threads import balanced_groups, thread_map
 
 H264_IDR, H264_NON_IDR = 5, 1
 
@@ -33,6 +38,12 @@ class DecodeIndex:
 class DecodeStats:
     packets_sent: int = 0
     seeks: int = 0
+    groups: int = 0  # runs decoded independently (one per thread)
+
+    def add(self, other: "DecodeStats") -> None:
+        self.packets_sent += other.packets_sent
+        self.seeks += other.seeks
+        self.groups += other.groups
 
 
 def nal_length_size(extradata: bytes | None) -> int | None:
@@ -65,10 +76,13 @@ def is_idr(packet_bytes: bytes, length_size: int) -> bool:
     return header is not None and header & 0x1F == H264_IDR
 
 
-def _runs(index: DecodeIndex, target_pts: Sequence[int]) -> list[tuple[int | None, set[int]]]:
-    """Group the targets into decoding runs: (seek position or None to continue, target pts of the run)."""
+Run = tuple[int | None, set[int]]  # (decode position to seek to, or None to go on; target pts of the run)
+
+
+def _runs(index: DecodeIndex, target_pts: Sequence[int]) -> list[Run]:
+    """Group the targets into decoding runs, each starting at an IDR that the previous run does not reach."""
     position = {pts: k for k, pts in enumerate(index.decode_pts)}
-    runs: list[tuple[int | None, set[int]]] = []
+    runs: list[Run] = []
     last_end = -1
     for pts in sorted(target_pts, key=position.__getitem__):
         where = position[pts]
@@ -82,14 +96,19 @@ def _runs(index: DecodeIndex, target_pts: Sequence[int]) -> list[tuple[int | Non
     return runs
 
 
+def _run_costs(index: DecodeIndex, runs: Sequence[Run]) -> list[int]:
+    """Packets each run reads: from its start (seek point, or the file start) to its last target."""
+    position = {pts: k for k, pts in enumerate(index.decode_pts)}
+    return [max(position[p] for p in targets) - (start or 0) + 1 for start, targets in runs]
+
+
 class _LandedLate(Exception):
     """A seek went past the IDR it aimed at."""
 
 
-def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], use_seeks: bool, stats: DecodeStats
+def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], runs: Sequence[Run], stats: DecodeStats
                  ) -> dict[int, np.ndarray]:
     frames: dict[int, np.ndarray] = {}
-    runs = _runs(index, list(targets)) if use_seeks else [(None, set(targets))]
     seek_pts = dict(zip(index.idr_positions, index.idr_pts))
     position = {pts: k for k, pts in enumerate(index.decode_pts)}
     with av.open(path) as container:
@@ -140,13 +159,34 @@ def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], use_see
     return frames
 
 
+def _decode_group(path: str, index: DecodeIndex, targets: dict[int, int], runs: Sequence[Run]
+                  ) -> tuple[dict[int, np.ndarray], DecodeStats]:
+    """Decode one group of runs with its own demuxer; a seek that lands late means one sequential pass."""
+    stats = DecodeStats(groups=1)
+    try:
+        return _decode_runs(path, index, targets, runs, stats), stats
+    except _LandedLate:
+        wanted = {pts for _, run_targets in runs for pts in run_targets}
+        return _decode_runs(path, index, targets, [(None, wanted)], stats), stats
+
+
 def decode_frames(path: str, raw_pts: Sequence[int], wanted: Sequence[int], index: DecodeIndex | None = None,
-                  stats: DecodeStats | None = None) -> dict[int, np.ndarray]:
-    """RGB uint8 [H, W, 3] of each wanted frame (indices into presentation order `raw_pts`)."""
+                  stats: DecodeStats | None = None, threads: int = 1) -> dict[int, np.ndarray]:
+    """RGB uint8 [H, W, 3] of each wanted frame (indices into presentation order `raw_pts`).
+
+    The pixels do not depend on `threads`: each frame is decoded from the same IDR picture either way.
+    """
     targets = {raw_pts[i]: i for i in wanted}
     stats = stats if stats is not None else DecodeStats()
-    use_seeks = index is not None and bool(index.idr_positions)
-    try:
-        return _decode_runs(path, index or DecodeIndex((), (), ()), targets, use_seeks, stats)
-    except _LandedLate:
-        return _decode_runs(path, index or DecodeIndex((), (), ()), targets, False, stats)
+    if index is not None and index.idr_positions:
+        runs = _runs(index, list(targets))
+        groups = balanced_groups(_run_costs(index, runs), threads)
+    else:
+        index, runs, groups = DecodeIndex((), (), ()), [(None, set(targets))], [range(1)]
+    results = thread_map(lambda group: _decode_group(path, index, targets, [runs[k] for k in group]), groups,
+                         threads)
+    frames: dict[int, np.ndarray] = {}
+    for group_frames, group_stats in results:
+        frames.update(group_frames)
+        stats.add(group_stats)
+    return frames

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from cogstream_jax.data.threads import even_chunks, thread_map
 from cogstream_jax.errors import InputError
 
 PATCH_SIZE = 14
@@ -88,15 +89,21 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def resize_frames(frames: np.ndarray, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC) -> np.ndarray:
-    """PIL resize of each uint8 HWC frame to (h, w); uint8 [T, h, w, 3] out."""
+def resize_frames(frames: np.ndarray, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC,
+                  threads: int = 1) -> np.ndarray:
+    """PIL resize of each uint8 HWC frame to (h, w); uint8 [T, h, w, 3] out (PIL releases the GIL, so
+    `threads` resize frames in parallel)."""
     frames = _check_frames(frames)
     height, width = size
     if frames.shape[1:3] == (height, width):
         return frames
     out = np.empty((frames.shape[0], height, width, 3), np.uint8)
-    for index, frame in enumerate(frames):
-        out[index] = np.asarray(Image.fromarray(frame).resize((width, height), resample=resample))
+
+    def resize(indices: range) -> None:
+        for index in indices:
+            out[index] = np.asarray(Image.fromarray(frames[index]).resize((width, height), resample=resample))
+
+    thread_map(resize, even_chunks(len(frames), threads), threads)
     return out
 
 
@@ -128,17 +135,41 @@ def patchify(pixels: np.ndarray, merge_size: int, patch: int = PATCH_SIZE) -> tu
     return np.ascontiguousarray(rows), grid
 
 
-def frames_to_patches(frames: np.ndarray, size: tuple[int, int], merge_size: int,
-                      config: ImageConfig = ImageConfig()) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """`patchify(preprocess_frames(frames, size), merge_size)` computed faster: resize, permute the uint8
-    pixels into block-major rows, then map them through the value table (identical float32 results)."""
+def _encode_rows(frames: np.ndarray, size: tuple[int, int], merge_size: int, config: ImageConfig,
+                 table: np.ndarray, out: np.ndarray) -> None:
+    """Resize, permute to block-major uint8 rows, and write their normalised values into `out`."""
     resized = resize_frames(frames, size, config.resample)
-    rows, grid = _block_major(resized.transpose(0, 3, 1, 2), merge_size, config.patch_size)
-    table = value_table(config)
+    rows, _ = _block_major(resized.transpose(0, 3, 1, 2), merge_size, config.patch_size)
     area = config.patch_size * config.patch_size
     if np.all(table == table[0]):
-        return table[0][rows], grid
-    out = np.empty(rows.shape, np.float32)
+        np.take(table[0], rows, out=out)
+        return
     for c in range(3):
         out[:, c * area:(c + 1) * area] = table[c][rows[:, c * area:(c + 1) * area]]
+
+
+def frames_to_patches(frames: np.ndarray, size: tuple[int, int], merge_size: int,
+                      config: ImageConfig = ImageConfig(), threads: int = 1) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`patchify(preprocess_frames(frames, size), merge_size)` computed faster: resize, permute the uint8
+    pixels into block-major rows, then map them through the value table (identical float32 results).
+
+    Rows are frame-major, so `threads` workers each encode a contiguous run of frames into their own slice
+    of the output (the same bytes for any thread count).
+    """
+    frames = _check_frames(frames)
+    height, width = size
+    factor = config.patch_size * merge_size
+    if height % factor or width % factor:
+        raise InputError(f"patchify: size {height}x{width} is not a multiple of patch {config.patch_size} x merge "
+                         f"{merge_size}")
+    grid = (frames.shape[0], height // config.patch_size, width // config.patch_size)
+    per_frame = grid[1] * grid[2]
+    out = np.empty((frames.shape[0] * per_frame, 3 * config.patch_size ** 2), np.float32)
+    table = value_table(config)
+
+    def encode(indices: range) -> None:
+        _encode_rows(frames[indices.start:indices.stop], size, merge_size, config, table,
+                     out[indices.start * per_frame:indices.stop * per_frame])
+
+    thread_map(encode, even_chunks(len(frames), threads), threads)
     return out, grid

@@ -24,6 +24,7 @@ from cogstream_jax.data.image import (
 )
 from cogstream_jax.data.processor_config import ProcessorSettings, load_settings, load_tokenizer
 from cogstream_jax.data.template import expand_image_tokens, item_kind, render_conversation, tokens_per_frame
+from cogstream_jax.data.threads import resolve_threads
 from cogstream_jax.data.video import DECODERS, ClipPlan, VideoClip, VideoProbe, decode_plan, plan_stream
 from cogstream_jax.errors import ConfigError, DataError, InputError, VideoError
 
@@ -65,13 +66,20 @@ class Processor:
     """CogReasoner input processing: `Processor.from_pretrained(dir)(conversation=...)`."""
 
     def __init__(self, tokenizer, settings: ProcessorSettings = ProcessorSettings(), *,
-                 faithful_image_swap: bool = False, decoder: str = "pyav", cache_frames: bool = False):
+                 faithful_image_swap: bool = False, decoder: str = "pyav", cache_frames: bool = False,
+                 threads: int | None = None):
+        """`threads`: host threads for decoding and resizing one clip (None: the usable cores, at most 8);
+        outputs are identical for any count."""
         if decoder not in DECODERS:
             raise ConfigError(f"decoder: expected one of {', '.join(DECODERS)}, got {decoder!r}")
         self.tokenizer = tokenizer
         self.settings = settings
         self.faithful_image_swap = faithful_image_swap
         self.decoder = decoder
+        try:
+            self.threads = resolve_threads(threads)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._frame_cache: dict[tuple, VideoClip] | None = {} if cache_frames else None
 
     @classmethod
@@ -109,11 +117,11 @@ class Processor:
     def decode(self, plan: ClipPlan, probe: VideoProbe | None = None) -> VideoClip:
         """Decode one planned clip (memoised when the processor was built with `cache_frames=True`)."""
         if self._frame_cache is None:
-            return decode_plan(plan, probe, decoder=self.decoder)
+            return decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
         stat = os.stat(plan.path)
         key = (plan.path, stat.st_mtime_ns, stat.st_size, plan.trim_time, plan.frame_indices)
         if key not in self._frame_cache:
-            self._frame_cache[key] = decode_plan(plan, probe, decoder=self.decoder)
+            self._frame_cache[key] = decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
         return self._frame_cache[key]
 
     def load_image(self, item: Mapping[str, Any], where: str) -> VisualItem:
@@ -174,7 +182,7 @@ class Processor:
 
     def encode_item(self, item: VisualItem, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Resize + rescale/normalise + patchify one item: ([t*gh*gw, 588], (t, gh, gw))."""
-        return frames_to_patches(item.frames, size, item.merge_size, self.settings.image)
+        return frames_to_patches(item.frames, size, item.merge_size, self.settings.image, threads=self.threads)
 
     def tokenize(self, text: str) -> np.ndarray:
         """Qwen2 tokenization without BOS or padding, as int32 [1, L]."""

@@ -159,13 +159,13 @@ def plan_clip(probe: VideoProbe, *, fps: float = 1, max_frames: int | None = 180
     )
 
 
-def _decode_decord(probe: VideoProbe, wanted: Sequence[int]) -> dict[int, np.ndarray]:
+def _decode_decord(probe: VideoProbe, wanted: Sequence[int], threads: int = 1) -> dict[int, np.ndarray]:
     try:
         import decord
     except ImportError:  # pragma: no cover - decord is a pinned dependency
         raise VideoError(f"{probe.path}: decoder 'decord' requested but decord is not installed") from None
     try:
-        reader = decord.VideoReader(probe.path, ctx=decord.cpu(0), num_threads=1)
+        reader = decord.VideoReader(probe.path, ctx=decord.cpu(0), num_threads=threads)
         if len(reader) != len(probe.pts):
             raise VideoError(f"{probe.path}: decord counts {len(reader)} frames, the demuxer {len(probe.pts)}")
         batch = reader.get_batch(list(wanted)).asnumpy()
@@ -174,19 +174,21 @@ def _decode_decord(probe: VideoProbe, wanted: Sequence[int]) -> dict[int, np.nda
     return dict(zip(wanted, batch))
 
 
-def decode_plan(plan: ClipPlan, probe: VideoProbe | None = None, *, decoder: str = "pyav") -> VideoClip:
-    """Decode only the planned frames (each distinct source frame once) into uint8 [T, H, W, 3]."""
+def decode_plan(plan: ClipPlan, probe: VideoProbe | None = None, *, decoder: str = "pyav", threads: int = 1
+                ) -> VideoClip:
+    """Decode only the planned frames (each distinct source frame once) into uint8 [T, H, W, 3]; `threads`
+    decoders share the work (PyAV only), with the same pixels for any count."""
     if decoder not in DECODERS:
         raise VideoError(f"{plan.path}: unknown decoder {decoder!r} (choose from {', '.join(DECODERS)})")
     probe = probe or probe_video(plan.path)
     wanted = sorted(set(plan.frame_indices))
     if decoder == "pyav":
         try:
-            decoded = decode_frames(probe.path, probe.raw_pts, wanted, probe.decode_index)
+            decoded = decode_frames(probe.path, probe.raw_pts, wanted, probe.decode_index, threads=threads)
         except av.error.FFmpegError as exc:
             raise VideoError(f"{plan.path}: decoding failed ({exc})") from None
     else:
-        decoded = _decode_decord(probe, wanted)
+        decoded = _decode_decord(probe, wanted, threads)
     missing = [i for i in wanted if i not in decoded]
     if missing:
         raise VideoError(f"{plan.path}: frames {missing[:5]} could not be decoded (truncated or corrupt file)")
@@ -196,11 +198,11 @@ def decode_plan(plan: ClipPlan, probe: VideoProbe | None = None, *, decoder: str
 
 
 def load_video(path: str | os.PathLike, fps: float = 1, max_frames: int | None = 180, trim_time: float = 0.0,
-               *, decoder: str = "pyav") -> VideoClip:
+               *, decoder: str = "pyav", threads: int = 1) -> VideoClip:
     """One clip exactly as the official `load_video(..., trim_time=)`: local timestamps 0, 1/fps, ..."""
     probe = probe_video(path)
     return decode_plan(plan_clip(probe, fps=fps, max_frames=max_frames, trim_time=trim_time), probe,
-                       decoder=decoder)
+                       decoder=decoder, threads=threads)
 
 
 def stream_trim_time(total_duration: float, *, fix_trim: bool = False) -> float:
@@ -247,7 +249,7 @@ def plan_stream(paths: Sequence[str | os.PathLike], fps: float | Sequence[float]
 
 
 def load_stream(paths: Sequence[str | os.PathLike], fps: float = 1, max_frames: int | None = 180,
-                fix_trim: bool = False, *, decoder: str = "pyav") -> list[VideoClip]:
+                fix_trim: bool = False, *, decoder: str = "pyav", threads: int = 1) -> list[VideoClip]:
     """All clips of one stream, decoded, with timestamps on one global timeline."""
     plans, probes = plan_stream(paths, fps=fps, max_frames=max_frames, fix_trim=fix_trim)
-    return [decode_plan(plan, probe, decoder=decoder) for plan, probe in zip(plans, probes)]
+    return [decode_plan(plan, probe, decoder=decoder, threads=threads) for plan, probe in zip(plans, probes)]
