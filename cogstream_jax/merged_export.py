@@ -26,8 +26,8 @@ from cogstream_jax.lora_tensors import AdapterTensors, abstract_for, check_again
 from cogstream_jax.weights.assign import param_leaves
 from cogstream_jax.weights.keys import Layout, TensorEntry, detect_layout, hf_key_table
 from cogstream_jax.weights.loader import check_headers
-from cogstream_jax.weights.safetensors_io import (INDEX_NAME, SINGLE_NAME, Checkpoint, TensorSpec, plan_shards,
-                                                 read_header, read_tensor, write_file)
+from cogstream_jax.weights.safetensors_io import (INDEX_NAME, Checkpoint, TensorSpec, read_header, read_tensor,
+                                                 write_checkpoint)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 SIGNATURE_METADATA = "cogstream_jax.merged_export"
@@ -90,7 +90,15 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
 
     os.makedirs(output_dir, exist_ok=True)
     signature = _signature(checkpoint, adapter, layout, specs, max_shard_bytes)
-    files = write_shards_resumably(output_dir, specs, produce, max_shard_bytes, signature, on_skip)
+
+    def keep(path: str, shard: list[TensorSpec]) -> bool:
+        done = _complete(path, shard, signature)
+        if done and on_skip is not None:
+            on_skip(os.path.basename(path))
+        return done
+
+    files = write_checkpoint(output_dir, specs, produce, max_shard_bytes,
+                             {"format": "pt", SIGNATURE_METADATA: signature}, keep)
     hf_config = config.to_hf_config(layout)
     written = {str(s.dtype) for s in specs}
     hf_config["torch_dtype" if layout == "original" else "dtype"] = written.pop() if len(written) == 1 else "float32"
@@ -112,32 +120,6 @@ def _signature(checkpoint: Checkpoint, adapter: AdapterTensors, layout: str, spe
         digest.update(np.ascontiguousarray(a).tobytes())
         digest.update(np.ascontiguousarray(b).tobytes())
     return digest.hexdigest()[:32]
-
-
-def write_shards_resumably(folder: str, specs: list[TensorSpec], produce, max_shard_bytes: int, signature: str,
-                           on_skip: Callable[[str], None] | None = None) -> list[str]:
-    """`write_checkpoint`'s files and naming, but a shard already written with the same `signature` (recorded in
-    its safetensors metadata) and the planned header is kept instead of being produced again."""
-    shards = plan_shards(specs, max_shard_bytes)
-    names = [SINGLE_NAME] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    metadata = {"format": "pt", SIGNATURE_METADATA: signature}
-    for name, shard in zip(names, shards):
-        path = os.path.join(folder, name)
-        if _complete(path, shard, signature):
-            if on_skip is not None:
-                on_skip(name)
-            continue
-        write_file(path, shard, produce, metadata)
-    index_path = os.path.join(folder, INDEX_NAME)
-    if len(shards) > 1:
-        atomic_write_json(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
-                                       "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}})
-    for entry in os.listdir(folder):  # weights of an earlier, different export must not linger
-        weights = entry.startswith("model") and (entry.endswith(".safetensors") or ".safetensors.tmp" in entry)
-        if (weights and entry not in names) or (entry == INDEX_NAME and len(shards) == 1):
-            os.remove(os.path.join(folder, entry))
-    return names
 
 
 def _complete(path: str, shard: list[TensorSpec], signature: str) -> bool:

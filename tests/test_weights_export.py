@@ -52,6 +52,7 @@ def test_original_export_round_trips_exactly(model, tmp_path):
 
 def test_export_casts_to_bf16_and_resaving_cleans_stale_shards(model, tmp_path):
     save_pretrained(model, tmp_path, layout="original", max_shard_bytes=150_000)
+    (tmp_path / "model-00002-of-00009.safetensors.tmp4242").write_bytes(b"half")  # an interrupted save's temp
     save_pretrained(model, tmp_path, layout="original", dtype="bfloat16")  # one file now: old shards must go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:

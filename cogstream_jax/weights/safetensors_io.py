@@ -28,6 +28,7 @@ from cogstream_jax.errors import WeightError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_TEMP_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors\.tmp\d+$")  # `write_file` temp names
 _MAX_HEADER = 100 * 1024 * 1024
 
 #: safetensors dtype tag <-> numpy dtype
@@ -251,28 +252,37 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
 
 
 
+def shard_names(count: int) -> list[str]:
+    """transformers' file names for a checkpoint of `count` shards."""
+    return [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
 def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], produce: Producer,
-                     max_shard_bytes: int = 5 * 1024**3, metadata: dict[str, str] | None = None) -> list[str]:
+                     max_shard_bytes: int = 5 * 1024**3, metadata: dict[str, str] | None = None,
+                     keep: Callable[[str, list[TensorSpec]], bool] | None = None) -> list[str]:
     """Write `model.safetensors` or `model-0000i-of-0000n.safetensors` + index, like transformers does.
 
-    Shard files of an earlier save that the new one does not use are removed afterwards, so the folder never
-    mixes two checkpoints. Returns the written file names.
+    `keep(path, shard)` may say that a shard file already on disk is complete (a resumed job), so it is not
+    produced again. Shard files of an earlier save that the new one does not use, and temp files of an
+    interrupted one, are removed afterwards, so the folder never mixes two checkpoints. Returns the file names.
     """
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     specs = list(specs)
     shards = plan_shards(specs, max_shard_bytes)
-    n = len(shards)
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = shard_names(len(shards))
     for name, shard in zip(names, shards):
-        write_file(os.path.join(folder, name), shard, produce, metadata)
+        path = os.path.join(folder, name)
+        if keep is None or not keep(path, shard):
+            write_file(path, shard, produce, metadata)
     index_path = os.path.join(folder, INDEX_NAME)
-    if n > 1:
+    if len(shards) > 1:
         weight_map = {spec.name: name for name, shard in zip(names, shards) for spec in shard}
         atomic_write_json(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                                        "weight_map": weight_map})
     for stale in os.listdir(folder):
         stale_shard = _SHARD_RE.match(stale) or stale == SINGLE_NAME
-        if (stale_shard and stale not in names) or (stale == INDEX_NAME and n == 1):
+        leftover = _TEMP_RE.match(stale) is not None
+        if (stale_shard and stale not in names) or leftover or (stale == INDEX_NAME and len(shards) == 1):
             os.remove(os.path.join(folder, stale))
     return names
