@@ -33,3 +33,12 @@ def broadcast_from_primary(value: np.generic) -> np.generic:
     from jax.experimental import multihost_utils
 
     return multihost_utils.broadcast_one_to_all(value)
+
+
+def global_max(value: int) -> int:
+    """The maximum of an int over all processes (e.g. hosts agreeing on one padded length per batch)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))

@@ -12,7 +12,6 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from cogstream_jax.errors import ConfigError
 
@@ -60,14 +59,6 @@ def maybe_initialize(config: DistributedConfig) -> None:
 
 def is_primary() -> bool:
     return jax.process_index() == 0
-
-
-def global_max(value: int) -> int:
-    """The maximum of an int over all processes (hosts agree on one padded length per batch)."""
-    if jax.process_count() == 1:
-        return int(value)
-    gathered = multihost_utils.process_allgather(np.asarray([value], np.int64))
-    return int(np.max(gathered))
 
 
 def process_rows(arrays: Mapping[str, np.ndarray], rows_axis: int = 1) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ from cogstream_jax.data.selection import allowed_token_ids
 from cogstream_jax.data.stage1 import MAX_SAMPLES_PER_ITEM, stage1_items
 from cogstream_jax.data.tokens import PAD_ID
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.multihost import global_max
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import distributed, run_common
 from cogstream_jax.training.batching import pad_length, stage1_step_batch
@@ -99,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
         element = next(it)
         if element["input_ids"].shape[0] != args.global_batch_size:
             raise StopIteration  # the tail of the last epoch does not fill a global batch
-        length = distributed.global_max(element["input_ids"].shape[-1])
+        length = global_max(element["input_ids"].shape[-1])
         element = pad_length(element, length, PAD_ID)
         needed = int((np.asarray(element["labels"])[..., 1:] != -100).sum(-1).max())
         rounded = math.ceil(needed / POSITION_MULTIPLE) * POSITION_MULTIPLE
-        positions = distributed.global_max(max(MIN_POSITIONS, rounded))
+        positions = global_max(max(MIN_POSITIONS, rounded))
         local = distributed.process_rows(stage1_step_batch(element, accumulation, positions))
         return step_fn(state, setup.frozen, distributed.to_global(local, rows))
 
