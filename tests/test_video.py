@@ -234,20 +234,8 @@ def test_threaded_decode_gives_the_same_pixels(short_gop_videos, name, threads):
     np.testing.assert_array_equal(clip.frames, load_video(path, fps=1, max_frames=40).frames)
 
 
-def test_threaded_decode_with_a_late_seek_in_one_group(short_gop_videos):
-    path = short_gop_videos["p_only"]
-    probe = probe_video(path)
-    index = probe.decode_index
-    wrong = DecodeIndex(index.decode_pts, index.idr_positions, index.idr_pts[1:] + index.idr_pts[-1:])
-    wanted = [5, 95, 305, 599]
-    frames = decode_frames(str(path), probe.raw_pts, wanted, wrong, threads=2)
-    expected = decode_frames(str(path), probe.raw_pts, wanted, None)
-    assert sorted(frames) == wanted
-    for k in wanted:
-        np.testing.assert_array_equal(frames[k], expected[k])
-
-
-def test_seek_that_lands_late_falls_back_to_sequential(short_gop_videos):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_seek_that_lands_late_falls_back_to_sequential(short_gop_videos, threads):
     path = short_gop_videos["p_only"]
     probe = probe_video(path)
     index = probe.decode_index
@@ -255,9 +243,9 @@ def test_seek_that_lands_late_falls_back_to_sequential(short_gop_videos):
     wrong = DecodeIndex(index.decode_pts, index.idr_positions, index.idr_pts[1:] + index.idr_pts[-1:])
     wanted = [5, 95, 305, 599]
     stats = DecodeStats()
-    frames = decode_frames(str(path), probe.raw_pts, wanted, wrong, stats)
+    frames = decode_frames(str(path), probe.raw_pts, wanted, wrong, stats, threads=threads)
     expected = decode_frames(str(path), probe.raw_pts, wanted, None)
-    assert sorted(frames) == wanted and stats.packets_sent > 500
+    assert sorted(frames) == wanted and stats.packets_sent > 500 and stats.groups == threads
     for k in wanted:
         np.testing.assert_array_equal(frames[k], expected[k])
 
