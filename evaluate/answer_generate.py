@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="weights that embed events and the question for event compression")
     _add(parser, "seed", default=42, type=int, help="base seed; each (video, question) derives its own key")
     _add(parser, "dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    _add(parser, "decode_threads", default=None, type=int,
+         help="host threads decoding and resizing video per worker (default: usable cores, at most 8)")
     _add(parser, "num_processes", default=1, type=int, help="workers sharing the videos")
     _add(parser, "process_index", default=0, type=int, help="this worker's index")
     _add(parser, "no_progress", action="store_true", help="no progress bar")
@@ -74,7 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     jobs = jobs[: args.limit] if args.limit is not None else jobs
     session = StreamingSession.from_pretrained(
         args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
-        max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy, mode=args.mode,
+        max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy,
+        decode_threads=args.decode_threads, mode=args.mode,
         max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed,
         reuse_prefix=not args.no_reuse_prefix)
     stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,

@@ -80,7 +80,8 @@ def test_resume_and_process_split_are_byte_identical(dataset, tmp_path, capsys):
     assert main(_args(dataset, two, "--num_processes", "2", "--process_index", "0")) == 0
     first = two / f"{VIDEOS[0]}.json"
     stamp = first.stat().st_mtime_ns
-    assert main(_args(dataset, two, "--num_processes", "2", "--process_index", "1")) == 0
+    # worker 1 decodes single-threaded: the thread count changes no byte either
+    assert main(_args(dataset, two, "--num_processes", "2", "--process_index", "1", "--decode_threads", "1")) == 0
     assert main(_args(dataset, two)) == 0
     assert "0 videos (2 already finished)" in capsys.readouterr().err
     assert first.stat().st_mtime_ns == stamp
@@ -102,6 +103,7 @@ def test_resume_and_process_split_are_byte_identical(dataset, tmp_path, capsys):
     ("swapped", "did you swap the adapters"),
     ("both_answer", "both adapters look like the answer adapter"),
     ("empty_queries", "holds no .json QA files"),
+    ("bad_threads", "threads: expected a positive integer"),
 ])
 def test_bad_input_gives_one_line_errors(case, message, dataset, adapters, tmp_path, capsys):
     video_dir, query_dir = dataset
@@ -112,6 +114,7 @@ def test_bad_input_gives_one_line_errors(case, message, dataset, adapters, tmp_p
         "both_answer": ["--lora_adapter_1_path", str(adapters["answer"]), "--lora_adapter_2_path",
                         str(adapters["answer"])],
         "empty_queries": [],
+        "bad_threads": ["--decode_threads", "0"],
     }[case]
     if case == "empty_queries":
         (tmp_path / "empty").mkdir()

@@ -18,6 +18,8 @@ def build_parser():
     p.add_argument("--gradient_accumulation_steps", type=int, default=4, help="QAs per optimiser update")
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--max_frames", type=int, default=180)
+    p.add_argument("--decode_threads", type=int, default=None,
+                   help="host threads decoding and resizing video (default: usable cores, at most 8)")
     p.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction,
                    help="question-aware event compression on top of DiffFP (when the module is available)")
     return p

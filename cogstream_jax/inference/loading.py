@@ -22,9 +22,10 @@ def tiny_model(seed: int = 0):
     return VideoLlama3(tiny(), rngs=nnx.Rngs(seed))
 
 
-def load_model_and_processor(model_path: str, dtype: str = "float32"):
+def load_model_and_processor(model_path: str, dtype: str = "float32", decode_threads: int | None = None):
     """(model, processor, sampling defaults). Tokenizer/processor/generation configs come from the folder when it
-    has them, else from the bundled VideoLLaMA3 files (same tokenizer for every CogReasoner checkpoint)."""
+    has them, else from the bundled VideoLLaMA3 files (same tokenizer for every CogReasoner checkpoint).
+    `decode_threads`: the processor's video threads (None: the usable cores, at most 8)."""
     if model_path == TINY:
         directory = bundled_model_dir()
         model = tiny_model()
@@ -38,4 +39,4 @@ def load_model_and_processor(model_path: str, dtype: str = "float32"):
         directory = model_path if has_tokenizer else bundled_model_dir()
     generation = os.path.join(directory, "generation_config.json")
     sampling = SamplingConfig.from_generation_config(generation if os.path.isfile(generation) else bundled_model_dir())
-    return model, Processor.from_pretrained(directory), sampling
+    return model, Processor.from_pretrained(directory, threads=decode_threads), sampling

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     total_qas = count_qas(dataset, data_config)
     total_steps = max(1, total_qas // args.gradient_accumulation_steps)
     model, tokenizer_dir = run_common.load_model(args, mesh)
-    processor = Processor.from_pretrained(tokenizer_dir, cache_frames=True)
+    processor = Processor.from_pretrained(tokenizer_dir, cache_frames=True, threads=args.decode_threads)
     quantized = run_common.quantize_base(model, args.base_quant)
     events = args.event_compression and event_compression_available()
     if args.event_compression and not events:
