@@ -159,6 +159,28 @@ def test_decord_backend_decodes_the_same_pixels(videos):
 
 
 # ----------------------------------------------------------------------------- bad input
+def test_edit_list_preroll_frames_are_not_counted(tmp_path):
+    """A stream-copy cut (`ffmpeg -ss 2.5 -c copy`) keeps the packets from the keyframe on and hides the first
+    25 behind an edit list: the decoder uses them as references but never outputs them, and FFmpeg's graph
+    starts at the cut."""
+    source = write_test_video(tmp_path, "source.mp4", fps=10, count=120, height=32, width=48, seed=3)
+    cut = tmp_path / "cut.mp4"
+    with av.open(str(source)) as src, av.open(str(cut), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        packets = [p for p in src.demux(src.streams.video[0]) if p.size]
+        step = packets[1].dts - packets[0].dts
+        for packet in packets:
+            packet.stream, packet.pts, packet.dts = out, packet.pts - 25 * step, packet.dts - 25 * step
+            dst.mux(packet)
+    indices, rgb = ffmpeg_graph_frames(cut)
+    probe = probe_video(cut)
+    assert len(probe.pts) == 95 and len(probe.decode_index.decode_pts) == 120
+    for threads in (1, 2):
+        clip = load_video(cut, fps=1, max_frames=None, threads=threads)
+        assert clip.frame_indices == indices and clip.timestamps == [float(t) for t in range(len(indices))]
+        np.testing.assert_array_equal(clip.frames, rgb)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(VideoError, match=r"missing\.mp4.*does not exist"):
         load_video(tmp_path / "missing.mp4")

@@ -105,7 +105,8 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
         try:
             for packet in container.demux(stream):
                 if packet.size and packet.pts is not None:
-                    packets.append((int(packet.pts), int(packet.duration or 0)))
+                    if not packet.is_discard:  # edit-list pre-roll: decoded as a reference, never output
+                        packets.append((int(packet.pts), int(packet.duration or 0)))
                     if length_size and packet.is_keyframe and is_idr(bytes(packet), length_size):
                         idr_positions.append(len(decode_pts))
                         idr_pts.append(int(packet.pts))
@@ -191,7 +192,8 @@ def decode_plan(plan: ClipPlan, probe: VideoProbe | None = None, *, decoder: str
         decoded = _decode_decord(probe, wanted, threads)
     missing = [i for i in wanted if i not in decoded]
     if missing:
-        raise VideoError(f"{plan.path}: frames {missing[:5]} could not be decoded (truncated or corrupt file)")
+        raise VideoError(f"{plan.path}: the decoder output no picture for frames {missing[:5]} (a truncated or "
+                         f"corrupt file, or a stream that does not start with a keyframe)")
     frames = np.stack([decoded[i] for i in plan.frame_indices]).astype(np.uint8, copy=False)
     return VideoClip(path=plan.path, frames=frames, timestamps=list(plan.timestamps),
                      frame_indices=list(plan.frame_indices), duration=plan.duration, trim_time=plan.trim_time)
