@@ -82,7 +82,13 @@ class ModelConfig:
 
     @property
     def placeholder_ids(self) -> tuple[int, ...]:
-        return tuple(sorted({self.image_token_id, self.video_token_id}))
+        """The config's image / video ids plus CogReasoner's `<image>` (151665), which our processor writes for
+        every frame: a transformers-native config names 151655 / 151656 instead, and without this its visual
+        features would silently find no slot in CogReasoner prompts."""
+        ids = {self.image_token_id, self.video_token_id}
+        if IMAGE_TOKEN_ID < self.text.vocab_size:
+            ids.add(IMAGE_TOKEN_ID)
+        return tuple(sorted(ids))
 
     def fingerprint(self) -> str:
         """Stable hash of the weight-bearing architecture: adapters record it and refuse another base.

@@ -36,6 +36,25 @@ def test_native_config_from_transformers():
     assert back.text_config.num_key_value_heads == 1 and back.vision_config.patch_size == 14
 
 
+def test_cogreasoner_placeholder_fills_a_native_config_too():
+    """A transformers-native config names 151655 / 151656; CogReasoner prompts write <image> (151665) for every
+    frame, and its features must land in those slots exactly as with the config's own id."""
+    import dataclasses
+
+    from flax import nnx
+
+    from cogstream_jax.data.tokens import IMAGE_TOKEN_ID
+    from cogstream_jax.model.videollama3 import VideoLlama3
+
+    native = dataclasses.replace(configs.tiny(), image_token_id=151655, video_token_id=151656)
+    assert native.placeholder_ids == (151655, 151656, IMAGE_TOKEN_ID)
+    model = VideoLlama3(native, rngs=nnx.Rngs(0))
+    pix = random_pixels(96, 0)
+    ours = model(np.asarray([[1, 2] + [IMAGE_TOKEN_ID] * 24 + [3]]), pix, [[4, 4, 6]], [2]).logits
+    theirs = model(np.asarray([[1, 2] + [151656] * 24 + [3]]), pix, [[4, 4, 6]], [2]).logits
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-6)
+
+
 def test_tiny_preset_keeps_real_vocabulary_and_divides_by_8():
     cfg = configs.tiny()
     assert cfg.text.vocab_size == 152064 and cfg.image_token_id == 151665
