@@ -71,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
         retrieval_dir, answer_dir = assign_official_adapters(args.lora_adapter_1_path, args.lora_adapter_2_path)
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be >= 0, got {args.limit}")
+    if args.max_questions is not None and args.max_questions < 1:
+        raise UserError(f"--max_questions must be >= 1, got {args.max_questions}")
     jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)),
                  args.process_index, args.num_processes)
     jobs = jobs[: args.limit] if args.limit is not None else jobs

@@ -104,6 +104,7 @@ def test_resume_and_process_split_are_byte_identical(dataset, tmp_path, capsys):
     ("both_answer", "both adapters look like the answer adapter"),
     ("empty_queries", "holds no .json QA files"),
     ("bad_threads", "threads: expected a positive integer"),
+    ("no_questions", "--max_questions must be >= 1"),
 ])
 def test_bad_input_gives_one_line_errors(case, message, dataset, adapters, tmp_path, capsys):
     video_dir, query_dir = dataset
@@ -115,6 +116,7 @@ def test_bad_input_gives_one_line_errors(case, message, dataset, adapters, tmp_p
                         str(adapters["answer"])],
         "empty_queries": [],
         "bad_threads": ["--decode_threads", "0"],
+        "no_questions": ["--max_questions", "0"],
     }[case]
     if case == "empty_queries":
         (tmp_path / "empty").mkdir()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cogstream_jax.data.synth import sample_dataset_dir
-from cogstream_jax.errors import ConfigError, VideoError
+from cogstream_jax.errors import ConfigError, InputError, VideoError
+from cogstream_jax.inference import session as session_module
 from cogstream_jax.inference.loading import load_model_and_processor
 from cogstream_jax.inference.session import SessionOptions, StreamingSession
 
@@ -106,3 +107,48 @@ def test_missing_and_unreadable_segments(tiny, tmp_path):
         with pytest.raises(VideoError, match="bad_segment_1.mp4"):
             session.add_segment(bad)
         assert session.pending == []
+
+
+def test_rejected_segment_leaves_the_timeline_untouched(tiny):
+    model, processor, _ = tiny
+    segs = _segments()
+    clean = StreamingSession(model, processor, options=SessionOptions(resize="fixed", max_stream_frames=100))
+    clean.add_segment(segs[0])
+    clean.add_segment(segs[2])
+    frames = [c.num_frames for c in clean.cached]
+    session = StreamingSession(model, processor, options=SessionOptions(
+        resize="fixed", max_stream_frames=frames[0] + frames[1]))
+    session.add_segment(segs[0])
+    with pytest.raises(ConfigError, match="--max_stream_frames"):
+        session.add_segment(segs[1])  # more frames than the third clip: over the limit
+    session.add_segment(segs[2])
+    assert [c.timestamps for c in session.cached] == [c.timestamps for c in clean.cached]
+
+
+def test_reserved_token_text_cannot_break_the_stream(tiny, monkeypatch):
+    """A question spelling '<image>' is refused naming the question; a recorded failure and an answer whose
+    ordinary tokens spell '<image>' / '<|im_end|>' re-enter later prompts without those strings."""
+    model, processor, sampling = tiny
+    session = StreamingSession(model, processor, sampling=sampling, options=SessionOptions(max_new_tokens=10))
+    session.reset(VIDEO)
+    session.add_segment(_segments()[0])
+    qs = _questions()
+    with pytest.raises(InputError, match=r"question 0: .*'<image>'"):
+        session.ask("What is in the <image> at the start?")
+    session.record_failure("What is in the <image><|im_end|> at the start?")
+    spelled = [40, 366, 1805, 29, 82639, 318, 6213, 91, 29]  # ordinary tokens only
+    assert processor.tokenizer.decode(spelled) == "I <image> <|im_end|>"
+    real = session_module.generate_with_prefix
+
+    def forced(model_, prefix, ids, **kwargs):
+        out = real(model_, prefix, ids, **kwargs)
+        if kwargs.get("allowed_token_ids") is None:  # the answer, not retrieval
+            out = np.full_like(out, 151643)
+            out[0, :len(spelled)] = spelled
+        return out
+
+    monkeypatch.setattr(session_module, "generate_with_prefix", forced)
+    assert session.ask(qs[0]).answer == "I <image> <|im_end|>"  # reported as generated
+    monkeypatch.setattr(session_module, "generate_with_prefix", real)
+    assert session.ask(qs[1]).answer  # the history holds the stripped texts, so later questions still work
+    assert [m["content"] for m in session.conversation if m["role"] == "assistant"][:2] == ["", "I  "]

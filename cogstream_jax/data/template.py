@@ -22,6 +22,25 @@ GENERATION_PROMPT = "<|im_start|>assistant\n"
 CHAT_TEMPLATE_ASSET = "assets/videollama3/chat_template.json"
 
 
+def reserved_strings(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's added-token strings (`<image>`, `<|im_end|>`, ...), longest first. Free text that spells
+    one of them would be re-tokenized as that special token: an extra visual placeholder or a turn boundary."""
+    return tuple(sorted(getattr(tokenizer, "added_tokens_encoder", {}) or {}, key=len, reverse=True))
+
+
+def find_reserved(text: str, reserved: Sequence[str]) -> str | None:
+    """The first reserved string that occurs in `text`, or None."""
+    return next((token for token in reserved if token in text), None)
+
+
+def strip_reserved(text: str, reserved: Sequence[str]) -> str:
+    """`text` with every reserved string removed (repeated until none is left, since removing one can join
+    the pieces of another)."""
+    while (token := find_reserved(text, reserved)) is not None:
+        text = text.replace(token, "")
+    return text
+
+
 @lru_cache(maxsize=1)
 def load_chat_template() -> str:
     """The official Jinja chat template string (package data)."""

@@ -46,6 +46,8 @@ def find_jobs(video_dir: Path, query_dir: Path, warn: Callable[[str], None] = pr
         warnings: list[str] = []
         chains = parse_chains(read_json(path), str(path), warnings)
         jobs.append(VideoJob(path.stem, path, list_segments(video_dir / path.stem, path.stem, warnings), chains))
+        for message in warnings:
+            warn(f"warning: {message}")
     if not jobs:
         raise DataError(f"{query_dir}: none of the QA files has a segment folder in {video_dir}")
     return jobs

@@ -12,14 +12,16 @@ TINY = "tiny"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, dtype: str = "float32"):
     """A random tiny VideoLLaMA3 with the real vocabulary (the `make demo` / test model)."""
     from flax import nnx
 
     from cogstream_jax.config import tiny
     from cogstream_jax.model.videollama3 import VideoLlama3
+    from cogstream_jax.weights.loader import resolve_dtype
 
-    return VideoLlama3(tiny(), rngs=nnx.Rngs(seed))
+    param_dtype = resolve_dtype(dtype)
+    return VideoLlama3(tiny(), rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=param_dtype)
 
 
 def load_model_and_processor(model_path: str, dtype: str = "float32", decode_threads: int | None = None):
@@ -28,7 +30,7 @@ def load_model_and_processor(model_path: str, dtype: str = "float32", decode_thr
     `decode_threads`: the processor's video threads (None: the usable cores, at most 8)."""
     if model_path == TINY:
         directory = bundled_model_dir()
-        model = tiny_model()
+        model = tiny_model(dtype=dtype)
     else:
         if not os.path.isdir(model_path):
             raise WeightError(f"{model_path}: model folder not found (or pass the literal 'tiny')")

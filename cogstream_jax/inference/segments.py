@@ -107,12 +107,16 @@ class StreamTimeline:
         self.next_start = 0.0
 
     def plan(self, path: str | os.PathLike) -> tuple[ClipPlan, VideoProbe]:
+        """The next clip's plan; the timeline moves on only at `commit`, so a clip rejected in between leaves
+        no trace."""
         probe = probe_video(path)
         plan = plan_clip(probe, fps=self.fps, max_frames=self.max_frames,
                          trim_time=stream_trim_time(self.total_duration), time_offset=self.next_start)
+        return plan, probe
+
+    def commit(self, plan: ClipPlan, probe: VideoProbe) -> None:
         self.total_duration += probe.duration
         self.next_start = plan.timestamps[-1] + 1
-        return plan, probe
 
 
 def row_keys(segments: list[EncodedSegment]) -> list[tuple[int, int]]:

@@ -36,6 +36,7 @@ from cogstream_jax.data.difffp import drop_masked_placeholders
 from cogstream_jax.data.processor import Processor
 from cogstream_jax.data.rewrite import history_of, rewrite, turns_from_conversation, unfiltered
 from cogstream_jax.data.selection import parse_selection
+from cogstream_jax.data.template import find_reserved, reserved_strings, strip_reserved
 from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.inference import events, retrieval
 from cogstream_jax.inference.prefix_cache import PrefixCache, generate_with_prefix
@@ -93,6 +94,7 @@ class StreamingSession:
                  options: SessionOptions = SessionOptions()):
         self.model, self.processor, self.sampling, self.options = model, processor, sampling, options
         self.retrieval_adapter, self.answer_adapter = retrieval_adapter, answer_adapter
+        self.reserved = reserved_strings(processor.tokenizer)
         self.encoder = SegmentEncoder(model, processor, answer_adapter)
         # one KV cache per prompt stream ("retrieval", "answer"), each filled under its own adapter
         self.prefixes: dict[str, PrefixCache] = {}
@@ -139,6 +141,7 @@ class StreamingSession:
             item = self.encoder.decode(plan, probe)
             self.cached.append(self.encoder.encode(item, self.encoder.fixed_size(item, self.options.max_stream_frames),
                                                    path))
+            self.timeline.commit(plan, probe)
             self.frames += len(plan.timestamps)
         else:
             from cogstream_jax.data.video import probe_video
@@ -169,14 +172,19 @@ class StreamingSession:
 
     # ------------------------------------------------------------------ one question
     def record_failure(self, question: str) -> None:
-        """Keep a failed question in the conversation with an empty prediction (history indices stay aligned)."""
-        self._append_user_turn(question)
+        """Keep a failed question in the conversation with an empty prediction (history indices stay aligned);
+        reserved token strings are removed so that one bad question cannot break the later ones."""
+        self._append_user_turn(strip_reserved(str(question), self.reserved))
         self.conversation.append({"role": "assistant", "content": ""})
         self.questions += 1
 
     def _ask(self, question: str, gt_coi: Sequence[int], gt_visual: bool) -> Answer:
         if not isinstance(question, str) or not question.strip():
             raise InputError("question: must be a non-empty string")
+        token = find_reserved(question, self.reserved)
+        if token is not None:
+            raise InputError(f"question {self.questions}: contains the reserved token text {token!r}, which the "
+                             "tokenizer would read as a special token (a frame placeholder or a turn boundary)")
         timings: dict[str, float] = {}
         start = time.perf_counter()
         self._append_user_turn(question)
@@ -213,7 +221,9 @@ class StreamingSession:
         text = self.processor.tokenizer.decode(list(out[0]), skip_special_tokens=True).strip()
         timings["answer_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - start
-        self.conversation.append({"role": "assistant", "content": text})
+        # the answer is reported as generated, but re-enters later prompts without reserved token strings that
+        # ordinary tokens can spell (e.g. "<image>"): they would re-tokenize as placeholders or turn markers
+        self.conversation.append({"role": "assistant", "content": strip_reserved(text, self.reserved)})
         self.questions += 1
         return Answer(text, chosen.selection, chosen.indices, chosen.if_visual,
                       chosen.predicted_coi(len(hist_qs)), compression.minor_frames,
