@@ -65,6 +65,8 @@ class MeshSpec:
         dims = [self.data, self.fsdp, self.tensor]
         if dims.count(-1) > 1:
             raise ConfigError(f"--mesh {dims}: at most one axis may be -1")
+        if any(d == 0 or d < -1 for d in dims):
+            raise ConfigError(f"--mesh {dims}: axis sizes must be positive (or -1 for the remaining devices)")
         known = math.prod(d for d in dims if d != -1)
         if -1 in dims:
             if n_devices % known:

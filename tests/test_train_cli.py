@@ -154,6 +154,37 @@ def test_corrupt_checkpoint(tmp_path, capsys, runs):
     assert code == 2 and str(broken / "checkpoints" / "6") in err and "cannot restore" in err
 
 
+@pytest.mark.slow
+def test_resume_at_the_end_exports_and_changed_settings_are_refused(tmp_path, capsys, runs):
+    _, split = runs
+    done = tmp_path / "done"
+    shutil.copytree(split, done)
+    shutil.rmtree(done / "adapter")  # as if killed during the final export
+    config_before = (done / "train_config.json").read_bytes()
+    code, err = _main([*FAST, "--output_dir", str(done), "--mesh", "2,1,4", "--seed", "5"], capsys)
+    assert code == 2 and "pass --resume" in err
+    assert (done / "train_config.json").read_bytes() == config_before  # a refused run writes nothing
+    code, err = _main([*FAST, "--output_dir", str(done), "--mesh", "2,1,4", "--resume", "--seed", "5"], capsys)
+    assert code == 2 and "seed: 0 -> 5" in err and "Traceback" not in err
+    code, err = _main([*FAST, "--output_dir", str(done), "--mesh", "2,1,4", "--resume", "--max_steps", "6"], capsys)
+    assert code == 0, err
+    assert (done / "adapter" / "adapter_meta.json").is_file() and len(losses(done)) == 6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep_last", "0"], "--keep_last must be >= 1"),
+    (["--learning_rate", "0"], "--learning_rate must be positive"),
+    (["--save_steps", "0"], "--save_steps must be >= 1"),
+    (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+    (["--mesh", "0,-1,1"], "axis sizes must be positive"),
+    (["--global_batch_size", "1000", "--micro_batch_size", "2"], "do not fill one --global_batch_size 1000"),
+])
+def test_bad_numeric_flags(flags, message, tmp_path, capsys):
+    argv = [*FAST, "--output_dir", str(tmp_path / "o"), "--mesh", "2,1,4", *flags]
+    code, err = _main(argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_dataset_failing_validation(tmp_path, capsys):
     bad = tmp_path / "data"
     shutil.copytree(SAMPLE, bad)

@@ -48,3 +48,13 @@ def test_stage2_missing_video_dir_is_a_clear_error(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--video_dir" in err and "nope" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value, message", [("0", "--gradient_accumulation_steps must be >= 1"),
+                                            ("100000", "do not fill one update")])
+def test_stage2_accumulation_that_cannot_train_is_refused(value, message, tmp_path, capsys):
+    from train.stage2 import main
+
+    assert main([*ARGS, "--output_dir", str(tmp_path), "--gradient_accumulation_steps", value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

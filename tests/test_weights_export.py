@@ -63,6 +63,32 @@ def test_export_casts_to_bf16_and_resaving_cleans_stale_shards(model, tmp_path):
     np.testing.assert_array_equal(reloaded[("lm_head", "kernel")], expected)
 
 
+def test_interrupted_resave_leaves_a_folder_that_does_not_load(model, tmp_path, monkeypatch):
+    """A second export into the same folder dies half-way: no index/config of the first one may remain to make
+    old and new shards load together."""
+    from cogstream_jax.errors import UserError
+    from cogstream_jax.weights import export
+
+    save_pretrained(model, tmp_path, layout="original", max_shard_bytes=150_000)
+    real, calls = export.export_hf_tensors, {"n": 0}
+
+    def dying(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 5:
+                raise OSError("disk full")
+            yield item
+
+    monkeypatch.setattr(export, "export_hf_tensors", dying)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, tmp_path, layout="original", dtype="bfloat16", max_shard_bytes=150_000)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "config.json" not in names and "model.safetensors.index.json" not in names
+    assert not any(".tmp" in n for n in names)
+    with pytest.raises(UserError):
+        load_pretrained(tmp_path)
+
+
 def test_orbax_round_trip_through_both_clis(source, model, tmp_path):
     """hf_to_orbax (fp32) -> load_pretrained(orbax) is identical; orbax_to_hf -> native safetensors identical too."""
     assert hf_to_orbax.main(["--model_path", str(source), "--output-dir", str(tmp_path / "orbax"),

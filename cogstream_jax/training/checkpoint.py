@@ -20,8 +20,43 @@ from cogstream_jax.errors import ConfigError, WeightError
 from cogstream_jax.training.state import TrainState
 
 
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
 class CheckpointError(WeightError):
     """A training checkpoint is missing, unreadable or does not match this run."""
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(output_dir).absolute() / CHECKPOINT_SUBDIR
+
+
+def _saved_steps(directory: pathlib.Path) -> list[int]:
+    """Finished step directories (orbax names them by the step; temp ones carry a suffix)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_resume(directory: pathlib.Path, resume: bool) -> None:
+    """`--resume` needs a checkpoint; without it an earlier run's checkpoints must not be mixed in."""
+    steps = _saved_steps(directory)
+    if resume and not steps:
+        raise ConfigError(f"--resume: no checkpoint found in {directory}")
+    if not resume and steps:
+        raise ConfigError(f"{directory}: holds checkpoints of an earlier run; pass --resume to continue it "
+                          "or choose another --output_dir")
+
+
+def check_same_run(saved: dict | None, current: dict | None, where: pathlib.Path) -> None:
+    """Refuse to resume under settings that change the run (data order, schedule, adapter, precision)."""
+    if saved is None or current is None:  # checkpoints written before run fingerprints existed
+        return
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise CheckpointError(f"{where}: --resume with settings that differ from the checkpointed run ({details}); "
+                              "resume with the original settings or start a new --output_dir")
 
 
 def _leaf_paths(tree: Any) -> list[str]:

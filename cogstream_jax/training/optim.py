@@ -54,6 +54,8 @@ def stage2_optim(num_epochs: int, num_videos: int, learning_rate: float = 1e-4) 
 
 
 def schedule(config: OptimConfig) -> optax.Schedule:
+    if config.warmup_steps >= config.total_steps:  # e.g. 1 update with 8% warmup: HF's warmup alone (LR 0 first)
+        return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
     if config.warmup_steps:
         return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
                                                   config.total_steps, end_value=0.0)

@@ -71,10 +71,23 @@ def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run_module: st
 
 
 def start(args: argparse.Namespace) -> None:
-    """Distributed init (guarded) and sanity checks of the common flags."""
+    """Distributed init (guarded), sanity checks of the common flags, and the --resume / earlier-run check
+    (before anything is written into --output_dir)."""
+    from cogstream_jax.training.checkpoint import check_resume, checkpoint_dir
+
     maybe_initialize(DistributedConfig.from_env(args.coordinator_address, args.num_processes, args.process_id))
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max_steps must be >= 1, got {args.max_steps}")
+    for flag, minimum in (("max_steps", 1), ("save_steps", 1), ("keep_last", 1), ("lora_r", 1),
+                          ("gradient_accumulation_steps", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{flag} must be >= {minimum}, got {value}")
+    for flag in ("learning_rate", "lora_alpha"):
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            raise ConfigError(f"--{flag} must be positive, got {value}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    check_resume(checkpoint_dir(args.output_dir), args.resume)
 
 
 def dtype_of(name: str | None, default: Any = jnp.float32) -> Any:
@@ -100,8 +113,13 @@ def load_model(args: argparse.Namespace, mesh) -> tuple[nnx.Module, pathlib.Path
     return model, folder
 
 
+#: what bitsandbytes' QLoRA leaves in full precision: the output embedding (skipped by name) and the patch
+#: embedding (a Conv2d there, never replaced; a Linear here)
+UNQUANTIZED_MODULES = ("lm_head", "patch_embedding")
+
+
 def quantize_base(model: nnx.Module, qtype: str) -> int:
-    """Store every frozen Linear kernel quantized (`Linear.quantize`: int8, or NF4 packed two codes per byte),
+    """Store the frozen Linear kernels quantized (`Linear.quantize`: int8, or NF4 packed two codes per byte),
     as the official QLoRA base: its numerics and its memory. Returns the number of kernels quantized."""
     if qtype == "none":
         return 0
@@ -110,7 +128,9 @@ def quantize_base(model: nnx.Module, qtype: str) -> int:
     from cogstream_jax.model.layers import Linear
 
     count = 0
-    for _, module in nnx.iter_modules(model):
+    for path, module in nnx.iter_modules(model):
+        if path and str(path[-1]) in UNQUANTIZED_MODULES:
+            continue
         if isinstance(module, Linear) and module.quant is None:
             module.quantize(QUANT_TYPES[qtype])
             count += 1
@@ -122,6 +142,20 @@ def resolved_config(args: argparse.Namespace, **derived: Any) -> dict[str, Any]:
     config.update(derived)
     config["jax"] = {"devices": jax.device_count(), "processes": jax.process_count(), "backend": jax.default_backend()}
     return config
+
+
+#: settings a resumed run may change: where and how it runs, not what it computes (mesh and micro-batching change
+#: only the summation order; paths may move)
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "resume", "max_steps", "save_steps", "keep_last", "no_progress", "mesh", "mesh_shape", "jax",
+    "coordinator_address", "num_processes", "process_id", "remat", "decode_threads", "model_path", "QA_path",
+    "query_dir", "video_dir", "micro_batch_size", "micro_batch_items", "accumulation_steps"})
+
+
+def run_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved settings that define the run (JSON values), checked when a run is resumed."""
+    kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps(kept, default=str))
 
 
 def announce_config(output_dir: str | os.PathLike, config: dict[str, Any]) -> None:

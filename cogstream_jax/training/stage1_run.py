@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     micro, accumulation = batch_geometry(args, mesh)
     dataset = load_dataset(dataset_root(args.QA_path))
     n_items = len(stage1_items(dataset))
-    total_steps = max(1, n_items * args.num_train_epochs // args.global_batch_size)
+    if n_items * args.num_train_epochs < args.global_batch_size:
+        raise ConfigError(f"{args.QA_path}: {n_items} stage-1 samples x {args.num_train_epochs} epoch(s) do not fill "
+                          f"one --global_batch_size {args.global_batch_size}: nothing would be trained")
+    total_steps = n_items * args.num_train_epochs // args.global_batch_size
     steps_per_epoch = max(1, n_items // args.global_batch_size)  # official: a checkpoint every epoch
     model, tokenizer_dir = run_common.load_model(args, mesh)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -77,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
     quantized = run_common.quantize_base(model, args.base_quant)
     spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
                          lora.language_module_spec(model.config).target_modules)
-    optim = stage1_optim(total_steps, args.learning_rate or 2e-4)
+    optim = stage1_optim(total_steps, 2e-4 if args.learning_rate is None else args.learning_rate)
     setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optim, mesh, seed=args.seed,
                         options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
     config = run_common.resolved_config(args, stage=1, items=n_items, total_steps=total_steps,
+                                        learning_rate=optim.learning_rate,
                                         micro_batch_items=micro, accumulation_steps=accumulation,
                                         warmup_steps=optim.warmup_steps, quantized_kernels=quantized,
                                         mesh_shape=dict(mesh.shape))
@@ -109,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
         return step_fn(state, setup.frozen, distributed.to_global(local, rows))
 
     result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
-                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps or steps_per_epoch,
-                      keep_last=args.keep_last, meta={"stage": 1}, show_progress=not args.no_progress, desc="stage1")
+                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps if args.save_steps is not None else steps_per_epoch,
+                      keep_last=args.keep_last,
+                      meta={"stage": 1, "run": run_common.run_fingerprint(config)}, show_progress=not args.no_progress, desc="stage1")
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.LANGUAGE_MODULE, args.output_dir)
     return result.exit_code

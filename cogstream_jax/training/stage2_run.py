@@ -91,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(dataset_root(args.query_dir, args.video_dir))
     data_config = Stage2Config(seed=args.seed, num_epochs=args.num_epochs, fps=args.fps, max_frames=args.max_frames)
     total_qas = count_qas(dataset, data_config)
-    total_steps = max(1, total_qas // args.gradient_accumulation_steps)
+    if total_qas < args.gradient_accumulation_steps:
+        raise ConfigError(f"{args.query_dir}: {total_qas} QAs over all epochs do not fill one update of "
+                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: nothing would be trained")
+    total_steps = total_qas // args.gradient_accumulation_steps
     model, tokenizer_dir = run_common.load_model(args, mesh)
     processor = Processor.from_pretrained(tokenizer_dir, cache_frames=True, threads=args.decode_threads)
     quantized = run_common.quantize_base(model, args.base_quant)
@@ -102,10 +105,11 @@ def run(args: argparse.Namespace) -> int:
     # (event compression only acts on streams above 135 frames, inference.events.should_compress)
     spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
                          lora.full_module_spec(model.config).target_modules)
-    optim = stage2_optim(args.num_epochs, len(dataset.videos), args.learning_rate or 1e-4)
+    optim = stage2_optim(args.num_epochs, len(dataset.videos), 1e-4 if args.learning_rate is None else args.learning_rate)
     setup = build_setup(model, lora.FULL_MODULE, spec, optim, mesh, seed=args.seed,
                         options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
     config = run_common.resolved_config(args, stage=2, videos=len(dataset.videos), qas=total_qas,
+                                        learning_rate=optim.learning_rate,
                                         total_steps=total_steps, t_max=optim.total_steps,
                                         event_compression_active=events, quantized_kernels=quantized,
                                         mesh_shape=dict(mesh.shape))
@@ -129,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     iterator = iter(stage2_dataset(dataset, data_config))
     result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
-                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps or 30,
-                      keep_last=args.keep_last, meta={"stage": 2}, show_progress=not args.no_progress, desc="stage2")
+                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps if args.save_steps is not None else 30,
+                      keep_last=args.keep_last,
+                      meta={"stage": 2, "run": run_common.run_fingerprint(config)}, show_progress=not args.no_progress, desc="stage2")
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.FULL_MODULE, args.output_dir)
     return result.exit_code

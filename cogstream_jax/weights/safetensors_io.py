@@ -26,6 +26,7 @@ from cogstream_jax.io_utils import atomic_write_json
 from cogstream_jax.errors import WeightError
 
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _TEMP_RE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors\.tmp\d+$")  # `write_file` temp names
@@ -264,10 +265,16 @@ def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], pro
 
     `keep(path, shard)` may say that a shard file already on disk is complete (a resumed job), so it is not
     produced again. Shard files of an earlier save that the new one does not use, and temp files of an
-    interrupted one, are removed afterwards, so the folder never mixes two checkpoints. Returns the file names.
+    interrupted one, are removed afterwards, so the folder never mixes two checkpoints. The index and
+    `config.json` of an earlier save go first (callers write config.json last): a save interrupted half-way
+    leaves a folder that does not load, rather than one that loads old and new shards together.
+    Returns the file names.
     """
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
+    for marker in (INDEX_NAME, CONFIG_NAME):
+        if os.path.exists(os.path.join(folder, marker)):
+            os.remove(os.path.join(folder, marker))
     specs = list(specs)
     shards = plan_shards(specs, max_shard_bytes)
     names = shard_names(len(shards))
