@@ -100,6 +100,8 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
     files = write_checkpoint(output_dir, specs, produce, max_shard_bytes,
                              {"format": "pt", SIGNATURE_METADATA: signature}, keep)
     hf_config = config.to_hf_config(layout)
+    if detect_layout(checkpoint.keys()) == layout:  # keep what we do not model (auto_map for the copied .py files)
+        hf_config = {**_source_config(model_path), **hf_config}
     written = {str(s.dtype) for s in specs}
     hf_config["torch_dtype" if layout == "original" else "dtype"] = written.pop() if len(written) == 1 else "float32"
     atomic_write_json(os.path.join(output_dir, "config.json"), hf_config)
@@ -150,6 +152,11 @@ def _refuse_orbax(model_path: str) -> None:
     if os.path.isdir(model_path) and is_orbax_folder(model_path):
         raise WeightError(f"{model_path}: --model_path is an orbax folder; merged export streams safetensors, so "
                           "first run `python -m convert.orbax_to_hf --model_path ... --output_dir BASE`")
+
+
+def _source_config(model_path: str) -> dict[str, Any]:
+    with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _copy_side_files(model_path: str, output_dir: str) -> None:

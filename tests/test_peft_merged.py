@@ -164,3 +164,23 @@ def test_interrupted_export_resumes_keeping_completed_shards(bases, adapted, tmp
     assert code == 0 and "kept" not in err
     lora.set_adapter(model, lora.FULL_MODULE)
     assert np.abs(our_logits(load_pretrained(out)) - our_logits(model)).max() <= 1e-4
+
+
+def test_original_export_keeps_the_base_config_extras(bases, adapter_on_original, tmp_path):
+    """auto_map (for the copied modeling .py files) and other keys we do not model survive an original-layout
+    export of an original-layout base; a layout change writes only the target layout's keys."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(bases["original"], base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(auto_map={"AutoModelForCausalLM": "modeling_videollama3.Videollama3Qwen2ForCausalLM"},
+                  initializer_range=0.02)
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "modeling_videollama3.py").write_text("# the remote code\n")
+    export_merged_from_dir(base, adapter_on_original, tmp_path / "same", layout="original")
+    export_merged_from_dir(base, adapter_on_original, tmp_path / "native", layout="native")
+    same = json.loads((tmp_path / "same" / "config.json").read_text())
+    assert same["auto_map"] == config["auto_map"] and same["initializer_range"] == 0.02
+    assert same["model_type"] == "videollama3_qwen2" and (tmp_path / "same" / "modeling_videollama3.py").is_file()
+    assert "auto_map" not in json.loads((tmp_path / "native" / "config.json").read_text())

@@ -39,6 +39,8 @@ def load_model_and_processor(model_path: str, dtype: str = "float32", decode_thr
         model = load_pretrained(model_path, dtype=dtype)
         has_tokenizer = all(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES)
         directory = model_path if has_tokenizer else bundled_model_dir()
-    generation = os.path.join(directory, "generation_config.json")
-    sampling = SamplingConfig.from_generation_config(generation if os.path.isfile(generation) else bundled_model_dir())
+    # the checkpoint's own generation_config.json wins even when its tokenizer files are missing
+    candidates = [os.path.join(d, "generation_config.json") for d in (model_path, directory) if d != TINY]
+    generation = next((c for c in candidates if os.path.isfile(c)), None)
+    sampling = SamplingConfig.from_generation_config(generation or bundled_model_dir())
     return model, Processor.from_pretrained(directory, threads=decode_threads), sampling
