@@ -6,11 +6,12 @@ from typing import Any, Callable, Iterator
 
 import jax
 
+from cogstream_jax.multihost import global_max
 from cogstream_jax.training.checkpoint import TrainCheckpointer, check_resume, check_same_run, checkpoint_dir
 from cogstream_jax.training.progress import Progress
 from cogstream_jax.training.run_common import LoopResult
 from cogstream_jax.training.setup import TrainSetup
-from cogstream_jax.training.signals import graceful_stop
+from cogstream_jax.training.signals import EXIT_CODES, graceful_stop
 
 #: one update: (state, data iterator) -> (state, metrics dict) ; raises StopIteration when data runs out
 UpdateFn = Callable[[Any, Iterator], tuple[Any, dict]]
@@ -35,7 +36,7 @@ def run_loop(setup: TrainSetup, update: UpdateFn, data_iterator: Any, *, output_
     step = int(jax.device_get(state.step))
     limit = min(total_steps, max_steps) if max_steps is not None else total_steps
     progress = Progress(output_dir, total_steps, step, show_bar=show_progress, desc=desc)
-    tokens_total, last_loss, exit_code = 0.0, None, 0
+    tokens_total, last_loss, exit_code = progress.tokens_total, None, 0
     try:
         with graceful_stop() as stop:
             while step < limit:
@@ -49,9 +50,10 @@ def run_loop(setup: TrainSetup, update: UpdateFn, data_iterator: Any, *, output_
                 last_loss = values.get("loss")
                 if step % save_steps == 0:
                     saved_at = ckpt.save(state, data_iterator=data_iterator, meta={**meta, "loss": last_loss})
-                if stop:
-                    print(f"\nsignal {stop.signum}: saving a checkpoint at update {step} and stopping", file=sys.stderr)
-                    exit_code = stop.exit_code
+                signum = global_max(stop.signum or 0)  # every process stops at the same update
+                if signum:
+                    print(f"\nsignal {signum}: saving a checkpoint at update {step} and stopping", file=sys.stderr)
+                    exit_code = EXIT_CODES.get(signum, 1)
                     break
         if saved_at != step:
             ckpt.save(state, data_iterator=data_iterator, meta={**meta, "loss": last_loss})

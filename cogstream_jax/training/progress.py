@@ -1,7 +1,8 @@
 """Operability: a progress bar (loss, lr, tokens/s, ETA), JSONL metrics, TensorBoard when installed.
 
 Only process 0 writes; metrics files are appended line by line (one JSON object per update), so a resumed
-run continues the same file.
+run continues the same file (after dropping the lines of updates past the checkpoint it resumed from, which the
+resumed run does again).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from typing import Any
 
 import jax
+
+from cogstream_jax.io_utils import atomic_write_text
 
 
 def _tensorboard_writer(directory: pathlib.Path):
@@ -35,14 +38,30 @@ class Progress:
         self.metrics_path = pathlib.Path(output_dir) / "metrics.jsonl"
         self.bar = None
         self.tb = None
+        self.tokens_total = 0.0  # carried over from the kept metrics of a resumed run
         if self.enabled:
             from tqdm import tqdm
 
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            self._keep_metrics_up_to(start_step)
             if show_bar:
                 self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, file=sys.stderr,
                                 dynamic_ncols=True, mininterval=0.5)
             self.tb = _tensorboard_writer(self.metrics_path.parent)
+
+    def _keep_metrics_up_to(self, step: int) -> None:
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+                self.tokens_total = float(record.get("tokens_total", self.tokens_total))
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def update(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         """Record metrics of update `step` (1-based count of updates done); returns the host floats."""

@@ -18,10 +18,6 @@ class StopRequest:
     def __bool__(self) -> bool:
         return self.signum is not None
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES.get(self.signum, 1)
-
 
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[StopRequest]:
