@@ -12,6 +12,7 @@ the projector), because the official script loads them swapped (protocol 7 #3).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from cogstream_jax.inference.adapters import assign_official_adapters
-    from cogstream_jax.inference.evaluation import find_jobs, run_evaluation, shard
+    from cogstream_jax.inference.evaluation import check_settings, find_jobs, run_evaluation, shard
     from cogstream_jax.inference.session import StreamingSession
 
     retrieval_dir, answer_dir = args.retrieval_adapter, args.answer_adapter
@@ -76,6 +77,14 @@ def _run(args: argparse.Namespace) -> int:
     jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)),
                  args.process_index, args.num_processes)
     jobs = jobs[: args.limit] if args.limit is not None else jobs
+    # what changes the result files (not: paths of the data, worker split, threads, prefix reuse, --limit)
+    settings = {
+        "model_path": _where(args.model_path), "retrieval_adapter": _where(retrieval_dir),
+        "answer_adapter": _where(answer_dir),
+        "mode": args.mode, "chains": args.chains, "max_questions": args.max_questions, "greedy": args.greedy,
+        "max_new_tokens": args.max_new_tokens, "resize": args.resize, "max_stream_frames": args.max_stream_frames,
+        "embed_with": args.embed_with, "seed": args.seed, "dtype": args.dtype}
+    check_settings(args.save_dir, settings)  # before loading any weights
     session = StreamingSession.from_pretrained(
         args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
         max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy,
@@ -83,10 +92,15 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed,
         reuse_prefix=not args.no_reuse_prefix)
     stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, settings=settings)
     print(f"done: {stats['videos']} videos ({stats['skipped']} already finished), {stats['questions']} questions, "
           f"{stats['errors']} errors -> {args.save_dir}", file=sys.stderr)
     return 0
+
+
+def _where(path: str | None) -> str | None:
+    """Absolute folder paths, so a rerun from another working directory compares equal."""
+    return path if path in (None, "tiny") else os.path.abspath(path)
 
 
 if __name__ == "__main__":

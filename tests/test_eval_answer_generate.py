@@ -92,6 +92,9 @@ def test_resume_and_process_split_are_byte_identical(dataset, tmp_path, capsys):
     assert main(_args(dataset, full, "--no_reuse_prefix")) == 0
     for name in VIDEOS:
         assert (one / f"{name}.json").read_bytes() == (full / f"{name}.json").read_bytes()
+    # a rerun into the same folder with result-changing settings is refused, naming them
+    assert main(_args(dataset, one, "--mode", "AC")) == 2
+    assert "mode: 'FCC' -> 'AC'" in capsys.readouterr().err
     jobs = [type("J", (), {"name": f"v{i}"})() for i in range(5)]
     parts = [[j.name for j in shard(jobs, i, 3)] for i in range(3)]
     assert sorted(sum(parts, [])) == [f"v{i}" for i in range(5)] and all(parts)

@@ -19,6 +19,7 @@ from cogstream_jax.data.records import Chain, QARecord, parse_chains
 from cogstream_jax.errors import DataError, UserError
 from cogstream_jax.io_utils import atomic_write_text
 from cogstream_jax.inference.session import StreamingSession
+from cogstream_jax.run_settings import as_json, describe_changes
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,31 @@ def shard(jobs: list[VideoJob], process_index: int, num_processes: int) -> list[
     if num_processes < 1 or not 0 <= process_index < num_processes:
         raise UserError(f"--process_index {process_index} must be in [0, --num_processes {num_processes})")
     return [job for k, job in enumerate(sorted(jobs, key=lambda j: j.name)) if k % num_processes == process_index]
+
+
+#: the settings of the run that wrote a results folder (not `*.json`, so scoring never mistakes it for a result)
+SETTINGS_FILE = ".cogstream_eval_settings"
+
+
+def check_settings(save_dir: Path, settings: dict | None) -> None:
+    """A rerun skips finished videos, so it must be the same run: with result files present, refuse settings
+    that differ from those recorded with them, naming them."""
+    path = save_dir / SETTINGS_FILE
+    if settings is None or not path.is_file() or not any(save_dir.glob("*.json")):
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    details = describe_changes(saved, as_json(settings))
+    if details:
+        raise UserError(f"{save_dir}: holds results of a run with other settings ({details}); use another "
+                        "--save_dir or the original settings")
+
+
+def record_settings(save_dir: Path, settings: dict | None) -> None:
+    if settings is not None:
+        atomic_write_text(save_dir / SETTINGS_FILE, json.dumps(as_json(settings), indent=2, sort_keys=True) + "\n")
 
 
 def result_path(save_dir: Path, name: str) -> Path:
@@ -119,10 +145,12 @@ def run_chain(session: StreamingSession, job: VideoJob, chain: Chain, max_questi
 
 
 def run_evaluation(session: StreamingSession, jobs: Iterable[VideoJob], save_dir: Path, *, chains: str = "first",
-                   max_questions: int | None = None, progress: bool = True) -> dict:
-    """Evaluate `jobs` (already sharded), skipping finished videos; returns counts."""
+                   max_questions: int | None = None, progress: bool = True, settings: dict | None = None) -> dict:
+    """Evaluate `jobs` (already sharded), skipping finished videos; returns counts. `settings` (what changes the
+    results) are checked against and recorded with the result files."""
     from tqdm import tqdm
 
+    check_settings(save_dir, settings)
     save_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(jobs)
     todo = [j for j in jobs if not is_finished(save_dir, j.name)]
@@ -138,6 +166,8 @@ def run_evaluation(session: StreamingSession, jobs: Iterable[VideoJob], save_dir
         selected = job.chains if chains == "all" else job.chains[:1]
         data = [run_chain(session, job, chain, max_questions, on_question) for chain in selected]
         stats["errors"] += sum("error" in r for chain in data for r in chain)
+        if stats["videos"] == 0:
+            record_settings(save_dir, settings)
         write_atomic(result_path(save_dir, job.name), {"video_name": job.name, "Data": data})
         stats["videos"] += 1
         bar.update(1)

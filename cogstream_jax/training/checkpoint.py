@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cogstream_jax.errors import ConfigError, WeightError
+from cogstream_jax.run_settings import describe_changes
 from cogstream_jax.training.state import TrainState
 
 
@@ -50,11 +51,8 @@ def check_resume(directory: pathlib.Path, resume: bool) -> None:
 
 def check_same_run(saved: dict | None, current: dict | None, where: pathlib.Path) -> None:
     """Refuse to resume under settings that change the run (data order, schedule, adapter, precision)."""
-    if saved is None or current is None:  # checkpoints written before run fingerprints existed
-        return
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+    details = describe_changes(saved, current)  # None also for checkpoints written before fingerprints existed
+    if details:
         raise CheckpointError(f"{where}: --resume with settings that differ from the checkpointed run ({details}); "
                               "resume with the original settings or start a new --output_dir")
 

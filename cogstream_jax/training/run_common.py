@@ -20,6 +20,7 @@ from cogstream_jax.config import tiny
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.io_utils import atomic_write_text
 from cogstream_jax.reference_files import bundled_model_dir
+from cogstream_jax.run_settings import as_json
 from cogstream_jax.training.distributed import DistributedConfig, is_primary, maybe_initialize
 
 QUANT_TYPES = {"int8": "int8", "nf4": "nf4"}
@@ -154,8 +155,7 @@ RESUMABLE_CHANGES = frozenset({
 
 def run_fingerprint(config: dict[str, Any]) -> dict[str, Any]:
     """The resolved settings that define the run (JSON values), checked when a run is resumed."""
-    kept = {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
-    return json.loads(json.dumps(kept, default=str))
+    return as_json({k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})
 
 
 def announce_config(output_dir: str | os.PathLike, config: dict[str, Any]) -> None:
