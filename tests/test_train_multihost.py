@@ -1,5 +1,5 @@
 """Multi-host for real: two processes on 127.0.0.1 (jax.distributed + gloo CPU collectives, 4 fake devices
-each) train 3 stage-1 updates on a (2, 2, 2) mesh and match the single-process 8-device run: losses, the final
+each) train 3 stage-1 updates on a (2, 2, 2) and a tensor-only (1, 1, 8) mesh and match the single-process 8-device run: losses, the final
 checkpoint and the final adapter directory (which every process helps write)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from multihost_helpers import SAMPLE, assert_no_temp_leftovers, assert_same_adapters, metrics, run_multi, run_single
 
 ARGS = ["--model_path", "tiny", "--QA_path", str(SAMPLE), "--global_batch_size", "4", "--max_length", "576",
-        "--dtype", "float32", "--num_train_epochs", "1", "--no_progress", "--seed", "0", "--mesh", "2,2,2",
+        "--dtype", "float32", "--num_train_epochs", "1", "--no_progress", "--seed", "0",
         "--max_steps", "3", "--save_steps", "3"]
 
 
@@ -35,10 +35,11 @@ def _restore(out: pathlib.Path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("mesh", ["2,2,2", "1,1,8"])  # rows split across processes / replicated across them
+def test_two_processes_match_one_process(tmp_path, mesh):
     single, multi = tmp_path / "single", tmp_path / "multi"
-    run_single("train.stage1", ARGS, single)
-    run_multi("train.stage1", ARGS, multi)
+    run_single("train.stage1", [*ARGS, "--mesh", mesh], single)
+    run_multi("train.stage1", [*ARGS, "--mesh", mesh], multi)
 
     a, b = metrics(single), metrics(multi)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]

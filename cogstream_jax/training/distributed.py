@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -61,28 +61,13 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def process_rows(arrays: Mapping[str, np.ndarray], rows_axis: int = 1) -> dict[str, np.ndarray]:
-    """This process's contiguous slice of the rows axis of host arrays that every process holds in full."""
-    count, index = jax.process_count(), jax.process_index()
-    out = {}
+def global_from_host(arrays: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Global arrays from host arrays that every process holds in full: each process fills only its own devices'
+    pieces, whatever the sharding (rows split over data x fsdp, or replicated across processes on a tensor-only
+    mesh), so the global batch is the same for any process count and device order."""
+    out: dict[str, jax.Array] = {}
     for key, value in arrays.items():
-        rows = value.shape[rows_axis]
-        if rows % count:
-            raise ConfigError(f"{key}: {rows} rows do not split over {count} processes")
-        per = rows // count
-        out[key] = np.take(value, np.arange(index * per, (index + 1) * per), axis=rows_axis)
-    return out
-
-
-def to_global(local: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding, rows_axis: int = 1
-              ) -> dict[str, jax.Array]:
-    """Per-process arrays (this process's rows) -> global arrays; rows concatenate in process order."""
-    out: dict[str, Any] = {}
-    count = jax.process_count()
-    for key, value in local.items():
         value = np.asarray(value)
-        shape = list(value.shape)
-        shape[rows_axis] *= count
-        out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
+        out[key] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
     return out
 
