@@ -195,7 +195,9 @@ def peft_config_json(spec: LoraSpec, modules: list[str], base_model_name_or_path
 
 def write_peft_adapter(adapter: AdapterTensors, output_dir: str | os.PathLike, layout: Layout = "original",
                        base_model_name_or_path: str | None = None) -> pathlib.Path:
-    """Write `adapter_model.safetensors` + `adapter_config.json` (each file atomically) for `layout`."""
+    """Write `adapter_model.safetensors` + `adapter_config.json` (each file atomically) for `layout`. An earlier
+    config goes first and the new one comes last, so an interrupted overwrite leaves a folder PEFT refuses
+    rather than new weights read with an old scale."""
     if layout not in ("original", "native"):
         raise AdapterError(f"layout={layout!r}: expected 'original' or 'native'")
     output_dir = pathlib.Path(output_dir)
@@ -209,6 +211,7 @@ def write_peft_adapter(adapter: AdapterTensors, output_dir: str | os.PathLike, l
     metadata = {"format": "pt"}
     if adapter.base_fingerprint:
         metadata[FINGERPRINT_METADATA] = adapter.base_fingerprint
+    (output_dir / CONFIG_FILE).unlink(missing_ok=True)
     write_file(str(output_dir / WEIGHTS_FILE), specs, lambda spec: arrays[spec.name], metadata)
     base = base_model_name_or_path if base_model_name_or_path is not None else DEFAULT_BASE_NAME[layout]
     atomic_write_json(str(output_dir / CONFIG_FILE), peft_config_json(adapter.spec, list(modules), base))
