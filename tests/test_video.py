@@ -181,6 +181,27 @@ def test_edit_list_preroll_frames_are_not_counted(tmp_path):
         np.testing.assert_array_equal(clip.frames, rgb)
 
 
+def test_frames_missing_after_the_shortcuts_are_redone_by_a_plain_decode(short_gop_videos, monkeypatch):
+    import cogstream_jax.data.frame_decoder as frame_decoder
+
+    path = short_gop_videos["b_frames"]
+    expected = load_video(path, fps=1, max_frames=9)
+    real, plain_calls = frame_decoder._decode_group, []
+
+    def lossy(path_, index, targets, runs, skip_disposable):
+        frames, stats = real(path_, index, targets, runs, skip_disposable)
+        if skip_disposable:
+            frames.pop(min(frames))  # as if the reduced packet stream made the decoder drop a picture
+        else:
+            plain_calls.append(len(targets))
+        return frames, stats
+
+    monkeypatch.setattr(frame_decoder, "_decode_group", lossy)
+    clip = load_video(path, fps=1, max_frames=9)
+    assert plain_calls and clip.frame_indices == expected.frame_indices
+    np.testing.assert_array_equal(clip.frames, expected.frames)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(VideoError, match=r"missing\.mp4.*does not exist"):
         load_video(tmp_path / "missing.mp4")

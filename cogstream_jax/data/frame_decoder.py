@@ -106,15 +106,15 @@ class _LandedLate(Exception):
     """A seek went past the IDR it aimed at."""
 
 
-def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], runs: Sequence[Run], stats: DecodeStats
-                 ) -> dict[int, np.ndarray]:
+def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], runs: Sequence[Run], stats: DecodeStats,
+                 skip_disposable: bool = True) -> dict[int, np.ndarray]:
     frames: dict[int, np.ndarray] = {}
     seek_pts = dict(zip(index.idr_positions, index.idr_pts))
     position = {pts: k for k, pts in enumerate(index.decode_pts)}
     with av.open(path) as container:
         stream = container.streams.video[0]
         codec = stream.codec_context
-        length_size = nal_length_size(codec.extradata) if codec.name == "h264" else None
+        length_size = nal_length_size(codec.extradata) if codec.name == "h264" and skip_disposable else None
 
         pending: set[int] = set()
 
@@ -159,22 +159,24 @@ def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], runs: S
     return frames
 
 
-def _decode_group(path: str, index: DecodeIndex, targets: dict[int, int], runs: Sequence[Run]
-                  ) -> tuple[dict[int, np.ndarray], DecodeStats]:
+def _decode_group(path: str, index: DecodeIndex, targets: dict[int, int], runs: Sequence[Run],
+                  skip_disposable: bool) -> tuple[dict[int, np.ndarray], DecodeStats]:
     """Decode one group of runs with its own demuxer; a seek that lands late means one sequential pass."""
     stats = DecodeStats(groups=1)
     try:
-        return _decode_runs(path, index, targets, runs, stats), stats
+        return _decode_runs(path, index, targets, runs, stats, skip_disposable), stats
     except _LandedLate:
         wanted = {pts for _, run_targets in runs for pts in run_targets}
-        return _decode_runs(path, index, targets, [(None, wanted)], stats), stats
+        return _decode_runs(path, index, targets, [(None, wanted)], stats, skip_disposable), stats
 
 
 def decode_frames(path: str, raw_pts: Sequence[int], wanted: Sequence[int], index: DecodeIndex | None = None,
-                  stats: DecodeStats | None = None, threads: int = 1) -> dict[int, np.ndarray]:
+                  stats: DecodeStats | None = None, threads: int = 1, skip_disposable: bool = True
+                  ) -> dict[int, np.ndarray]:
     """RGB uint8 [H, W, 3] of each wanted frame (indices into presentation order `raw_pts`).
 
     The pixels do not depend on `threads`: each frame is decoded from the same IDR picture either way.
+    `index=None, skip_disposable=False` is the plain decode of every packet, as FFmpeg itself runs it.
     """
     targets = {raw_pts[i]: i for i in wanted}
     stats = stats if stats is not None else DecodeStats()
@@ -183,8 +185,8 @@ def decode_frames(path: str, raw_pts: Sequence[int], wanted: Sequence[int], inde
         groups = balanced_groups(_run_costs(index, runs), threads)
     else:
         index, runs, groups = DecodeIndex((), (), ()), [(None, set(targets))], [range(1)]
-    results = thread_map(lambda group: _decode_group(path, index, targets, [runs[k] for k in group]), groups,
-                         threads)
+    results = thread_map(lambda group: _decode_group(path, index, targets, [runs[k] for k in group], skip_disposable),
+                         groups, threads)
     frames: dict[int, np.ndarray] = {}
     for group_frames, group_stats in results:
         frames.update(group_frames)

@@ -186,6 +186,10 @@ def decode_plan(plan: ClipPlan, probe: VideoProbe | None = None, *, decoder: str
     if decoder == "pyav":
         try:
             decoded = decode_frames(probe.path, probe.raw_pts, wanted, probe.decode_index, threads=threads)
+            if any(i not in decoded for i in wanted):
+                # a decoder that guesses its reorder depth could treat the shortcuts' gaps differently: redo
+                # the plain full decode before calling anything missing
+                decoded = decode_frames(probe.path, probe.raw_pts, wanted, None, skip_disposable=False)
         except av.error.FFmpegError as exc:
             raise VideoError(f"{plan.path}: decoding failed ({exc})") from None
     else:
