@@ -12,6 +12,7 @@ still covers the rest and lists them), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -43,8 +44,13 @@ def _score(args: argparse.Namespace) -> int:
     from cogstream_jax.scoring.judges import make_judge
     from cogstream_jax.scoring.pipeline import score_results
 
-    if args.judge_concurrency < 1 or args.judge_retries < 0 or args.judge_timeout <= 0:
-        raise UserError("--judge_concurrency must be >= 1, --judge_retries >= 0 and --judge_timeout > 0")
+    if args.judge_concurrency < 1 or args.judge_retries < 0 or not (math.isfinite(args.judge_timeout)
+                                                                    and args.judge_timeout > 0):
+        raise UserError("--judge_concurrency must be >= 1, --judge_retries >= 0 and --judge_timeout > 0 (finite)")
+    if args.judge != "openai" and (args.judge_url or args.judge_model):
+        raise UserError(f"--judge_url / --judge_model are for --judge openai, but --judge is {args.judge!r}")
+    if args.judge != "local" and args.model_path:
+        raise UserError(f"--model_path is for --judge local, but --judge is {args.judge!r}")
     judge = make_judge(args.judge, url=args.judge_url, model=args.judge_model, timeout_s=args.judge_timeout,
                        max_retries=args.judge_retries, model_path=args.model_path)
     try:
@@ -56,7 +62,7 @@ def _score(args: argparse.Namespace) -> int:
         return 130
     avg = run.report["overall"]["Avg"]
     print(f"wrote {run.output_dir / 'report.md'}: Avg {'n/a' if avg is None else f'{avg:.2f}'} over "
-          f"{run.report['inputs']['qas_scored']} QAs")
+          f"{run.report['inputs']['qas_scored']} QAs (judge: {judge.identity})")
     for line in run.problems:
         print(f"error: {line}", file=sys.stderr)
     return EXIT_USER_ERROR if run.problems else 0

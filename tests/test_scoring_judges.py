@@ -89,6 +89,8 @@ def test_parse_scores_single_qa_accepts_one_score_under_any_key():
     ('{"PredA0": 5}', ("PredA0", "PredA1"), "lacks scores for PredA1"),
     ('{"PredA0": 11}', ("PredA0",), "integer 0..10"),
     ('{"PredA0": 7.5}', ("PredA0",), "integer 0..10"),
+    ('{"PredA0": NaN}', ("PredA0",), "integer 0..10"),
+    ('{"PredA0": "Infinity"}', ("PredA0",), "integer 0..10"),
     ('{"a": 1, "b": 2}', ("PredA3",), "expected one score"),
 ])
 def test_parse_scores_rejects_malformed_replies(reply, keys, message):
@@ -178,6 +180,11 @@ def test_openai_judge_config_errors_and_urls():
         OpenAIJudge("", "m")
     with pytest.raises(ConfigError, match="http"):
         OpenAIJudge("127.0.0.1:8000", "m")
+    with pytest.raises(ConfigError, match="not a valid URL"):
+        OpenAIJudge("http://[::1/v1", "m")
+    for timeout in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ConfigError, match="--judge_timeout"):
+            OpenAIJudge("http://127.0.0.1:1", "m", timeout_s=timeout)
     assert chat_completions_url("http://h:1") == "http://h:1/v1/chat/completions"
     assert chat_completions_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
     assert chat_completions_url("http://h/x/chat/completions") == "http://h/x/chat/completions"

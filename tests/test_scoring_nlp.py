@@ -38,8 +38,17 @@ def test_corpus_bleu_matches_nltk_published_value():
 def test_bleu_zero_count_handling_and_smoothing():
     hyp, ref = "the cat sat".split(), "the cat ran".split()
     assert bleu(hyp, [ref]) == 0.0  # no trigram match: unsmoothed BLEU-4 is 0
-    # method1: zero counts become 0.1; p = 2/3, 1/2, 0.1/1, no 4-grams at all -> total 0 -> 0
-    assert bleu(hyp, [ref], epsilon=0.1) == 0.0
+    # method1: zero counts become 0.1; p = 2/3, 1/2, 0.1/1, and a 3-token hypothesis has no 4-grams: NLTK still
+    # counts a denominator of 1 there (0.1/1), giving 0.24028 (nltk.translate.bleu_score, method1)
+    expected = math.exp((math.log(2 / 3) + math.log(1 / 2) + 2 * math.log(0.1)) / 4)
+    assert bleu(hyp, [ref], epsilon=0.1) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(0.24028, abs=1e-5)
+    # corpus level: short hypotheses add 1 (not 0) to the 4-gram denominators
+    short, longer = ("a red umbrella".split(), "a red umbrella .".split()), ("x y z w v".split(), "x y z w q".split())
+    p = [(3 + 4) / (3 + 5), (2 + 3) / (2 + 4), (1 + 2) / (1 + 3), (0 + 1) / (1 + 2)]
+    bp = math.exp(1 - 9 / 8)
+    assert corpus_bleu([short[0], longer[0]], [[short[1]], [longer[1]]]) == pytest.approx(
+        bp * math.exp(sum(math.log(x) for x in p) / 4), rel=1e-12)
     hyp4, ref4 = "a b c d".split(), "a b c e".split()
     expected = math.exp((math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2) + math.log(0.1 / 1)) / 4)
     assert bleu(hyp4, [ref4], epsilon=0.1) == pytest.approx(expected, rel=1e-12)

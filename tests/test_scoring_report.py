@@ -193,6 +193,8 @@ def test_bad_inputs_are_named_and_the_rest_is_scored(tmp_path, capsys):
     ("no_vqa", "has no VQA_Dataset folder"),
     ("empty_results", "no result files"),
     ("openai_without_url", "--judge openai needs --judge_url and --judge_model"),
+    ("url_without_openai", "--judge_url / --judge_model are for --judge openai"),
+    ("infinite_timeout", "--judge_timeout > 0 (finite)"),
 ])
 def test_fatal_user_errors_exit_nonzero_with_one_line(tmp_path, problem, message):
     write_dataset(tmp_path / "ds", {"v": [VID_B]})
@@ -203,6 +205,10 @@ def test_fatal_user_errors_exit_nonzero_with_one_line(tmp_path, problem, message
         dataset = tmp_path / "res"
     elif problem == "empty_results":
         results = tmp_path / "empty"
+    elif problem == "url_without_openai":
+        extra = ["--judge_url", "http://127.0.0.1:1", "--judge_model", "gpt-4o"]
+    elif problem == "infinite_timeout":
+        extra = ["--judge_timeout", "inf"]
     else:
         extra = ["--judge", "openai"]
     argv = ["--results_dir", str(results), "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"), *extra]

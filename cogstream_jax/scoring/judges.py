@@ -12,11 +12,13 @@ import functools
 import http.client
 import importlib
 import json
+import math
 import os
 import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Callable, Protocol
 
@@ -56,7 +58,7 @@ def _score_value(raw: object, key: str, reply: str) -> int:
         value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise JudgeReplyError(f"score for {key} is not a number: {raw!r} in reply {reply[:200]!r}") from None
-    if value != int(value) or not 0 <= value <= 10:
+    if not math.isfinite(value) or value != int(value) or not 0 <= value <= 10:
         raise JudgeReplyError(f"score for {key} must be an integer 0..10, got {raw!r}")
     return int(value)
 
@@ -137,6 +139,14 @@ class OpenAIJudge:
             raise ConfigError("--judge openai needs --judge_url and --judge_model")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--judge_url {url!r}: must start with http:// or https://")
+        try:
+            host = urllib.parse.urlsplit(url).hostname
+        except ValueError as exc:
+            raise ConfigError(f"--judge_url {url!r}: not a valid URL ({exc})") from None
+        if not host:
+            raise ConfigError(f"--judge_url {url!r}: names no host")
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ConfigError(f"--judge_timeout must be a positive number of seconds, got {timeout_s}")
         self.url, self.model = chat_completions_url(url), model
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")

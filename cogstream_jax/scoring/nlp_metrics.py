@@ -48,7 +48,9 @@ def _clipped_matches(hypothesis: Sequence[str], references: Sequence[Sequence[st
     max_ref = ngram_counts(references[0], order) if len(references) == 1 else Counter()
     for reference in references if len(references) > 1 else ():
         max_ref |= ngram_counts(reference, order)
-    return sum(min(count, max_ref[gram]) for gram, count in counts.items()), max(len(hypothesis) - order + 1, 0)
+    # NLTK's modified precision counts at least 1 hypothesis n-gram, so a hypothesis shorter than `order` gives
+    # 0/1 there (then smoothed), not an undefined precision
+    return sum(min(count, max_ref[gram]) for gram, count in counts.items()), max(len(hypothesis) - order + 1, 1)
 
 
 def _closest_ref_length(hyp_len: int, references: Sequence[Sequence[str]]) -> int:
@@ -61,7 +63,7 @@ def _bleu_from_counts(matches: list[int], totals: list[int], hyp_len: int, ref_l
     log_sum = 0.0
     for match, total in zip(matches, totals):
         if match == 0:
-            if epsilon <= 0 or total == 0:
+            if epsilon <= 0:
                 return 0.0
             match = epsilon  # NLTK SmoothingFunction().method1
         log_sum += math.log(match / total) / len(matches)
