@@ -258,3 +258,29 @@ def test_prompts_equal_the_messages_the_official_scripts_send():
         assert mine[:len(official)] == official, metric
     assert len([r for r in ours if r.metric == "IA"]) == 2 and len(golden["messages"]["IA"]) == 1
     assert len([r for r in ours if r.metric == "DC"]) == 7 and len(golden["messages"]["DC"]) == 4
+
+
+def test_cancel_ends_the_retries_of_a_call_in_flight():
+    """Ctrl-C during judging: a call waiting out its backoff gives up at once instead of finishing every retry."""
+    import threading
+    import time
+
+    request = chain_requests(_chain(1))[0]
+    with JudgeServer(lambda call, body: (500, None, 0.0)) as server:
+        judge = OpenAIJudge(server.url, "judge-model", max_retries=5, backoff_s=30.0)
+        errors: list[Exception] = []
+
+        def run():
+            try:
+                judge.judge(request)
+            except JudgeError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        start = time.perf_counter()
+        thread.start()
+        time.sleep(0.3)  # the first attempt failed; the call now waits 30 s before the next
+        judge.cancel()
+        thread.join(timeout=10)
+    assert not thread.is_alive() and time.perf_counter() - start < 5
+    assert errors and "cancelled" in str(errors[0]) and len(server.requests) == 1

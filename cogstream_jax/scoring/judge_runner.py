@@ -56,6 +56,11 @@ def run_judgements(requests: list[JudgeRequest], judge: Judge, cache: JudgeCache
                 outcome.failures.append(f"{where}{request.metric} {','.join(request.expected_keys)}: {exc}")
             if progress and (done % 50 == 0 or done == len(futures)):
                 print(f"judged {done}/{len(futures)} (cache hits {outcome.cache_hits})", file=sys.stderr)
+    except BaseException:
+        cancel = getattr(judge, "cancel", None)
+        if cancel is not None:  # calls in flight give up their remaining retries
+            cancel()
+        raise
     finally:
         # On Ctrl-C (or any error) drop the queued calls instead of running them all; finished ones are cached.
         pool.shutdown(wait=True, cancel_futures=True)

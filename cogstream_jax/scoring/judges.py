@@ -16,7 +16,7 @@ import math
 import os
 import re
 import socket
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -134,7 +134,7 @@ class OpenAIJudge:
     """Client for an OpenAI-compatible `/v1/chat/completions` endpoint (temperature 0)."""
 
     def __init__(self, url: str, model: str, timeout_s: float = 60.0, max_retries: int = 3, backoff_s: float = 1.0,
-                 api_key: str | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 api_key: str | None = None, sleep: Callable[[float], object] | None = None) -> None:
         if not url or not model:
             raise ConfigError("--judge openai needs --judge_url and --judge_model")
         if not url.startswith(("http://", "https://")):
@@ -151,7 +151,12 @@ class OpenAIJudge:
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.identity = f"openai:{model}"
-        self._sleep = sleep
+        self.stopping = threading.Event()  # set by `cancel`: no further attempts, backoff waits end at once
+        self._sleep = sleep if sleep is not None else self.stopping.wait
+
+    def cancel(self) -> None:
+        """Stop retrying (Ctrl-C): calls in flight end after their current request at the latest."""
+        self.stopping.set()
 
     def _post(self, messages: list[dict[str, str]]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode("utf-8")
@@ -174,6 +179,8 @@ class OpenAIJudge:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._sleep(self.backoff_s * 2 ** (attempt - 1))
+            if self.stopping.is_set():
+                raise JudgeError(f"{self.url}: cancelled")
             try:
                 return parse_scores(self._post(request.messages), request.expected_keys)
             except urllib.error.HTTPError as exc:
