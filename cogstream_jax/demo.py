@@ -68,13 +68,20 @@ def write_tiny_model(target: pathlib.Path) -> pathlib.Path:
     return target
 
 
+#: marks a folder the demo created, the only kind `--fresh` deletes
+DEMO_MARKER = ".cogstream_demo"
+
+
 def demo(args) -> int:
     from cogstream_jax.data.synth import sample_dataset_dir
 
     out = pathlib.Path(args.output_dir).resolve()
     if args.fresh and out.exists():
+        if any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+            raise UserError(f"--fresh: {out} is not a demo output folder (no {DEMO_MARKER}); refusing to delete it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
     data = pathlib.Path(args.dataset_dir or sample_dataset_dir()).resolve()
     began = time.perf_counter()
 

@@ -43,3 +43,12 @@ def test_demo_pipeline_writes_valid_outputs(tmp_path):
     # report
     report = json.loads((out / "report" / "report.json").read_text())
     assert report and (out / "report" / "report.md").read_text().count("|") > 20
+
+
+def test_fresh_refuses_to_delete_a_folder_the_demo_did_not_make(tmp_path, capsys):
+    from cogstream_jax.demo import main
+
+    keep = tmp_path / "precious.txt"
+    keep.write_text("not demo output")
+    assert main(["--output_dir", str(tmp_path), "--fresh"]) == 2
+    assert keep.read_text() == "not demo output" and "refusing to delete" in capsys.readouterr().err
