@@ -58,8 +58,8 @@ def test_deterministic_for_a_seed(generated, tmp_path):
     for path in (generated / "QA_Dataset").iterdir():
         assert path.read_text() == (again / "QA_Dataset" / path.name).read_text()
         assert (generated / "VQA_Dataset" / path.name).read_text() == (again / "VQA_Dataset" / path.name).read_text()
-    seg = next((generated / "event_segments").glob("*/*_segment_2.mp4"))
-    np.testing.assert_array_equal(decode(seg), decode(again / seg.relative_to(generated)))
+    for seg in (generated / "event_segments").glob("*/*.mp4"):  # byte for byte, whatever the machine load
+        assert seg.read_bytes() == (again / seg.relative_to(generated)).read_bytes(), seg.name
     other = tmp_path / "other"
     main(["--output_dir", str(other), "--videos", "1", "--seed", "8"])
     assert (other / "QA_Dataset" / "synth_8_000.json").read_text() != (generated / "QA_Dataset" / "synth_7_000.json").read_text()

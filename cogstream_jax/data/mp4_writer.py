@@ -20,7 +20,8 @@ def write_mp4(
 ) -> str:
     """Encode uint8 RGB frames [H, W, 3] to an H.264 yuv420p MP4 (written atomically).
 
-    Width and height must be even (yuv420p). `fps` may be fractional; the time base is exact.
+    Width and height must be even (yuv420p). `fps` may be fractional; the time base is exact. The bytes depend
+    only on the frames and settings (single-threaded encoder), so generated datasets are reproducible.
     """
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}.mp4"
@@ -38,7 +39,8 @@ def write_mp4(
                 stream.width, stream.height = width, height
                 stream.pix_fmt = "yuv420p"
                 stream.codec_context.gop_size = gop
-                stream.options = {"crf": str(crf), "preset": preset, "bf": "0"}
+                # one encoder thread: x264's frame threads made two runs of the same seed differ under load
+                stream.options = {"crf": str(crf), "preset": preset, "bf": "0", "threads": "1"}
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         if stream is None:
