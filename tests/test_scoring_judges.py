@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cogstream_jax.errors import ConfigError
+from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.scoring.judge_cache import JudgeCache, judgement_key
 from cogstream_jax.scoring.judge_prompts import chain_requests, load_prompt_parts, render_request
 from cogstream_jax.scoring.judge_runner import run_judgements
@@ -243,6 +243,15 @@ def test_local_judge_hook_parses_the_model_reply(monkeypatch):
     request = chain_requests(_chain(1))[0]
     assert judge.judge(request) == {"PredA0": 7}
     assert seen == [("/models/cogreasoner", request.messages)] and judge.identity.startswith("local:")
+
+    def too_long(model_path):
+        def chat(messages):
+            raise InputError("prompt of 40000 tokens exceeds the context limit 32768")
+        return chat
+
+    monkeypatch.setattr(inference, "load_text_chat", too_long, raising=False)
+    with pytest.raises(JudgeError, match="context limit"):  # one failed judgement, not a crashed run
+        LocalJudge("/models/cogreasoner").judge(request)
 
 
 def test_prompts_equal_the_messages_the_official_scripts_send():

@@ -218,7 +218,11 @@ class LocalJudge:
         self.identity = f"local:{os.path.abspath(model_path)}"
 
     def judge(self, request: JudgeRequest) -> Scores:
-        return parse_scores(self._chat(request.messages), request.expected_keys)
+        try:
+            reply = self._chat(request.messages)
+        except UserError as exc:  # e.g. a prompt over the context limit: this judgement fails, the run goes on
+            raise JudgeError(f"{self.identity}: {exc}") from None
+        return parse_scores(reply, request.expected_keys)
 
 
 def make_judge(kind: str, url: str | None = None, model: str | None = None, timeout_s: float = 60.0,
