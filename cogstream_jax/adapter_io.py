@@ -26,7 +26,7 @@ from flax import nnx
 from cogstream_jax import __version__
 from cogstream_jax.lora import (AdapterError, LoraSpec, adapter_names, adapter_spec, adapter_variables,
                                 add_adapter, delete_adapter, set_adapter_tensors)
-from cogstream_jax.multihost import barrier, broadcast_from_primary
+from cogstream_jax.multihost import broadcast_from_primary
 
 META_FILE = "adapter_meta.json"
 TENSOR_DIR = "lora"
@@ -140,10 +140,19 @@ def write_adapter_dir(directory: str | os.PathLike, meta: AdapterMeta,
         # every process takes part: orbax writes each array shard from the process that owns it
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / TENSOR_DIR, _to_tree(dict(tensors)))
+        failure: OSError | None = None
         if primary:
-            (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
-            _replace_dir(tmp, directory)
-        barrier(f"adapter_io.write:{directory}")
+            try:
+                (tmp / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+                _replace_dir(tmp, directory)
+            except OSError as exc:
+                failure = exc
+        # a collective in place of a plain barrier: the others learn whether process 0 succeeded instead of
+        # waiting for a barrier it never reaches
+        if not int(broadcast_from_primary(np.int32(failure is None))):
+            if failure is not None:
+                raise failure
+            raise AdapterError(f"{directory}: process 0 could not write the adapter directory (see its log)")
     finally:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,14 +18,6 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches the barrier `name`."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def broadcast_from_primary(value: np.generic) -> np.generic:
     """Process 0's value of a numpy scalar, on every process."""
     if jax.process_count() == 1:
