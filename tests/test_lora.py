@@ -348,6 +348,21 @@ def test_loading_onto_another_base_raises(config, saved_adapter):
     assert lora.adapter_names(model) == ()
 
 
+def test_failed_rename_raises_and_leaves_the_old_adapter(config, saved_adapter, tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    shutil.copytree(saved_adapter, target)
+    before = (target / "adapter_meta.json").read_bytes()
+
+    def refuse(new, old):
+        raise PermissionError(f"{old}: read-only file system")
+
+    monkeypatch.setattr(adapter_io, "_replace_dir", refuse)
+    with pytest.raises(PermissionError, match="read-only"):
+        adapter_io.save_adapter(with_both_adapters(config), lora.FULL_MODULE, target)
+    assert (target / "adapter_meta.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folder left behind
+
+
 def _broken_copy(src, dst, edit):
     shutil.copytree(src, dst)
     edit(dst)
