@@ -36,6 +36,9 @@ def test_growing_text_prompts_reuse_the_prefix_and_equal_fresh_generation():
         prompt = prompt + out + rng.integers(1, 140, 7 + turn).tolist()
         out = _both(model, prefix, prompt, max_new_tokens=6, sampling=PENALTY)
         assert prefix.reused_tokens == previous + 5  # the last generated token was never fed back
+        # the kept slots were moved to the front: the only pads are those of this call's prefill
+        assert None not in prefix.keys[:prefix.reused_tokens]
+        assert int(prefix.cache.index) == len(prefix.keys)
     edited = list(prompt)
     edited[9] = (edited[9] + 1) % 140 + 1
     _both(model, prefix, edited, max_new_tokens=4)

@@ -8,11 +8,12 @@ prefills only from the first slot whose key differs from the new prompt's, then 
 
 Keys: the token id for text; for visual placeholders a key the caller gives per feature row (its provenance,
 e.g. `(segment uid, row)`), because a placeholder id says nothing about the features it carries. Slots that
-hold padding carry `None` and are skipped when matching (attention masks them), so a cache with gaps is fine:
-positions come from the token count, not the slot.
+hold padding (the bucket rounding of the last prefill) carry `None` and are skipped when matching; before the next
+prefill the kept slots are moved to the front, so pads never pile up over a long stream. Positions come from the
+token count, not the slot.
 
-Results equal a fresh `generate` up to float rounding (attention sums over a longer, gapped cache in another
-order); tests compare both on growing prompts with and without visual rows. Keep one `PrefixCache` per set of
+Results equal a fresh `generate` up to float rounding (attention may sum in another order); tests compare both on
+growing prompts with and without visual rows. Keep one `PrefixCache` per set of
 weights (per adapter): a cache filled under one adapter is wrong under another.
 """
 from __future__ import annotations
@@ -100,9 +101,10 @@ def generate_with_prefix(model, prefix: PrefixCache | None, input_ids, *, max_ne
     seen, allowed = sampling_masks(config.text.vocab_size, input_ids, np.ones_like(input_ids), sampling,
                                    allowed_token_ids, penalize_prompt)
     key = jax.random.PRNGKey(0) if key is None else key
-    cache, kept_keys = prefix.cache, prefix.keys[:start]
+    kept = [slot for slot in range(start) if prefix.keys[slot] is not None]  # the `reused` slots, pads dropped
+    cache, kept_keys = prefix.cache, [prefix.keys[slot] for slot in kept]
     prefix.clear()  # the cache is donated below: a call that fails leaves an empty (valid) prefix behind
-    cache = _kept_prefix(cache, config.text, start, start + padded + max_new_tokens, model.dtype)
+    cache = _kept_prefix(cache, config.text, kept, reused + padded + max_new_tokens, model.dtype)
     graphdef, state = nnx.split(model)
     positions = jnp.asarray(reused + np.arange(padded, dtype=np.int32)[None])
     first, cache, seen = prefill(graphdef, state, jnp.asarray(ids), None, features, None, jnp.asarray(mask),
@@ -136,18 +138,21 @@ def _new_rows(config, input_ids: np.ndarray, reused: int, visual_features) -> tu
     return jnp.pad(rows, ((0, bucket - needed), (0, 0))), bucket
 
 
-def _kept_prefix(cache: KVCache | None, text_config, start: int, needed: int, dtype) -> KVCache:
-    """The cache holding only slots [0, start) (later ones invalid, writing resumes at `start`), with room for
-    `needed` slots: grown (capacity bucketed) when too small."""
+def _kept_prefix(cache: KVCache | None, text_config, kept: Sequence[int], needed: int, dtype) -> KVCache:
+    """The cache holding only the slots `kept`, moved in order to the front (later slots invalid, writing resumes
+    after them), with room for `needed` slots: grown (capacity bucketed) when too small."""
     if cache is None:
         return KVCache.init(text_config, 1, bucket_length(needed, MIN_CAPACITY), dtype)
     extra = 0 if cache.length >= needed else bucket_length(needed, MIN_CAPACITY) - cache.length
-    return _truncate(cache, jnp.int32(start), extra)
+    order = np.zeros(cache.length, np.int32)  # a fixed shape per capacity: no new compile per question
+    order[:len(kept)] = kept
+    return _compact(cache, jnp.asarray(order), jnp.int32(len(kept)), extra)
 
 
-@functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
-def _truncate(cache: KVCache, start: jax.Array, extra: int) -> KVCache:
+@functools.partial(jax.jit, static_argnums=(3,), donate_argnums=(0,))
+def _compact(cache: KVCache, order: jax.Array, count: jax.Array, extra: int) -> KVCache:
     slots = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
-    valid = jnp.pad(cache.valid, ((0, 0), (0, extra)))
-    keep = jnp.arange(valid.shape[1]) < start
-    return KVCache(k=jnp.pad(cache.k, slots), v=jnp.pad(cache.v, slots), valid=valid & keep[None], index=start)
+    k, v = jnp.take(cache.k, order, axis=2), jnp.take(cache.v, order, axis=2)
+    keep = jnp.arange(cache.length + extra) < count
+    return KVCache(k=jnp.pad(k, slots), v=jnp.pad(v, slots), valid=jnp.broadcast_to(keep, cache.valid.shape[:1] + keep.shape),
+                   index=count)
