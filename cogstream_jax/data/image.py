@@ -89,21 +89,15 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def resize_frames(frames: np.ndarray, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC,
-                  threads: int = 1) -> np.ndarray:
-    """PIL resize of each uint8 HWC frame to (h, w); uint8 [T, h, w, 3] out (PIL releases the GIL, so
-    `threads` resize frames in parallel)."""
+def resize_frames(frames: np.ndarray, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC) -> np.ndarray:
+    """PIL resize of each uint8 HWC frame to (h, w); uint8 [T, h, w, 3] out."""
     frames = _check_frames(frames)
     height, width = size
     if frames.shape[1:3] == (height, width):
         return frames
     out = np.empty((frames.shape[0], height, width, 3), np.uint8)
-
-    def resize(indices: range) -> None:
-        for index in indices:
-            out[index] = np.asarray(Image.fromarray(frames[index]).resize((width, height), resample=resample))
-
-    thread_map(resize, even_chunks(len(frames), threads), threads)
+    for index, frame in enumerate(frames):
+        out[index] = np.asarray(Image.fromarray(frame).resize((width, height), resample=resample))
     return out
 
 
@@ -115,12 +109,18 @@ def preprocess_frames(frames: np.ndarray, size: tuple[int, int], config: ImageCo
     return np.stack([table[c][channels[:, c]] for c in range(3)], axis=1)
 
 
+def _patch_grid(height: int, width: int, merge_size: int, patch_size: int) -> tuple[int, int]:
+    """(gh, gw) patches of an image of that size; it must tile into merged blocks."""
+    if height % (patch_size * merge_size) or width % (patch_size * merge_size):
+        raise InputError(f"patchify: size {height}x{width} is not a multiple of patch {patch_size} x merge "
+                         f"{merge_size}")
+    return height // patch_size, width // patch_size
+
+
 def _block_major(array: np.ndarray, merge_size: int, patch_size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
     """[T, C, H, W] -> [T*gh*gw, C*p*p] rows ordered frame, merged block (raster), patch in block, (C, y, x)."""
     t, c, h, w = array.shape
-    if h % (patch_size * merge_size) or w % (patch_size * merge_size):
-        raise InputError(f"patchify: size {h}x{w} is not a multiple of patch {patch_size} x merge {merge_size}")
-    gh, gw = h // patch_size, w // patch_size
+    gh, gw = _patch_grid(h, w, merge_size, patch_size)
     blocks = array.reshape(t, c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
     blocks = blocks.transpose(0, 2, 5, 3, 6, 1, 4, 7)
     return blocks.reshape(t * gh * gw, c * patch_size * patch_size), (t, gh, gw)
@@ -157,12 +157,7 @@ def frames_to_patches(frames: np.ndarray, size: tuple[int, int], merge_size: int
     of the output (the same bytes for any thread count).
     """
     frames = _check_frames(frames)
-    height, width = size
-    factor = config.patch_size * merge_size
-    if height % factor or width % factor:
-        raise InputError(f"patchify: size {height}x{width} is not a multiple of patch {config.patch_size} x merge "
-                         f"{merge_size}")
-    grid = (frames.shape[0], height // config.patch_size, width // config.patch_size)
+    grid = (frames.shape[0], *_patch_grid(*size, merge_size, config.patch_size))
     per_frame = grid[1] * grid[2]
     out = np.empty((frames.shape[0] * per_frame, 3 * config.patch_size ** 2), np.float32)
     table = value_table(config)
