@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax.io_utils import atomic_write_json, read_config_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import ConfigError, WeightError
 from cogstream_jax.lora_tensors import AdapterTensors, abstract_for, check_against_config
@@ -101,7 +101,7 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
                              {"format": "pt", SIGNATURE_METADATA: signature}, keep)
     hf_config = config.to_hf_config(layout)
     if detect_layout(checkpoint.keys()) == layout:  # keep what we do not model (auto_map for the copied .py files)
-        hf_config = {**_source_config(model_path), **hf_config}
+        hf_config = {**read_config_json(model_path, "config.json")[0], **hf_config}
     written = {str(s.dtype) for s in specs}
     hf_config["torch_dtype" if layout == "original" else "dtype"] = written.pop() if len(written) == 1 else "float32"
     atomic_write_json(os.path.join(output_dir, "config.json"), hf_config)
@@ -152,11 +152,6 @@ def _refuse_orbax(model_path: str) -> None:
     if os.path.isdir(model_path) and is_orbax_folder(model_path):
         raise WeightError(f"{model_path}: --model_path is an orbax folder; merged export streams safetensors, so "
                           "first run `python -m convert.orbax_to_hf --model_path ... --output_dir BASE`")
-
-
-def _source_config(model_path: str) -> dict[str, Any]:
-    with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _copy_side_files(model_path: str, output_dir: str) -> None:

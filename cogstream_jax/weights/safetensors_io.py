@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import re
 import struct
 from typing import Callable, Iterable, Iterator, Sequence
@@ -253,7 +254,7 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
 
 
 
-def shard_names(count: int) -> list[str]:
+def _shard_names(count: int) -> list[str]:
     """transformers' file names for a checkpoint of `count` shards."""
     return [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
@@ -273,11 +274,10 @@ def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], pro
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     for marker in (INDEX_NAME, CONFIG_NAME):
-        if os.path.exists(os.path.join(folder, marker)):
-            os.remove(os.path.join(folder, marker))
+        pathlib.Path(folder, marker).unlink(missing_ok=True)
     specs = list(specs)
     shards = plan_shards(specs, max_shard_bytes)
-    names = shard_names(len(shards))
+    names = _shard_names(len(shards))
     for name, shard in zip(names, shards):
         path = os.path.join(folder, name)
         if keep is None or not keep(path, shard):
@@ -290,6 +290,6 @@ def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], pro
     for stale in os.listdir(folder):
         stale_shard = _SHARD_RE.match(stale) or stale == SINGLE_NAME
         leftover = _TEMP_RE.match(stale) is not None
-        if (stale_shard and stale not in names) or leftover or (stale == INDEX_NAME and len(shards) == 1):
+        if (stale_shard and stale not in names) or leftover:  # (an earlier index went first)
             os.remove(os.path.join(folder, stale))
     return names
