@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     path = ensure_video(bframes=not args.no_bframes)
     source_frames = len(probe_video(path).pts)
     n = args.threads
-    methods = {"ours_1": partial(ours, threads=1), "all_1": partial(decode_everything, threads=1), "graph": ffmpeg_graph}
+    methods = {"ours_1": partial(ours, threads=1), "all_1": partial(decode_everything, threads=1),
+               "graph": ffmpeg_graph}
     if n > 1:
         methods.update({f"ours_{n}": partial(ours, threads=n), f"all_{n}": partial(decode_everything, threads=n)})
     times, pixels = timed_rounds(methods, path, args.runs)

@@ -154,5 +154,5 @@ def _compact(cache: KVCache, order: jax.Array, count: jax.Array, extra: int) -> 
     slots = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
     k, v = jnp.take(cache.k, order, axis=2), jnp.take(cache.v, order, axis=2)
     keep = jnp.arange(cache.length + extra) < count
-    return KVCache(k=jnp.pad(k, slots), v=jnp.pad(v, slots), valid=jnp.broadcast_to(keep, cache.valid.shape[:1] + keep.shape),
-                   index=count)
+    valid = jnp.broadcast_to(keep, cache.valid.shape[:1] + keep.shape)
+    return KVCache(k=jnp.pad(k, slots), v=jnp.pad(v, slots), valid=valid, index=count)

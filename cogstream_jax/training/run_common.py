@@ -91,6 +91,11 @@ def start(args: argparse.Namespace) -> None:
     check_resume(checkpoint_dir(args.output_dir), args.resume)
 
 
+def given(value: Any, default: Any) -> Any:
+    """A flag's value, or the stage's default when it was not given (0 is a value, not "not given")."""
+    return default if value is None else value
+
+
 def dtype_of(name: str | None, default: Any = jnp.float32) -> Any:
     return default if name is None else jnp.dtype(name)
 

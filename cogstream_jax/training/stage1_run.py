@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     quantized = run_common.quantize_base(model, args.base_quant)
     spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
                          lora.language_module_spec(model.config).target_modules)
-    optim = stage1_optim(total_steps, 2e-4 if args.learning_rate is None else args.learning_rate)
+    optim = stage1_optim(total_steps, run_common.given(args.learning_rate, 2e-4))
     setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optim, mesh, seed=args.seed,
                         options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
     config = run_common.resolved_config(args, stage=1, items=n_items, total_steps=total_steps,
@@ -110,9 +110,10 @@ def run(args: argparse.Namespace) -> int:
         return step_fn(state, setup.frozen, distributed.global_from_host(batch, rows))
 
     result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
-                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps if args.save_steps is not None else steps_per_epoch,
-                      keep_last=args.keep_last,
-                      meta={"stage": 1, "run": run_common.run_fingerprint(config)}, show_progress=not args.no_progress, desc="stage1")
+                      resume=args.resume, max_steps=args.max_steps,
+                      save_steps=run_common.given(args.save_steps, steps_per_epoch), keep_last=args.keep_last,
+                      meta={"stage": 1, "run": run_common.run_fingerprint(config)},
+                      show_progress=not args.no_progress, desc="stage1")
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.LANGUAGE_MODULE, args.output_dir)
     return result.exit_code

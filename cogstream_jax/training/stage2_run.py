@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     # (event compression only acts on streams above 135 frames, inference.events.should_compress)
     spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
                          lora.full_module_spec(model.config).target_modules)
-    optim = stage2_optim(args.num_epochs, len(dataset.videos), 1e-4 if args.learning_rate is None else args.learning_rate)
+    optim = stage2_optim(args.num_epochs, len(dataset.videos), run_common.given(args.learning_rate, 1e-4))
     setup = build_setup(model, lora.FULL_MODULE, spec, optim, mesh, seed=args.seed,
                         options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
     config = run_common.resolved_config(args, stage=2, videos=len(dataset.videos), qas=total_qas,
@@ -133,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     iterator = iter(stage2_dataset(dataset, data_config))
     result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
-                      resume=args.resume, max_steps=args.max_steps, save_steps=args.save_steps if args.save_steps is not None else 30,
-                      keep_last=args.keep_last,
-                      meta={"stage": 2, "run": run_common.run_fingerprint(config)}, show_progress=not args.no_progress, desc="stage2")
+                      resume=args.resume, max_steps=args.max_steps, save_steps=run_common.given(args.save_steps, 30),
+                      keep_last=args.keep_last, meta={"stage": 2, "run": run_common.run_fingerprint(config)},
+                      show_progress=not args.no_progress, desc="stage2")
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.FULL_MODULE, args.output_dir)
     return result.exit_code
