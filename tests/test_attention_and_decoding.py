@@ -30,7 +30,7 @@ def _reference_attention(q, k, v, mask):
     return np.einsum("bhts,bshd->bthd", p, v)
 
 
-@pytest.mark.parametrize("impl", ["dense", "chunked", "jax"])
+@pytest.mark.parametrize("impl", ["dense", "chunked", "xla"])
 def test_attention_implementations_equal_reference(impl):
     q, k, v = _random_qkv()
     b, t = q.shape[:2]
@@ -120,7 +120,7 @@ def test_greedy_generation_matches_transformers_multimodal():
     np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "jax"])
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
 def test_plain_causal_fast_path_equals_dense(impl):
     q, k, v = _random_qkv(seed=3)
     b, t = q.shape[:2]

@@ -1,24 +1,92 @@
 """Attention kernels and rotary embeddings shared by the vision tower and the LLM.
 
-Three interchangeable implementations, all equal to dense softmax attention:
+Implementations (`attn_impl`), all equal to dense softmax attention:
 - "dense": one einsum over every query/key pair (small inputs, tests);
 - "chunked": queries processed in blocks under `lax.map`, so at most [B, heads, chunk, S] scores exist at once,
-  in the forward and (by rematerialising each block) in the backward pass (long prompts on CPU/TPU);
-- "jax": `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when the shapes allow).
+  in the forward and (by rematerialising each block) in the backward pass;
+- "xla": "dense" up to `_MAX_DENSE_SCORES` scores, "chunked" beyond (the CPU choice);
+- "splash": the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`): causal or
+  full block masks, GQA, padding as segment ids, sequences padded to `BLOCK`; under `shard_map` over the mesh
+  (batch over data/fsdp, kv heads over tensor). `interpret=True` runs it on any backend (tests on CPU);
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention, bf16/fp16 only) with
+  `is_causal` and sequence lengths for padding;
+- "auto": resolved per target platform by `resolve_attn_impl`: splash on TPU, cuDNN on GPU (bf16/fp16),
+  xla elsewhere.
+The fused kernels ("splash", "cudnn") run self-attention: training, prefill into an empty cache, vision frames.
+Attention against a KV cache (decode, prefill after a kept prefix) always takes the xla path (see `attend`).
+An explicit fused choice the target cannot run raises `ConfigError` naming the reason; it never falls back.
 Masks are described by `MaskSpec` and built per block, never as a full [L, S] tensor in the chunked path.
 GQA is computed by grouping query heads ([B, T, K, G, D]) instead of repeating keys and values.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
-Impl = Literal["auto", "dense", "chunked", "jax"]
+from cogstream_jax.errors import ConfigError
+from cogstream_jax.sharding import DEFAULT_RULES
+
+Impl = Literal["auto", "xla", "dense", "chunked", "splash", "cudnn"]
+IMPLS: tuple[str, ...] = ("auto", "xla", "dense", "chunked", "splash", "cudnn")
+FUSED: tuple[str, ...] = ("splash", "cudnn")
 _NEG = -0.7 * float(np.finfo(np.float32).max)
+
+#: sequence block of the splash kernel (and of the TPU lanes): sequences are padded to a multiple of it
+BLOCK = 128
+
+
+def pad_to_block(n: int, block: int = BLOCK) -> int:
+    """`n` rounded up to a multiple of `block` (at least one block): the padding rule of the splash kernel, shared
+    with the training length buckets so that batches need no further padding inside attention."""
+    return max(block, -(-int(n) // block) * block)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def normalize_platform(platform: str) -> str:
+    """A device/backend platform name as "tpu", "gpu" or "cpu" ("cuda" is a GPU)."""
+    platform = platform.lower()
+    return "gpu" if platform in ("cuda", "gpu") else platform
+
+
+def platform_of(mesh: Mesh) -> str:
+    """The platform of the devices a mesh holds (compile-only topology devices included)."""
+    return normalize_platform(mesh.devices.flat[0].platform)
+
+
+def cudnn_dtype_ok(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_attn_impl(impl: str, platform: str, dtype=None, *, interpret: bool = False) -> str:
+    """The implementation `attend` runs for `impl` on devices of `platform` ("tpu", "gpu"/"cuda", "cpu") computing
+    in `dtype` (None: unknown). "auto" -> "splash" on TPU, "cudnn" on GPU for bf16/fp16 (fp32 runs take "xla"),
+    "xla" elsewhere. An explicit choice the platform cannot run raises `ConfigError` with the reason; `interpret`
+    (Pallas interpret mode) lets "splash" run on any platform."""
+    if impl not in IMPLS:
+        raise ConfigError(f"attn_impl {impl!r}: choose from {', '.join(IMPLS)}")
+    platform = normalize_platform(platform)
+    if impl == "auto":
+        if platform == "tpu":
+            return "splash"
+        if platform == "gpu" and (dtype is None or cudnn_dtype_ok(dtype)):
+            return "cudnn"
+        return "xla"
+    if impl == "splash" and platform != "tpu" and not interpret:
+        raise ConfigError(f"attn_impl 'splash': the Pallas splash kernel compiles for TPU only, and the target "
+                          f"platform is {platform!r} (interpret=True runs it anywhere, slowly: tests)")
+    if impl == "cudnn" and platform != "gpu":
+        raise ConfigError(f"attn_impl 'cudnn': cuDNN flash attention needs an NVIDIA GPU, and the target platform is "
+                          f"{platform!r}")
+    if impl == "cudnn" and dtype is not None and not cudnn_dtype_ok(dtype):
+        raise ConfigError(f"attn_impl 'cudnn': cuDNN flash attention takes bfloat16 or float16 only, and the model "
+                          f"computes in {jnp.dtype(dtype).name}; use 'auto' or 'xla' for float32 runs")
+    return impl
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -68,6 +136,12 @@ class MaskSpec:
     kv_valid: jax.Array | None = None
     aligned: bool = False
 
+    def is_self_attention(self, t: int, s: int) -> bool:
+        """Queries and keys are the same `t` slots (no cache): what the fused kernels take. Padding (`kv_valid`)
+        then also marks the padded queries; for the cuDNN path the valid slots of a row must be one contiguous
+        run (left or right padding), which every caller's attention mask is."""
+        return t == s and (not self.causal or self.aligned)
+
     def block(self, q_index: jax.Array | None = None) -> jax.Array | None:
         """Boolean mask [B, 1, 1, Tq, S] for the queries `q_index` (defaults to all queries)."""
         mask = None
@@ -102,30 +176,33 @@ def _scores_softmax_values(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     return out.astype(v.dtype).reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4)
 
 
-#: above this many query x key pairs a masked "jax" call would materialise too much; use the chunked path
-_MAX_DENSE_PAIRS = 1 << 24
-#: "auto" off GPU: one dense [B, H, T, S] score tensor up to this many elements (256 MiB fp32); beyond it the
-#: chunked path (one query chunk at a time, recomputed in the backward pass) bounds memory
+#: "xla": one dense [B, H, T, S] score tensor up to this many elements (256 MiB fp32); beyond it the chunked path
+#: (one query chunk at a time, recomputed in the backward pass) bounds memory
 _MAX_DENSE_SCORES = 1 << 26
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = None, *, impl: Impl = "auto",
-           chunk_size: int = 512) -> jax.Array:
-    """Multi-head attention with GQA. q [B, T, H, D], k/v [B, S, K, D] with H % K == 0 -> [B, T, H, D]."""
+           chunk_size: int = 512, mesh: Mesh | None = None, interpret: bool = False) -> jax.Array:
+    """Multi-head attention with GQA. q [B, T, H, D], k/v [B, S, K, D] with H % K == 0 -> [B, T, H, D].
+
+    `impl` is resolved by `resolve_attn_impl` for the platform of `mesh` (else the default backend) and q's dtype.
+    The fused kernels take self-attention (`MaskSpec.is_self_attention`); attention against a KV cache takes
+    the xla path whatever `impl` says: one decode query reads the cache once (memory-bound, [B, H, 1, S] scores),
+    and a prefill after a kept prefix has a slot-offset causal mask that neither kernel takes without a dense mask.
+    `mesh`: the splash kernel runs under `shard_map` over it (batch over data/fsdp, kv heads over tensor where
+    they divide); without one it runs as one program (one device). `interpret`: Pallas interpret mode (splash).
+    """
     b, t, h, d = q.shape
     kh, s = k.shape[2], k.shape[1]
     mask = mask or MaskSpec()
-    if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        impl = "jax" if on_gpu else ("dense" if b * h * t * s <= _MAX_DENSE_SCORES else "chunked")
-    if impl == "jax":
-        plain = not mask.causal and mask.kv_valid is None
-        plain_causal = mask.causal and mask.aligned and mask.kv_valid is None
-        if plain or plain_causal:  # fused (cuDNN flash on GPU) kernels take these without a mask tensor
-            return jax.nn.dot_product_attention(q, k, v, is_causal=plain_causal).astype(q.dtype)
-        if t * s <= _MAX_DENSE_PAIRS:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask.block()[:, 0]).astype(q.dtype)
-        impl = "chunked"
+    platform = platform_of(mesh) if mesh is not None else jax.default_backend()
+    impl = resolve_attn_impl(impl, platform, q.dtype, interpret=interpret)
+    if impl in FUSED and mask.is_self_attention(t, s):
+        if impl == "splash":
+            return _splash(q, k, v, mask, mesh=mesh, interpret=interpret)
+        return _cudnn(q, k, v, mask)
+    if impl in FUSED or impl == "xla":
+        impl = "dense" if b * h * t * s <= _MAX_DENSE_SCORES else "chunked"
     qg = q.reshape(b, t, kh, h // kh, d)
     if impl == "dense" or t <= chunk_size:
         out = _scores_softmax_values(qg, k, v, mask.block())
@@ -151,3 +228,101 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = Non
     out = jax.lax.map(one_chunk, (qp, qi if qi is not None else jnp.zeros((n_chunks,), jnp.int32)))
     out = out.transpose(1, 0, 2, 3, 4, 5).reshape(b, n_chunks * chunk_size, h, d)
     return out[:, :t]
+
+
+# ---------------------------------------------------------------------------------------------- fused kernels
+#: mesh axes the fused kernels split batch and (kv) heads over: the activations' rules in `sharding.py`
+_BATCH_AXES = tuple(DEFAULT_RULES["batch"] or ())
+_HEAD_AXES = tuple(DEFAULT_RULES["kv_heads"] or ())
+
+
+def _dividing_axes(mesh: Mesh, names: tuple[str, ...], dim: int) -> str | tuple[str, ...] | None:
+    """The mesh axes among `names` (size > 1) whose product divides `dim`, as one PartitionSpec entry."""
+    axes, size = [], 1
+    for name in names:
+        n = mesh.shape.get(name, 1)
+        if n > 1 and dim % (size * n) == 0:
+            axes.append(name)
+            size *= n
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def splash_block(length: int) -> int:
+    """Splash tile along both sequences: the largest of 512, 256, 128 dividing the (padded) length."""
+    return next(blk for blk in (512, 256, BLOCK) if length % blk == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, length: int, causal: bool, interpret: bool):
+    """A splash kernel for [heads, length, D] queries against [kv heads, length, D] keys (GQA by head groups)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU-only module: imported on use
+
+    blk = splash_block(length)
+    blocks = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    one = sa.CausalMask((length, length)) if causal else sa.FullMask((length, length))
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, mesh: Mesh | None,
+            interpret: bool) -> jax.Array:
+    """Self-attention through the splash kernel. Sequences are right-padded to `pad_to_block`; padding (the
+    caller's `kv_valid` and the block padding) is segment 0, tokens segment 1, so no query row is empty (a padded
+    query sees the padded keys) and token rows equal dense attention."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    length = pad_to_block(t)
+    segments = None
+    if mask.kv_valid is not None or length != t:
+        valid = jnp.ones((b, t), bool) if mask.kv_valid is None else mask.kv_valid
+        segments = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, length - t)))
+
+    def heads_first(x):  # [B, T, N, D] -> [B, N, length, D]
+        return jnp.pad(x, ((0, 0), (0, length - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    # the kernel does not scale the logits: scale q (in fp32, rounded once to q's dtype)
+    qs = (q.astype(jnp.float32) * (1.0 / np.sqrt(d))).astype(q.dtype)
+    args = (heads_first(qs), heads_first(k), heads_first(v))
+
+    def run(q_, k_, v_, seg=None):  # per device: [b, heads, length, D]
+        kernel = _splash_kernel(q_.shape[1], length, mask.causal, interpret)
+        if seg is None:
+            return jax.vmap(kernel)(q_, k_, v_)
+        return jax.vmap(lambda a, b_, c, s: kernel(a, b_, c, segment_ids=SegmentIds(s, s)))(q_, k_, v_, seg)
+
+    if segments is not None:
+        args = args + (segments,)
+    if mesh is None:
+        out = run(*args)
+    else:
+        batch, heads = _dividing_axes(mesh, _BATCH_AXES, b), _dividing_axes(mesh, _HEAD_AXES, kh)
+        spec = PartitionSpec(batch, heads, None, None)
+        specs = (spec,) * 3 + ((PartitionSpec(batch, None),) if segments is not None else ())
+        out = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
+    return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
+
+
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, implementation: str = "cudnn") -> jax.Array:
+    """Self-attention through `jax.nn.dot_product_attention(implementation="cudnn")`. cuDNN masks padding by
+    sequence lengths (valid = a prefix), so each row is first rotated to start at its first valid slot (a no-op
+    for right padding, left padding moves to the end) and rotated back after. `implementation="xla"` runs the
+    same arithmetic on any backend (tests)."""
+    call = functools.partial(jax.nn.dot_product_attention, is_causal=mask.causal, implementation=implementation)
+    if mask.kv_valid is None:
+        return call(q, k, v).astype(q.dtype)
+    t = q.shape[1]
+    valid = mask.kv_valid
+    lengths = jnp.maximum(valid.sum(-1), 1).astype(jnp.int32)  # an all-padding row attends its first slot
+    start = jnp.argmax(valid, axis=-1).astype(jnp.int32)  # first valid slot (0 when none)
+    slots = jnp.arange(t, dtype=jnp.int32)[None]
+
+    def take(x, index):
+        return jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+
+    forward = (slots + start[:, None]) % t
+    out = call(take(q, forward), take(k, forward), take(v, forward), query_seq_lengths=lengths,
+               key_value_seq_lengths=lengths)
+    return take(out, (slots - start[:, None]) % t).astype(q.dtype)

@@ -105,7 +105,7 @@ def generate(model, input_ids, *, max_new_tokens: int, pixel_values=None, grid_s
                                  None if compression_mask is None else jnp.asarray(compression_mask, bool),
                                  jnp.asarray(mask), jnp.asarray(generation_positions(mask)),
                                  jnp.full((b, 1), length - 1, jnp.int32), cache, jnp.asarray(seen), allowed, key,
-                                 layout=layout, num_kept=num_kept, sampling=sampling)
+                                 layout=layout, num_kept=num_kept, sampling=sampling, fresh=True)
     next_pos = jnp.asarray(mask.sum(-1), jnp.int32)
     out, _, _ = decode_loop(graphdef, state, cache, first, next_pos, seen, allowed, key,
                             jnp.asarray(tuple(eos_token_ids), jnp.int32), jnp.int32(pad),
@@ -137,16 +137,17 @@ def greedy_generate(model, input_ids, *, max_new_tokens: int, **kwargs) -> np.nd
     return generate(model, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "num_kept", "sampling"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "num_kept", "sampling", "fresh"),
                    donate_argnames=("cache",))
 def prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask, positions,
-            last, cache, seen, allowed, key, *, layout, num_kept, sampling):
+            last, cache, seen, allowed, key, *, layout, num_kept, sampling, fresh=False):
     """Write the prompt's K/V into `cache` (at its index) and pick the first token from the logits at `last`
-    [B, 1] (the last real prompt position)."""
+    [B, 1] (the last real prompt position). `fresh`: the cache is empty, so the prompt attends to itself only
+    (self-attention: the fused kernels of `attention.attend`)."""
     model = nnx.merge(graphdef, state)
     out = model.forward(input_ids, pixel_values=pixel_values, layout=layout, visual_features=visual_features,
                         compression_mask=compression_mask, num_kept=num_kept, attention_mask=attention_mask,
-                        positions=positions, cache=cache, logits_positions=last)
+                        positions=positions, cache=cache, cache_is_empty=fresh, logits_positions=last)
     first = choose_tokens(out.logits[:, -1], seen, sampling, jax.random.fold_in(key, 0), allowed)
     return first, out.cache, mark_seen(seen, first)
 

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from cogstream_jax.config import TextConfig
 from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, text_rope
@@ -63,6 +64,8 @@ class _Step:
     impl: Impl
     chunk_size: int
     fresh: bool = False  # the cache was empty: attend over this call's keys only
+    mesh: Mesh | None = None  # what the splash kernel is shard_mapped over
+    interpret: bool = False  # Pallas interpret mode (splash on CPU, tests)
 
 
 class Qwen2Attention(nnx.Module):
@@ -89,7 +92,8 @@ class Qwen2Attention(nnx.Module):
             new_kv = (ck, cv)
             if not step.fresh:
                 k, v = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
-        out = attend(q, k, v, step.mask, impl=step.impl, chunk_size=step.chunk_size)
+        out = attend(q, k, v, step.mask, impl=step.impl, chunk_size=step.chunk_size, mesh=step.mesh,
+                     interpret=step.interpret)
         return self.o_proj(out.reshape(b, t, -1)), new_kv
 
 
@@ -129,7 +133,8 @@ class Qwen2Model(nnx.Module):
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
                  cache: KVCache | None, *, cache_is_empty: bool = False, impl: Impl = "auto",
-                 chunk_size: int = 512, remat: bool | str = False) -> tuple[jax.Array, KVCache | None]:
+                 chunk_size: int = 512, remat: bool | str = False, mesh: Mesh | None = None,
+                 interpret: bool = False) -> tuple[jax.Array, KVCache | None]:
         """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache).
 
         `cache_is_empty` (static) marks a prefill into a fresh cache: attention then runs over this call's keys
@@ -152,7 +157,7 @@ class Qwen2Model(nnx.Module):
             q_slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_slots = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32), (b, cache.length))
             mask = MaskSpec(causal=True, q_index=q_slots, kv_index=kv_slots, kv_valid=new_valid)
-        step = _Step(cos, sin, mask, impl, chunk_size, fresh=cache_is_empty)
+        step = _Step(cos, sin, mask, impl, chunk_size, fresh=cache_is_empty, mesh=mesh, interpret=interpret)
         kv = None if cache is None else (cache.k, cache.v)
         x = embeds
         for i, layer in enumerate(self.layers):

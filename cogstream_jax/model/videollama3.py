@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import InputError
-from cogstream_jax.model.attention import Impl
+from cogstream_jax.model.attention import Impl, normalize_platform, platform_of, resolve_attn_impl
 from cogstream_jax.model.layers import Linear, active_dropout_key
 from cogstream_jax.model.qwen2 import KVCache, Qwen2Model
 from cogstream_jax.model.vision import Projector, VisionEncoder, VisualLayout
@@ -44,13 +45,17 @@ class VideoLlama3(nnx.Module):
         self.language_model = Qwen2Model(config.text, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size, use_bias=False, axes=("embed", "vocab"),
                               rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        # attention (static, part of the graphdef): set them with `use_attention` before tracing
         self.attn_impl: Impl = "auto"
         self.attn_chunk_size = 512
+        self.attn_mesh: Mesh | None = None  # the mesh the splash kernel is shard_mapped over
+        self.attn_interpret = False  # Pallas interpret mode (the splash kernel on CPU: tests)
 
     # ------------------------------------------------------------------------------------------ traced parts
     def encode_visual(self, pixel_values: jax.Array, layout: VisualLayout) -> jax.Array:
         """Vision tower + projector: [N, 588] -> [num merged tokens, hidden] in item order."""
-        feats = self.vision_encoder(pixel_values.astype(self.dtype), layout, impl=self.attn_impl)
+        feats = self.vision_encoder(pixel_values.astype(self.dtype), layout, impl=self.attn_impl, mesh=self.attn_mesh,
+                                    interpret=self.attn_interpret)
         return self.mm_projector(feats)
 
     def embed(self, input_ids: jax.Array, visual: jax.Array | None, compression_mask: jax.Array | None,
@@ -93,7 +98,8 @@ class VideoLlama3(nnx.Module):
             start = 0 if cache is None else cache.index
             positions = start + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         hidden, cache = self.language_model(embeds, positions, attention_mask, cache, cache_is_empty=cache_is_empty,
-                                            impl=self.attn_impl, chunk_size=self.attn_chunk_size, remat=remat)
+                                            impl=self.attn_impl, chunk_size=self.attn_chunk_size, remat=remat,
+                                            mesh=self.attn_mesh, interpret=self.attn_interpret)
         logits = self.logits_at(hidden, logits_positions) if compute_logits else None
         return ModelOutput(logits=logits, cache=cache, hidden_states=hidden)
 
@@ -121,6 +127,23 @@ class VideoLlama3(nnx.Module):
         from cogstream_jax.model.generate import greedy_generate
 
         return greedy_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def use_attention(model: VideoLlama3, impl: str = "auto", *, mesh: Mesh | None = None, interpret: bool = False,
+                  chunk_size: int | None = None) -> str:
+    """Set the model's attention for the devices it will run on, before tracing; returns the implementation.
+
+    `impl` ("auto", "xla", "dense", "chunked", "splash", "cudnn") is resolved by `attention.resolve_attn_impl` for
+    the platform of `mesh`'s devices (compile-only topology devices included; the default backend without a mesh)
+    and the model's compute dtype; a choice the target cannot run raises `ConfigError`. `mesh` is kept for the
+    splash kernel's `shard_map`; `interpret` runs the splash kernel in Pallas interpret mode (CPU tests).
+    """
+    target = platform_of(mesh) if mesh is not None else normalize_platform(jax.default_backend())
+    resolved = resolve_attn_impl(impl, target, model.dtype, interpret=interpret)
+    model.attn_impl, model.attn_mesh, model.attn_interpret = resolved, mesh, interpret
+    if chunk_size is not None:
+        model.attn_chunk_size = chunk_size
+    return resolved
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "num_kept"))

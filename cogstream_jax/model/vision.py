@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from cogstream_jax.config import ModelConfig, VisionConfig
 from cogstream_jax.errors import InputError
@@ -83,18 +84,19 @@ class VisionAttention(nnx.Module):
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisualLayout, impl: Impl) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, layout: VisualLayout, impl: Impl,
+                 mesh: Mesh | None = None, interpret: bool = False) -> jax.Array:
         n = x.shape[0]
         split = (n, self.num_heads, self.head_dim)
         q = apply_rope(self.q_proj(x).reshape(split), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(split), cos, sin)
         v = self.v_proj(x).reshape(split)
         outs, start = [], 0
-        for t, h, w in layout.grids:  # each frame is its own attention segment
+        for t, h, w in layout.grids:  # each frame is its own attention segment: frames are the batch
             size = t * h * w
             sl = slice(start, start + size)
             frames = (a[sl].reshape(t, h * w, self.num_heads, self.head_dim) for a in (q, k, v))
-            outs.append(attend(*frames, MaskSpec(), impl=impl).reshape(size, -1))
+            outs.append(attend(*frames, MaskSpec(), impl=impl, mesh=mesh, interpret=interpret).reshape(size, -1))
             start += size
         return self.out_proj(jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0])
 
@@ -116,8 +118,9 @@ class VisionEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, axis_name="vit_norm", param_dtype=param_dtype)
         self.mlp = VisionMLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
-    def __call__(self, x, cos, sin, layout: VisualLayout, impl: Impl):
-        x = x + self.self_attn(self.layer_norm1(x), cos, sin, layout, impl)
+    def __call__(self, x, cos, sin, layout: VisualLayout, impl: Impl, mesh: Mesh | None = None,
+                 interpret: bool = False):
+        x = x + self.self_attn(self.layer_norm1(x), cos, sin, layout, impl, mesh, interpret)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -142,13 +145,14 @@ class VisionEncoder(nnx.Module):
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, axis_name="vit_norm",
                                         param_dtype=param_dtype)
 
-    def __call__(self, pixel_values: jax.Array, layout: VisualLayout, *, impl: Impl = "auto") -> jax.Array:
+    def __call__(self, pixel_values: jax.Array, layout: VisualLayout, *, impl: Impl = "auto",
+                 mesh: Mesh | None = None, interpret: bool = False) -> jax.Array:
         """pixel_values [N, 588] -> merged features [sum t*(h/m)*(w/m), hidden] in item order."""
         rows, cols = layout.patch_coordinates()
         cos, sin = vision_rope(rows, cols, self.config.head_dim, self.config.rope_theta)
         x = self.embeddings(pixel_values)
         for layer in self.encoder.layers:
-            x = layer(x, cos, sin, layout, impl)
+            x = layer(x, cos, sin, layout, impl, mesh, interpret)
         x = self.post_layernorm(x)
         return merge_patches(x, layout)
 
