@@ -19,6 +19,7 @@ from cogstream_jax.data.selection import allowed_token_ids
 from cogstream_jax.data.stage1 import MAX_SAMPLES_PER_ITEM, stage1_items
 from cogstream_jax.data.tokens import PAD_ID
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.model.attention import pad_to_block
 from cogstream_jax.multihost import global_max
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import distributed, run_common
@@ -35,8 +36,9 @@ BUCKET_CANDIDATES = (512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 def length_buckets(max_length: int) -> tuple[int, ...]:
-    """Padded lengths: the standard ones below max_length, then max_length itself (few distinct shapes)."""
-    return tuple(b for b in BUCKET_CANDIDATES if b < max_length) + (max_length,)
+    """Padded lengths: the standard ones below max_length, then max_length rounded up to the attention block
+    (`attention.pad_to_block`: the fused kernels' tile, so batches need no padding inside attention)."""
+    return tuple(b for b in BUCKET_CANDIDATES if b < max_length) + (pad_to_block(max_length),)
 
 
 def dataset_root(qa_path: str) -> str:

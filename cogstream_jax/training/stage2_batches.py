@@ -8,7 +8,8 @@
 4. the visual stream is compressed: DiffFP always; question-aware event scoring on top when the streaming
    module (`cogstream_jax.inference.events`) is available and `event_compression` is on. Dropped tokens leave
    both the features and the `<image>` placeholders.
-Lengths are right-padded to a multiple of `length_multiple` (fewer retraces), the supervised positions fixed.
+Lengths are right-padded to a multiple of `length_multiple` (fewer retraces; by default the attention block,
+`attention.BLOCK`, so the fused kernels need no further padding), the supervised positions fixed.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from cogstream_jax.data.pipelines import Stage2Sample
 from cogstream_jax.data.rewrite import rewrite_for_mode, turns_from_processor_output
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
 from cogstream_jax.errors import InputError
+from cogstream_jax.model.attention import BLOCK
 from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.training.losses import IGNORE_INDEX, supervised_positions
 
@@ -47,7 +49,7 @@ class Stage2Batch:
 MinorFramesFn = Callable[[Any, str], Sequence[int]]
 
 
-def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple: int = 64,
+def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple: int = BLOCK,
                        answer_positions: int | None = None, minor_frames_fn: MinorFramesFn | None = None
                        ) -> Stage2Batch:
     """One QA's teacher-forced inputs (DiffFP, plus event compression when `minor_frames_fn` is given)."""

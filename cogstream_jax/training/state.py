@@ -15,6 +15,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cogstream_jax import lora
+from cogstream_jax.model.videollama3 import VideoLlama3, use_attention
 from cogstream_jax.sharding import shard_model, state_shardings
 
 
@@ -35,12 +36,16 @@ class SplitModel:
 
 
 def prepare_model(model: nnx.Module, adapter: str, spec: lora.LoraSpec, *, seed: int, mesh: Mesh | None) -> None:
-    """Add and activate the trainable adapter, then place every variable by its logical axes on `mesh`."""
+    """Add and activate the trainable adapter, then place every variable by its logical axes on `mesh` and bind
+    the model's attention to it (`use_attention`: "auto" resolved for the mesh's platform, the splash kernel
+    shard_mapped over it)."""
     if adapter not in lora.adapter_names(model):
         lora.add_adapter(model, adapter, spec, seed=seed)
     lora.set_adapter(model, adapter)
     if mesh is not None:
         shard_model(model, mesh)
+        if isinstance(model, VideoLlama3):
+            use_attention(model, model.attn_impl, mesh=mesh, interpret=model.attn_interpret)
 
 
 def split_for_training(model: nnx.Module, adapter: str) -> SplitModel:
