@@ -1,0 +1,127 @@
+"""One 7B-shaped stage-2 training step on an accelerator (issue 15), part of `bench/gpu_check.sh`.
+
+Random bf16 VideoLLaMA3-7B weights created on the device, the `full_module` LoRA (r 8 on the LLM's q,k,v,o,gate,
+up,down and the projector), one QA as the stage-2 loop feeds it: 180 frames of 14x26 patches (16,380 merged
+visual tokens, 75% kept by a DiffFP-like compression mask: 12,285), a prompt right-padded to the attention block
+(`attention.pad_to_block`), 64 supervised answer positions; the gradient (`TrainSetup.qa_grad`, decoder-layer
+remat `--remat`) then the AdamW update (`TrainSetup.apply`). Attention: `--attn auto` (cuDNN on GPU, splash on
+TPU) for the vision frames and the prompt. Reports the compiles of the first step and of the timed steps (which
+must add none), the step time (median of `--repeats`), tokens/s and peak device memory (`memory_stats()`).
+Headline value = step seconds. A CPU smoke run: `--config tiny --frames 2 --repeats 1`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from bench.common import emit, machine  # noqa: E402
+from bench.gpu_7b import CompileCounter, peak_bytes, random_model  # noqa: E402
+from cogstream_jax import config as configs, lora  # noqa: E402
+from cogstream_jax.model.attention import pad_to_block  # noqa: E402
+from cogstream_jax.model.videollama3 import use_attention  # noqa: E402
+from cogstream_jax.model.vision import VisualLayout  # noqa: E402
+from cogstream_jax.sharding import make_mesh  # noqa: E402
+from cogstream_jax.training.losses import supervised_positions  # noqa: E402
+from cogstream_jax.training.setup import build_setup  # noqa: E402
+from cogstream_jax.training.step import StepOptions  # noqa: E402
+
+GRID_H, GRID_W = 14, 26
+
+
+def qa_batch(cfg, frames: int, keep: float, answer: int, seed: int = 0):
+    """(batch arrays, layout, kept visual tokens): one QA shaped like `stage2_batches.build_stage2_batch`'s."""
+    rng = np.random.default_rng(seed)
+    layout = VisualLayout(((frames, GRID_H, GRID_W),), (2,))
+    mask = rng.random(layout.num_tokens) < keep
+    kept = int(mask.sum())
+    per_frame = layout.num_tokens // frames
+    ids = list(rng.integers(0, 150000, 40))
+    for f in range(frames):
+        slots = int(mask[f * per_frame:(f + 1) * per_frame].sum())
+        ids += list(rng.integers(0, 150000, 6)) + [cfg.image_token_id] * slots
+    ids += list(rng.integers(0, 150000, 30 + answer))
+    ids = np.asarray(ids, np.int64)
+    labels = np.full(ids.shape, -100, np.int64)
+    labels[-answer:] = ids[-answer:]
+    length = pad_to_block(len(ids))
+    pad = length - len(ids)
+    positions, targets, weights = supervised_positions(np.pad(labels, (0, pad), constant_values=-100)[None], answer)
+    batch = {"input_ids": np.pad(ids, (0, pad)).astype(np.int32)[None],
+             "attention_mask": (np.arange(length) < len(ids)).astype(np.int32)[None],
+             "pixel_values": rng.standard_normal((layout.num_patches, 588)).astype(np.float32),
+             "compression_mask": mask, "logits_positions": positions, "targets": targets, "weights": weights}
+    return batch, layout, kept
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="videollama3_7b", choices=sorted(configs.PRESETS))
+    p.add_argument("--frames", type=int, default=180)
+    p.add_argument("--keep", type=float, default=0.75, help="fraction of visual tokens the compression mask keeps")
+    p.add_argument("--answer", type=int, default=64, help="supervised answer tokens")
+    p.add_argument("--remat", default="full", help="decoder-layer remat policy (qwen2.REMAT_POLICIES)")
+    p.add_argument("--attn", default="auto", help="attention implementation (attention.IMPLS)")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    from bench.gpu_attention import stack_versions
+
+    versions = stack_versions()
+    print("stack: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    compiles = CompileCounter()
+    cfg = configs.PRESETS[args.config]()
+    start = time.perf_counter()
+    model = random_model(cfg, jnp.bfloat16)
+    mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
+    impl = use_attention(model, args.attn, mesh=mesh)
+    setup = build_setup(model, lora.FULL_MODULE, lora.full_module_spec(cfg), optax.adamw(1e-4), mesh, seed=0,
+                        options=StepOptions(remat=args.remat))
+    jax.block_until_ready(setup.state)
+    init_s, init_compiles = time.perf_counter() - start, compiles.count
+    batch, layout, kept = qa_batch(cfg, args.frames, args.keep, args.answer)
+    batch = jax.device_put(batch)
+    grad_fn, apply_fn = setup.qa_grad(1), setup.apply()
+
+    def step():
+        grads, loss, _ = grad_fn(setup.state, setup.frozen, batch, 0, layout=layout, num_kept=kept)
+        setup.state, metrics = apply_fn(setup.state, grads)
+        return float(loss), float(metrics["grad_norm"])
+
+    start = time.perf_counter()
+    loss, grad_norm = step()
+    first_s, first_compiles = time.perf_counter() - start, compiles.count - init_compiles
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    timed_compiles = compiles.count - init_compiles - first_compiles
+    tokens = int(batch["input_ids"].shape[1])
+    peak = peak_bytes()
+    print(f"{args.config} stage-2 step, attention {impl}, remat {args.remat}: {tokens} tokens ({kept} visual kept "
+          f"of {layout.num_tokens}, {args.frames} frames); init {init_s:.1f} s; first step {first_s:.1f} s "
+          f"({first_compiles} compiles); step {step_s:.3f} s = {tokens / step_s:.0f} tokens/s; compiles in timed "
+          f"steps {timed_compiles}; loss {loss:.3f}, grad norm {grad_norm:.3g}; peak memory "
+          f"{peak / 2**30 if peak else float('nan'):.2f} GiB", flush=True)
+    ok = timed_compiles == 0 and np.isfinite(loss) and np.isfinite(grad_norm)
+    emit("gpu_stage2", step_s, value_is="step seconds", ok=bool(ok), attention=impl, remat=args.remat,
+         tokens=tokens, visual_tokens_kept=kept, frames=args.frames, step_s=[round(t, 4) for t in times],
+         tokens_per_s=round(tokens / step_s, 1), first_step_s=round(first_s, 2), compiles_first_step=first_compiles,
+         compiles_timed=timed_compiles, loss=loss, grad_norm=grad_norm,
+         peak_gib=None if peak is None else round(peak / 2**30, 3), config=args.config, stack=versions,
+         machine=machine())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
