@@ -99,6 +99,30 @@ def test_cudnn_padding_rule_equals_dense(causal):
                                np.asarray(attend(q, k, v, plain, impl="dense")), atol=2e-6)
 
 
+def test_fused_paths_under_shard_map_equal_dense():
+    """On a (data 2, tensor 2) mesh of CPU devices: batch over data, kv heads over tensor (GQA 2:1 keeps each
+    query head with its kv head), padding rows per shard; splash (interpret) and the cuDNN path's arithmetic."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from cogstream_jax.sharding import make_mesh
+
+    mesh = make_mesh("data=2,fsdp=1,tensor=2", jax.devices()[:4])
+    b, t = 2, 100
+    q, k, v = _qkv(b, t, 4, 2, 16, jnp.float32, seed=4)
+    heads = NamedSharding(mesh, P("data", None, "tensor", None))
+    q, k, v = (jax.device_put(x, heads) for x in (q, k, v))
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    valid = jax.device_put(jnp.ones((b, t), bool).at[0, 80:].set(False).at[1, :7].set(False),
+                           NamedSharding(mesh, P("data")))
+    mask = MaskSpec(causal=True, q_index=slots, kv_index=slots, aligned=True, kv_valid=valid)
+    rows = np.asarray(valid)
+    ref = np.asarray(attend(q, k, v, mask, impl="dense"))[rows]
+    splash = jax.jit(lambda a, b_, c: attend(a, b_, c, mask, impl="splash", mesh=mesh, interpret=True))(q, k, v)
+    _assert_close(np.asarray(splash)[rows], ref, FP32_TOL, "splash on a mesh")
+    cudnn = jax.jit(lambda a, b_, c: _cudnn(a, b_, c, mask, mesh=mesh, implementation="xla"))(q, k, v)
+    _assert_close(np.asarray(cudnn)[rows], ref, FP32_TOL, "cuDNN path on a mesh")
+
+
 def test_block_padding_rule():
     assert BLOCK == 128
     assert [pad_to_block(n) for n in (0, 1, 127, 128, 129, 16000)] == [128, 128, 128, 128, 256, 16000]

@@ -9,7 +9,7 @@ Implementations (`attn_impl`), all equal to dense softmax attention:
   full block masks, GQA, padding as segment ids, sequences padded to `BLOCK`; under `shard_map` over the mesh
   (batch over data/fsdp, kv heads over tensor). `interpret=True` runs it on any backend (tests on CPU);
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention, bf16/fp16 only) with
-  `is_causal` and sequence lengths for padding;
+  `is_causal` and sequence lengths for padding; under `shard_map` over the mesh like splash;
 - "auto": resolved per target platform by `resolve_attn_impl`: splash on TPU, cuDNN on GPU (bf16/fp16),
   xla elsewhere.
 The fused kernels ("splash", "cudnn") run self-attention: training, prefill into an empty cache, vision frames.
@@ -189,8 +189,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = Non
     The fused kernels take self-attention (`MaskSpec.is_self_attention`); attention against a KV cache takes
     the xla path whatever `impl` says: one decode query reads the cache once (memory-bound, [B, H, 1, S] scores),
     and a prefill after a kept prefix has a slot-offset causal mask that neither kernel takes without a dense mask.
-    `mesh`: the splash kernel runs under `shard_map` over it (batch over data/fsdp, kv heads over tensor where
-    they divide); without one it runs as one program (one device). `interpret`: Pallas interpret mode (splash).
+    `mesh`: the fused kernels run under `shard_map` over it (batch over data/fsdp, kv heads over tensor where
+    they divide); without one they run as one program (one device). `interpret`: Pallas interpret mode (splash).
     """
     b, t, h, d = q.shape
     kh, s = k.shape[2], k.shape[1]
@@ -200,7 +200,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = Non
     if impl in FUSED and mask.is_self_attention(t, s):
         if impl == "splash":
             return _splash(q, k, v, mask, mesh=mesh, interpret=interpret)
-        return _cudnn(q, k, v, mask)
+        return _cudnn(q, k, v, mask, mesh=mesh)
     if impl in FUSED or impl == "xla":
         impl = "dense" if b * h * t * s <= _MAX_DENSE_SCORES else "chunked"
     qg = q.reshape(b, t, kh, h // kh, d)
@@ -245,6 +245,25 @@ def _dividing_axes(mesh: Mesh, names: tuple[str, ...], dim: int) -> str | tuple[
             axes.append(name)
             size *= n
     return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def _on_mesh(fn, mesh: Mesh | None, batch_size: int, kv_heads: int, arrays: tuple[jax.Array, ...],
+             heads_axis: int) -> jax.Array:
+    """`fn(*arrays)`, under `shard_map` over `mesh` when one is given: dim 0 of every array (the batch) over the
+    data/fsdp axes and, for the 4-d ones (q, k, v and the result), dim `heads_axis` over tensor, each where the
+    size divides (kv heads, so a query head stays with its kv head); the rest is replicated. Inside, the kernel
+    sees whole sequences and heads: no sharding rule of the kernel is involved."""
+    if mesh is None:
+        return fn(*arrays)
+    batch, heads = _dividing_axes(mesh, _BATCH_AXES, batch_size), _dividing_axes(mesh, _HEAD_AXES, kv_heads)
+    qkv = [batch, None, None, None]
+    qkv[heads_axis] = heads
+
+    def spec(x):
+        return PartitionSpec(*qkv) if x.ndim == 4 else PartitionSpec(batch, *([None] * (x.ndim - 1)))
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(x) for x in arrays), out_specs=PartitionSpec(*qkv),
+                         check_vma=False)(*arrays)
 
 
 def splash_block(length: int) -> int:
@@ -295,34 +314,34 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, mesh: M
 
     if segments is not None:
         args = args + (segments,)
-    if mesh is None:
-        out = run(*args)
-    else:
-        batch, heads = _dividing_axes(mesh, _BATCH_AXES, b), _dividing_axes(mesh, _HEAD_AXES, kh)
-        spec = PartitionSpec(batch, heads, None, None)
-        specs = (spec,) * 3 + ((PartitionSpec(batch, None),) if segments is not None else ())
-        out = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(*args)
+    out = _on_mesh(run, mesh, b, kh, args, heads_axis=1)
     return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
 
 
-def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, implementation: str = "cudnn") -> jax.Array:
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, mesh: Mesh | None = None,
+           implementation: str = "cudnn") -> jax.Array:
     """Self-attention through `jax.nn.dot_product_attention(implementation="cudnn")`. cuDNN masks padding by
     sequence lengths (valid = a prefix), so each row is first rotated to start at its first valid slot (a no-op
-    for right padding, left padding moves to the end) and rotated back after. `implementation="xla"` runs the
-    same arithmetic on any backend (tests)."""
+    for right padding, left padding moves to the end) and rotated back after. With a mesh it runs under
+    `shard_map` like splash (cuDNN's own partitioning rule refuses q/k/v shardings that differ, which GQA's head
+    counts easily produce). `implementation="xla"` runs the same arithmetic on any backend (tests)."""
     call = functools.partial(jax.nn.dot_product_attention, is_causal=mask.causal, implementation=implementation)
-    if mask.kv_valid is None:
-        return call(q, k, v).astype(q.dtype)
-    t = q.shape[1]
-    valid = mask.kv_valid
-    lengths = jnp.maximum(valid.sum(-1), 1).astype(jnp.int32)  # an all-padding row attends its first slot
-    start = jnp.argmax(valid, axis=-1).astype(jnp.int32)  # first valid slot (0 when none)
-    slots = jnp.arange(t, dtype=jnp.int32)[None]
 
-    def take(x, index):
-        return jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+    def run(q_, k_, v_, valid=None):
+        if valid is None:
+            return call(q_, k_, v_).astype(q_.dtype)
+        t = q_.shape[1]
+        lengths = jnp.maximum(valid.sum(-1), 1).astype(jnp.int32)  # an all-padding row attends its first slot
+        start = jnp.argmax(valid, axis=-1).astype(jnp.int32)  # first valid slot (0 when none)
+        slots = jnp.arange(t, dtype=jnp.int32)[None]
 
-    forward = (slots + start[:, None]) % t
-    out = call(take(q, forward), take(k, forward), take(v, forward), query_seq_lengths=lengths,
-               key_value_seq_lengths=lengths)
-    return take(out, (slots - start[:, None]) % t).astype(q.dtype)
+        def take(x, index):
+            return jnp.take_along_axis(x, index[:, :, None, None], axis=1)
+
+        forward = (slots + start[:, None]) % t
+        out = call(take(q_, forward), take(k_, forward), take(v_, forward), query_seq_lengths=lengths,
+                   key_value_seq_lengths=lengths)
+        return take(out, (slots - start[:, None]) % t).astype(q_.dtype)
+
+    args = (q, k, v) if mask.kv_valid is None else (q, k, v, mask.kv_valid)
+    return _on_mesh(run, mesh, q.shape[0], k.shape[2], args, heads_axis=2)
