@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=8, help="sequences per step")
     p.add_argument("--length", type=int, default=2048, help="tokens per sequence (stage-1 max length)")
     p.add_argument("--supervised", type=int, default=16, help="target positions per row (lm_head only there)")
-    p.add_argument("--remat", default="none", help="remat policy (none, full, dots, nothing)")
+    p.add_argument("--remat", default="none", choices=["full", "dots", "none"], help="decoder-layer remat policy")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak_tflops", type=float, default=None, help="device peak (default: from the device kind)")
     args = p.parse_args(argv)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     spec = lora.language_module_spec(cfg)
     mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
     setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optax.adamw(2e-4), mesh, seed=0,
-                        options=StepOptions(remat=False if args.remat == "none" else args.remat))
+                        options=StepOptions(remat=args.remat))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, min(cfg.text.vocab_size, 150000), (args.rows, args.length)).astype(np.int32)
     labels = np.full(ids.shape, -100, np.int64)

@@ -18,20 +18,34 @@ from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, te
 from cogstream_jax.model.layers import Embed, Linear, RMSNorm
 
 
-#: remat policy names (`--remat`): what each decoder layer keeps for the backward pass
+#: remat policy names (`--remat`): what each decoder layer keeps for the backward pass ("none": no remat, every
+#: activation the backward pass needs is kept)
 REMAT_POLICIES = {
-    "full": None,  # keep nothing, recompute the whole layer
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the layer's inputs, recompute the whole layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also keep the projection matmul outputs
 }
+REMAT_CHOICES = ("full", "dots", "none")
 
 
-def remat_policy(remat: bool | str):
-    """`True` means "full"; unknown names raise with the list of valid ones."""
+def remat_policy(remat: bool | str | None):
+    """The `jax.checkpoint` policy of a remat setting, or None for no remat (`False`, None or "none"). `True` means
+    "full"; unknown names raise with the list of valid ones."""
+    if remat is False or remat is None or remat == "none":
+        return None
     name = "full" if remat is True else remat
     if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {name!r}; choose from {sorted(REMAT_POLICIES)}")
+        raise ValueError(f"unknown remat policy {name!r}; choose from {list(REMAT_CHOICES)}")
     return REMAT_POLICIES[name]
+
+
+def checkpointed(module: nnx.Module, fn, policy, *args):
+    """`fn(module, *args)` under `jax.checkpoint(policy=...)` as a pure function of (module state, args): the module
+    is split outside and merged inside, so it works inside any outer transform (`jax.value_and_grad` over split
+    params, `jax.lax.scan`), unlike `nnx.remat`, which writes the state back into the caller's Variables. `fn`
+    must not mutate the module."""
+    graphdef, state = nnx.split(module)
+    pure = lambda st, *a: fn(nnx.merge(graphdef, st), *a)
+    return jax.checkpoint(pure, policy=policy)(state, *args)
 
 
 @struct.dataclass
@@ -133,7 +147,7 @@ class Qwen2Model(nnx.Module):
 
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
                  cache: KVCache | None, *, cache_is_empty: bool = False, impl: Impl = "auto",
-                 chunk_size: int = 512, remat: bool | str = False, mesh: Mesh | None = None,
+                 chunk_size: int = 512, remat: bool | str | None = False, mesh: Mesh | None = None,
                  interpret: bool = False) -> tuple[jax.Array, KVCache | None]:
         """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache).
 
@@ -160,10 +174,10 @@ class Qwen2Model(nnx.Module):
         step = _Step(cos, sin, mask, impl, chunk_size, fresh=cache_is_empty, mesh=mesh, interpret=interpret)
         kv = None if cache is None else (cache.k, cache.v)
         x = embeds
+        policy = remat_policy(remat)
         for i, layer in enumerate(self.layers):
-            if remat:
-                x, kv = nnx.remat(lambda lyr, y, c, i=i: lyr(y, step, c, index, i),
-                                  policy=remat_policy(remat))(layer, x, kv)
+            if policy is not None:
+                x, kv = checkpointed(layer, lambda lyr, y, c, i=i: lyr(y, step, c, index, i), policy, x, kv)
             else:
                 x, kv = layer(x, step, kv, index, i)
         x = self.norm(x)

@@ -87,7 +87,8 @@ class VideoLlama3(nnx.Module):
                 logits_positions: jax.Array | None = None, compute_logits: bool = True,
                 remat: bool | str = False) -> ModelOutput:
         """The whole model as a traceable function (static: layout, num_kept, cache_is_empty, compute_logits,
-        remat: False or a policy name from `qwen2.REMAT_POLICIES`). `cache_is_empty` marks a prefill into a fresh cache (cheaper attention, fused kernels)."""
+        remat: False/"none" or a decoder-layer policy name from `qwen2.REMAT_POLICIES`). `cache_is_empty` marks a
+        prefill into a fresh cache (cheaper attention, fused kernels)."""
         if visual_features is None and pixel_values is not None:
             visual_features = self.encode_visual(pixel_values, layout)
         if visual_features is not None and num_kept is None:

@@ -19,9 +19,11 @@ from cogstream_jax.cli_utils import ArgumentParser
 from cogstream_jax.config import tiny
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.io_utils import atomic_write_text
+from cogstream_jax.model.qwen2 import REMAT_CHOICES
 from cogstream_jax.reference_files import bundled_model_dir
 from cogstream_jax.run_settings import as_json
 from cogstream_jax.training.distributed import DistributedConfig, is_primary, maybe_initialize
+from cogstream_jax.training.step import DEFAULT_REMAT
 
 QUANT_TYPES = {"int8": "int8", "nf4": "nf4"}
 TOKENIZER_MARKERS = ("tokenizer_config.json",)
@@ -45,7 +47,10 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--lora_dropout", type=float, default=0.1)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="frozen base dtype")
     p.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
-    p.add_argument("--remat", action="store_true", help="rematerialise decoder layers in the backward pass")
+    p.add_argument("--remat", nargs="?", const="full", default=DEFAULT_REMAT, choices=REMAT_CHOICES,
+                   help="rematerialise each decoder layer in the backward pass: full (keep only the layer inputs), "
+                        "dots (also keep the projection matmul outputs) or none; '--remat' alone means full "
+                        f"(default: {DEFAULT_REMAT})")
     p.add_argument("--dropout_rng", default="hash", choices=["hash", "threefry", "rbg"],
                    help="LoRA-dropout masks: hash (counter-based, same masks on any mesh, fast), threefry (same "
                         "masks on any mesh, slow on CPU) or rbg (mesh-dependent)")

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.model.layers import lora_dropout
+from cogstream_jax.model.qwen2 import remat_policy
 from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.sharding import MESH_AXES
 from cogstream_jax.training.losses import ce_sums
@@ -32,15 +33,22 @@ from cogstream_jax.training.state import TrainState, replicated
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the rows of a micro-batch
 
 
+#: the training default of `--remat` / `StepOptions.remat` (both stages): "full", "dots" or "none"
+DEFAULT_REMAT = "full"
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    remat: bool = False
+    remat: str = DEFAULT_REMAT  # decoder-layer rematerialisation: "full", "dots" or "none" (qwen2.REMAT_POLICIES)
     dropout: bool = True  # LoRA dropout during training (off for parity checks)
     # "hash": counter-based hash masks (layers.hashed_keep_mask): identical on every mesh and process count, and
     #   about 100x cheaper than a bit generator on CPU; "threefry": jax.random.bernoulli with threefry keys (also
     #   mesh-independent, slow on CPU for big activations); "rbg": XLA's RngBitGenerator (faster than threefry,
     #   masks may depend on the sharding)
     dropout_rng: str = "hash"
+
+    def __post_init__(self):
+        remat_policy(self.remat)  # unknown policy names fail here, not at the first trace
 
 
 def dropout_key(state: TrainState, options: StepOptions) -> jax.Array:
