@@ -9,13 +9,16 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.5
 
 .PHONY: install demo test bench clean
 
+# libtpu (the tpu extra, for compile-check's TPU topologies) would probe for a TPU at every JAX start here
+demo test: export JAX_PLATFORMS ?= cpu
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,quant]"
+	$(BIN)/pip install -q -e ".[test,quant,tpu]"
 	touch $(STAMP)
 
 demo: install

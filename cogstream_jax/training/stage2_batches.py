@@ -62,8 +62,8 @@ def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple:
     answer = list(tokenizer(sample.target, add_special_tokens=False)["input_ids"])
     ids = np.asarray(prompt + answer, np.int64)
     labels = np.asarray([IGNORE_INDEX] * len(prompt) + answer, np.int64)
-    arrays: dict[str, np.ndarray] = {}
-    layout = num_kept = None
+    pixels = mask = layout = None
+    minor: tuple[int, ...] = ()
     if result.kept_frames:
         if len(result.kept_frames) != out.num_frames:
             raise InputError(f"{sample.video}: the rewrite kept {len(result.kept_frames)} of {out.num_frames} frames; "
@@ -71,15 +71,28 @@ def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple:
         minor = tuple(minor_frames_fn(out, sample.question)) if minor_frames_fn is not None else ()
         mask = difffp_mask(out.pixel_values, out.grid_sizes, out.merge_sizes, modals=out.modals,
                            minor_frame_indices=minor)
-        if minor:
-            arrays["minor_frame_mask"] = np.isin(np.arange(out.num_frames), minor)
         keep_ids = np.ones(ids.shape, bool)
         keep_ids[ids == IMAGE_TOKEN_ID] = mask
         ids, labels = ids[keep_ids], labels[keep_ids]
         assert (drop_masked_placeholders(np.asarray(prompt + answer), mask) == ids).all()
         layout = VisualLayout.from_arrays(out.grid_sizes, out.merge_sizes)
+        pixels = out.pixel_values
+    return assemble(ids, labels, pixels, layout, mask, minor, answer_tokens=len(answer), prompt_tokens=len(prompt),
+                    length_multiple=length_multiple, answer_positions=answer_positions)
+
+
+def assemble(ids: np.ndarray, labels: np.ndarray, pixel_values: np.ndarray | None, layout: VisualLayout | None,
+             mask: np.ndarray | None, minor: Sequence[int], *, answer_tokens: int, prompt_tokens: int,
+             length_multiple: int = 64, answer_positions: int | None = None) -> Stage2Batch:
+    """Token ids/labels after DiffFP (+ the visual inputs) -> the padded arrays of one QA."""
+    arrays: dict[str, np.ndarray] = {}
+    num_kept = None
+    if layout is not None:
+        num_frames = sum(t for t, _, _ in layout.grids)
+        if minor:
+            arrays["minor_frame_mask"] = np.isin(np.arange(num_frames), minor)
         num_kept = int(mask.sum())
-        arrays["pixel_values"] = np.asarray(out.pixel_values, np.float32)
+        arrays["pixel_values"] = np.asarray(pixel_values, np.float32)
         arrays["compression_mask"] = mask
     length = -(-len(ids) // length_multiple) * length_multiple
     pad = length - len(ids)
@@ -89,4 +102,24 @@ def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple:
     positions, targets, weights = supervised_positions(labels, answer_positions)
     arrays.update(input_ids=input_ids, attention_mask=attention, logits_positions=positions, targets=targets,
                   weights=weights)
-    return Stage2Batch(arrays, layout, num_kept, len(answer), len(prompt))
+    return Stage2Batch(arrays, layout, num_kept, answer_tokens, prompt_tokens)
+
+
+def synthetic_batch(layout: VisualLayout, tokens: int, kept: int, answer_tokens: int, *, patch_dim: int,
+                    minor_frames: Sequence[int] = (), length_multiple: int = 64,
+                    answer_positions: int | None = None) -> Stage2Batch:
+    """A QA of the given size (zeros, first `kept` visual tokens kept) built by the same `assemble` as real
+    batches: what compile-check lowers for the largest stage-2 shape."""
+    if not 0 < kept <= layout.num_tokens:
+        raise InputError(f"kept visual tokens {kept} must be in 1..{layout.num_tokens} (the layout's tokens)")
+    if tokens < kept + answer_tokens:
+        raise InputError(f"{tokens} tokens cannot hold {kept} visual and {answer_tokens} answer tokens")
+    mask = np.arange(layout.num_tokens) < kept
+    ids = np.zeros(tokens, np.int64)
+    ids[:kept] = IMAGE_TOKEN_ID
+    labels = np.full(tokens, IGNORE_INDEX, np.int64)
+    labels[tokens - answer_tokens:] = 0
+    pixels = np.zeros((layout.num_patches, patch_dim), np.float32)
+    return assemble(ids, labels, pixels, layout, mask, minor_frames, answer_tokens=answer_tokens,
+                    prompt_tokens=tokens - answer_tokens, length_multiple=length_multiple,
+                    answer_positions=answer_positions)

@@ -44,8 +44,13 @@ def prepare_model(model: nnx.Module, adapter: str, spec: lora.LoraSpec, *, seed:
     lora.set_adapter(model, adapter)
     if mesh is not None:
         shard_model(model, mesh)
-        if isinstance(model, VideoLlama3):
-            use_attention(model, model.attn_impl, mesh=mesh, interpret=model.attn_interpret)
+        bind_attention(model, mesh)
+
+
+def bind_attention(model: nnx.Module, mesh: Mesh) -> None:
+    """Resolve the model's attention for `mesh`'s platform and keep the mesh for the kernels' shard_map."""
+    if isinstance(model, VideoLlama3):
+        use_attention(model, model.attn_impl, mesh=mesh, interpret=model.attn_interpret)
 
 
 def split_for_training(model: nnx.Module, adapter: str) -> SplitModel:

@@ -169,6 +169,11 @@ def make_qa_grad(graphdef, *, options: StepOptions, accumulation: int, state_sha
     def call(state, frozen, batch, index, layout: VisualLayout | None = None, num_kept: int | None = None):
         return jitted(state, frozen, batch, jnp.asarray(index, jnp.int32), layout, num_kept)
 
+    def lower(state, frozen, batch, layout: VisualLayout | None = None, num_kept: int | None = None):
+        """The same program lowered from (abstract) arguments, for ahead-of-time compiles (compile-check)."""
+        return jitted.lower(state, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32), layout, num_kept)
+
+    call.lower = lower
     return call
 
 

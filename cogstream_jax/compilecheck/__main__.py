@@ -1,0 +1,3 @@
+from cogstream_jax.compilecheck.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""`cogstream compile-check`: will this job fit the slice (or GPU host) before anyone rents it?
+
+Compiles the job's own jitted programs for compile-only devices of the named topology (libtpu / the CUDA
+plugin describe them on any host; JAX itself runs on the CPU) and prints, per program, the bytes each device
+needs, the share of its HBM, the FLOPs per device and the compile time. `--json` adds one JSON line last.
+Exit 0: everything fits; 3: a program does not (named); 2: bad input.
+
+    cogstream compile-check --topology v5p-8 --job stage2 --model_path videollama3_7b [--mesh 1,4,1] [--json]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices come from the topology, never a backend
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from cogstream_jax.cli_utils import ArgumentParser, forward, run_cli  # noqa: E402
+from cogstream_jax.errors import ConfigError  # noqa: E402
+
+EXIT_DOES_NOT_FIT = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cogstream_jax.compilecheck.hardware import TARGETS
+    from cogstream_jax.compilecheck.jobs import JOBS, JobShape
+
+    d = JobShape()
+    p = ArgumentParser(prog="cogstream compile-check", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--topology", required=True, help=f"accelerator type: {', '.join(TARGETS)}")
+    p.add_argument("--job", required=True, help=f"one of {', '.join(JOBS)}")
+    p.add_argument("--model_path", required=True,
+                   help="a preset (videollama3_7b, tiny, bench) or a checkpoint folder (only config.json is read)")
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor over the target's devices (as the jobs)")
+    p.add_argument("--json", action="store_true", help="one JSON line last")
+    p.add_argument("--save_compiled", default=None, help="folder for the serialised executables")
+    g = p.add_argument_group("the job's own flags")
+    g.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
+    g.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
+    g.add_argument("--remat", default=None, help="training jobs: full, dots or none (default: the job's)")
+    g.add_argument("--attn_impl", default="auto",
+                   help="auto (splash on TPU, cuDNN on GPU for bf16), xla, dense, chunked, splash or cudnn")
+    g.add_argument("--lora_r", type=int, default=d.lora_r)
+    g.add_argument("--global_batch_size", type=int, default=d.global_batch_size, help="stage 1: items per update")
+    g.add_argument("--micro_batch_size", type=int, default=None, help="stage 1: items per micro-batch")
+    g.add_argument("--max_length", type=int, default=d.max_length, help="stage 1: tokens per row")
+    g.add_argument("--frames", type=int, default=d.frames, help="stage 2 / eval: frames of the largest QA")
+    g.add_argument("--grid", default="x".join(map(str, d.grid)), help="patch grid per frame, HxW")
+    g.add_argument("--kept", type=int, default=d.kept, help="visual tokens kept after DiffFP")
+    g.add_argument("--tokens", type=int, default=d.tokens, help="stage 2: tokens of the QA; eval: prompt tokens")
+    g.add_argument("--answer_tokens", type=int, default=d.answer_tokens)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
+    g.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction)
+    g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="eval: answer length cap")
+    return p
+
+
+def model_config(path: str):
+    from cogstream_jax.config import PRESETS, ModelConfig
+
+    if path in PRESETS:
+        return PRESETS[path]()
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"--model_path {path}: neither a preset ({', '.join(PRESETS)}) nor a folder")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--model_path {path}: no config.json in the folder")
+    return ModelConfig.from_hf_config(folder)
+
+
+def job_shape(args: argparse.Namespace):
+    from cogstream_jax.compilecheck.jobs import JobShape
+
+    try:
+        grid = tuple(int(x) for x in args.grid.lower().split("x"))
+        if len(grid) != 2:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--grid {args.grid!r}: expected HxW, e.g. 14x26") from None
+    for flag in ("lora_r", "global_batch_size", "max_length", "frames", "kept", "tokens", "answer_tokens",
+                 "gradient_accumulation_steps", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.remat is not None and args.remat not in ("full", "dots", "none"):
+        raise ConfigError(f"--remat {args.remat!r}: choose full, dots or none")
+    return JobShape(dtype=args.dtype, compute_dtype=args.compute_dtype, attn_impl=args.attn_impl, remat=args.remat,
+                    lora_r=args.lora_r,
+                    global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+                    max_length=args.max_length, frames=args.frames, grid=grid, kept=args.kept, tokens=args.tokens,
+                    answer_tokens=args.answer_tokens, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                    event_compression=args.event_compression, max_new_tokens=args.max_new_tokens)
+
+
+def save_compiled(folder: str, reports) -> None:
+    """Serialise each executable (jax.experimental.serialize_executable) beside a small index."""
+    import pickle
+
+    from jax.experimental import serialize_executable
+
+    from cogstream_jax.io_utils import atomic_write_json
+
+    out = pathlib.Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    for i, r in enumerate(reports):
+        payload, in_tree, out_tree = serialize_executable.serialize(r.executable)
+        path = out / f"{i:02d}_{r.name}.pkl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps((payload, in_tree, out_tree)))
+        tmp.replace(path)
+        index.append({"name": r.name, "label": r.label, "file": path.name})
+    atomic_write_json(out / "index.json", index)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cogstream_jax.compilecheck import hardware, jobs, report
+    from cogstream_jax.compilecheck.devices import compile_only_devices
+    from cogstream_jax.model.attention import resolve_attn_impl
+    from cogstream_jax.sharding import make_mesh
+
+    target = hardware.target(args.topology)
+    if args.job not in jobs.JOBS:
+        raise ConfigError(f"--job {args.job!r}: choose one of {', '.join(jobs.JOBS)}")
+    config = model_config(args.model_path)
+    shape = job_shape(args)
+    mesh = make_mesh(args.mesh, compile_only_devices(target))
+    mesh_shape = {k: int(v) for k, v in mesh.shape.items()}
+    attention = resolve_attn_impl(shape.attn_impl, target.platform, shape.compute_dtype or shape.dtype)
+    print(f"{args.job} on {target.name}: {target.devices} devices ({target.generation.device_is}), "
+          f"mesh {mesh_shape}, attention {attention}", file=sys.stderr)
+    start = time.perf_counter()
+    programs = jobs.BUILDERS[args.job](config, shape, mesh)
+    reports = []
+    with report.no_persistent_cache():
+        for program in programs:
+            reports.append(report.compile_program(program))
+            print(report.describe(reports[-1], target), file=sys.stderr)
+    result = {**report.summary(args.job, target, mesh_shape, reports, time.perf_counter() - start),
+              "attention": attention}
+    if args.save_compiled:
+        save_compiled(args.save_compiled, reports)
+    if args.json:
+        print(json.dumps(result))
+    too_big = [r for r in reports if r.error or r.per_chip_bytes > target.generation.hbm_bytes]
+    for r in too_big:
+        needs = f"more than {report.gib(r.per_chip_bytes)} (XLA: {r.error})" if r.error else report.gib(r.per_chip_bytes)
+        print(f"does not fit: {r.name} ({r.label}) needs {needs} per device, a {target.name} device has "
+              f"{report.gib(target.generation.hbm_bytes)} HBM", file=sys.stderr)
+    return EXIT_DOES_NOT_FIT if too_big else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(forward(argv))
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""The jitted programs of each job, built by the job's own code from abstract inputs (no weights, no data).
+
+stage1: the accumulating step (`TrainSetup.accumulating_step`) on a full global batch at `--max_length`.
+stage2: the per-QA gradient (`TrainSetup.qa_grad`) at the largest QA shape (`stage2_batches.synthetic_batch`,
+        the same `assemble` real batches go through), plus the event-scoring vision pass above 135 frames.
+eval:   the segment encoder's vision pass, the answer prefill at the largest prompt bucket and the decode loop
+        (`inference.segments`, `model.generate`), with both adapters loaded and the answer adapter active.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cogstream_jax import lora
+from cogstream_jax.config import ModelConfig
+from cogstream_jax.errors import ConfigError
+from cogstream_jax.model.vision import VisualLayout
+from cogstream_jax.model.videollama3 import VideoLlama3
+from cogstream_jax.sharding import state_shardings
+from cogstream_jax.training.setup import abstract_setup, with_shardings
+from cogstream_jax.training.state import bind_attention
+from cogstream_jax.training.step import StepOptions, batch_sharding
+
+JOBS = ("stage1", "stage2", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobShape:
+    """The job's flags that decide shapes and memory (defaults: the official recipes, largest inputs)."""
+
+    dtype: str = "bfloat16"
+    compute_dtype: str | None = None
+    attn_impl: str = "auto"  # resolved for the target's platform (splash on TPU, cuDNN on GPU for bf16)
+    remat: str | None = None  # None: the job's default
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    seed: int = 42
+    # stage 1
+    global_batch_size: int = 32
+    micro_batch_size: int | None = None
+    max_length: int = 2048
+    # stage 2 / eval: one QA of `frames` frames at a `grid` patch grid, `kept` visual tokens after DiffFP
+    frames: int = 180
+    grid: tuple[int, int] = (14, 26)
+    kept: int = 12285
+    tokens: int = 13824
+    answer_tokens: int = 256
+    gradient_accumulation_steps: int = 4
+    event_compression: bool = True
+    # eval
+    max_new_tokens: int = 1024
+
+
+@dataclasses.dataclass
+class Program:
+    label: str  # what it is, for people ("stage-2 QA gradient")
+    lower: Callable[[], Any]  # -> jax.stages.Lowered
+    examples_per_step: int  # sequences (stage 1) or QAs one call processes
+
+
+def model_builder(config: ModelConfig, shape: JobShape) -> Callable[[], VideoLlama3]:
+    param = jnp.dtype(shape.dtype)
+    compute = jnp.dtype(shape.compute_dtype) if shape.compute_dtype else param
+
+    def build() -> VideoLlama3:
+        model = VideoLlama3(config, rngs=nnx.Rngs(shape.seed), param_dtype=param, dtype=compute)
+        model.attn_impl = shape.attn_impl
+        return model
+
+    return build
+
+
+def _abstract(tree, sharding) -> Any:
+    """ShapeDtypeStructs (placed by `sharding`) for a tree of arrays or shapes."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _options(shape: JobShape) -> StepOptions:
+    return StepOptions() if shape.remat is None else StepOptions(remat=shape.remat)
+
+
+def _lora_spec(spec_fn, config: ModelConfig, shape: JobShape) -> lora.LoraSpec:
+    return spec_fn(config, shape.lora_r, shape.lora_alpha, shape.lora_dropout)
+
+
+def stage1_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:
+    from cogstream_jax.data.stage1 import MAX_SAMPLES_PER_ITEM
+    from cogstream_jax.training.batching import stage1_step_batch
+    from cogstream_jax.training.optim import stage1_optim
+    from cogstream_jax.training.stage1_run import MIN_POSITIONS, batch_geometry
+
+    micro, accumulation = batch_geometry(shape, mesh)
+    setup = abstract_setup(model_builder(config, shape), lora.LANGUAGE_MODULE,
+                           _lora_spec(lora.language_module_spec, config, shape), stage1_optim(1), mesh,
+                           seed=shape.seed, options=_options(shape))
+    items, length = shape.global_batch_size, shape.max_length
+    labels = np.full((items, MAX_SAMPLES_PER_ITEM, length), -100, np.int64)
+    labels[..., 1:MIN_POSITIONS + 1] = 0
+    element = {"input_ids": np.zeros((items, MAX_SAMPLES_PER_ITEM, length), np.int32), "labels": labels,
+               "attention_mask": np.ones((items, MAX_SAMPLES_PER_ITEM, length), np.int32)}
+    batch = _abstract(stage1_step_batch(element, accumulation, MIN_POSITIONS), batch_sharding(mesh))
+    step = setup.accumulating_step(np.ones(config.text.vocab_size, bool))
+    del micro
+    return [Program("stage-1 update (accumulating step)", lambda: step.lower(setup.state, setup.frozen, batch),
+                    items * MAX_SAMPLES_PER_ITEM)]
+
+
+def stage2_layout(config: ModelConfig, shape: JobShape) -> VisualLayout:
+    h, w = shape.grid
+    merge = 2
+    if h % merge or w % merge:
+        raise ConfigError(f"--grid {h}x{w}: both sides must be even (2x2 merge)")
+    return VisualLayout(((shape.frames, h, w),), (merge,))
+
+
+def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:
+    from cogstream_jax.inference.events import should_compress
+    from cogstream_jax.training import stage2_run
+    from cogstream_jax.training.optim import stage2_optim
+    from cogstream_jax.training.stage2_batches import synthetic_batch
+    from cogstream_jax.training.state import replicated
+
+    setup = abstract_setup(model_builder(config, shape), lora.FULL_MODULE,
+                           _lora_spec(lora.full_module_spec, config, shape), stage2_optim(1, 1), mesh,
+                           seed=shape.seed, options=_options(shape))
+    layout = stage2_layout(config, shape)
+    events = shape.event_compression and should_compress(shape.frames)
+    minor = tuple(range(1, shape.frames, 2)) if events else ()
+    qa = synthetic_batch(layout, shape.tokens, shape.kept, shape.answer_tokens, patch_dim=config.vision.patch_dim,
+                         minor_frames=minor)
+    rep = replicated(mesh)
+    arrays = _abstract(qa.arrays, rep)
+    grad = setup.qa_grad(shape.gradient_accumulation_steps)
+    programs = [Program("stage-2 QA gradient", lambda: grad.lower(setup.state, setup.frozen, arrays, qa.layout,
+                                                                  qa.num_kept), 1)]
+    if events:
+        pixels = arrays["pixel_values"]
+        programs.append(Program("stage-2 event-scoring vision pass", lambda: stage2_run._encode.lower(
+            setup.split.graphdef, setup.state.params, setup.frozen, pixels, layout), 1))
+    return programs
+
+
+def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:
+    from cogstream_jax.inference import segments
+    from cogstream_jax.inference.prefix_cache import MIN_CAPACITY
+    from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, prefill
+    from cogstream_jax.model.qwen2 import KVCache
+    from cogstream_jax.model.sampling import SamplingConfig
+
+    build = model_builder(config, shape)
+
+    def model_with_adapters():
+        model = build()
+        lora.add_adapter(model, lora.LANGUAGE_MODULE, _lora_spec(lora.language_module_spec, config, shape))
+        lora.add_adapter(model, lora.FULL_MODULE, _lora_spec(lora.full_module_spec, config, shape))
+        lora.set_adapter(model, lora.FULL_MODULE)
+        return model
+
+    model = nnx.eval_shape(model_with_adapters)
+    bind_attention(model, mesh)
+    graphdef, state = nnx.split(model)
+    state = with_shardings(state, state_shardings(state, mesh))
+    rep = NamedSharding(mesh, PartitionSpec())
+    sds = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rep)  # noqa: E731
+    layout = stage2_layout(config, shape)
+    pixels = sds((layout.num_patches, config.vision.patch_dim), jnp.float32)
+    prompt = bucket_length(shape.tokens)
+    rows = bucket_length(shape.kept)
+    compute = jnp.dtype(shape.compute_dtype or shape.dtype)
+    cache = jax.eval_shape(lambda: KVCache.init(config.text, 1, bucket_length(prompt + shape.max_new_tokens,
+                                                                               MIN_CAPACITY), compute))
+    cache = _abstract(cache, rep)
+    vocab, sampling = config.text.vocab_size, SamplingConfig()
+    key = sds((2,), jnp.uint32)
+    ids = sds((1, prompt), jnp.int32)
+
+    def lower_prefill():
+        return prefill.lower(graphdef, state, ids, None, sds((rows, config.text.hidden_size), compute), None, ids,
+                             ids, sds((1, 1), jnp.int32), cache, sds((1, vocab), jnp.bool_), None, key,
+                             layout=None, num_kept=rows, sampling=sampling)
+
+    def lower_decode():
+        return decode_loop.lower(graphdef, state, cache, sds((1,), jnp.int32), sds((1,), jnp.int32),
+                                 sds((1, vocab), jnp.bool_), None, key, sds((len(DEFAULT_EOS),), jnp.int32),
+                                 sds((), jnp.int32), max_new_tokens=shape.max_new_tokens, sampling=sampling)
+
+    return [Program("segment vision encoding", lambda: segments._encode.lower(graphdef, state, pixels, layout=layout),
+                    1),
+            Program("answer prefill (largest prompt bucket)", lower_prefill, 1),
+            Program(f"answer decode loop ({shape.max_new_tokens} tokens)", lower_decode, 1)]
+
+
+BUILDERS = {"stage1": stage1_programs, "stage2": stage2_programs, "eval": eval_programs}

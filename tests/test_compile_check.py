@@ -1,0 +1,176 @@
+"""compile-check: the jobs' own programs compile for TPU topologies (libtpu's compile-only devices) on this CPU
+host, report positive per-device figures, name exactly the model-sized programs a real run of the job compiles,
+refuse what does not fit (exit 3) and bad input (exit 2, one line)."""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax
+import pytest
+from flax import nnx
+
+from cogstream_jax.compile_log import CompileLog
+from cogstream_jax.compilecheck import cli
+from cogstream_jax.config import tiny
+from cogstream_jax.data.synth import sample_dataset_dir
+
+SMALL = ["--frames", "4", "--grid", "4x4", "--kept", "10", "--tokens", "128", "--answer_tokens", "16",
+         "--max_new_tokens", "8", "--max_length", "256", "--global_batch_size", "4"]
+CASES = [("stage1", "v5e-4", "-1,1,1"), ("stage1", "v5p-8", "2,2,1"), ("stage2", "v5e-4", "-1,1,1"),
+         ("stage2", "v5p-8", "1,4,1"), ("eval", "v5e-4", "-1,1,1")]
+
+
+def _config_folder(root: pathlib.Path, **text) -> pathlib.Path:
+    """A checkpoint-like folder holding only config.json (compile-check never reads weights)."""
+    import dataclasses
+
+    config = tiny(vocab_size=text.pop("vocab_size", 2048))
+    config = dataclasses.replace(config, text=dataclasses.replace(config.text, **text))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config.to_hf_config("native")))
+    return root
+
+
+def _check(capsys, *argv: str) -> tuple[int, dict | None, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    return code, (json.loads(lines[-1]) if lines else None), err
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> pathlib.Path:
+    return _config_folder(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture(scope="module")
+def reports(small_model) -> dict:
+    """JSON reports of every case, compiled once for the module."""
+    out = {}
+    for job, topology, mesh in CASES:
+        pytest_capsys = _Capture()
+        code = cli.main(["--topology", topology, "--job", job, "--model_path", str(small_model), f"--mesh={mesh}",
+                         "--json", *SMALL])
+        out[job, topology] = (code, json.loads(pytest_capsys.stop().strip().splitlines()[-1]))
+    return out
+
+
+class _Capture:
+    """stdout capture usable inside a module-scoped fixture (capsys is function-scoped)."""
+
+    def __init__(self):
+        import contextlib
+        import io
+
+        self.buffer = io.StringIO()
+        self._ctx = contextlib.redirect_stdout(self.buffer)
+        self._ctx.__enter__()
+
+    def stop(self) -> str:
+        self._ctx.__exit__(None, None, None)
+        return self.buffer.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job, topology, mesh", CASES)
+def test_jobs_compile_for_tpu_topologies_with_positive_figures(reports, job, topology, mesh):
+    code, report = reports[job, topology]
+    assert code == 0 and report["fits"] is True
+    assert report["job"] == job and report["topology"] == topology
+    expected_mesh = dict(zip(("data", "fsdp", "tensor"), (int(x) for x in mesh.split(","))))
+    if -1 in expected_mesh.values():
+        expected_mesh["data"] = report["chips"] // (expected_mesh["fsdp"] * expected_mesh["tensor"])
+    assert report["mesh"] == expected_mesh
+    assert report["chips"] == 4 and report["hbm_bytes"] > 10**10 and report["compile_s"] > 0
+    assert 0 < report["per_chip_bytes"] < report["hbm_bytes"]
+    for program in report["programs"]:
+        for key in ("per_chip_bytes", "flops_per_chip", "examples_per_step", "compile_s"):
+            assert program[key] > 0, (program["name"], key)
+    assert report["per_chip_bytes"] == max(p["per_chip_bytes"] for p in report["programs"])
+
+
+def _model_sized_programs(run) -> set[str]:
+    """Names of the programs a real run compiled that take a tower's weights (vision encoder or LLM)."""
+    from cogstream_jax.model.videollama3 import VideoLlama3
+
+    model = nnx.eval_shape(lambda: VideoLlama3(tiny(), rngs=nnx.Rngs(0)))
+    with CompileLog() as log:
+        assert run() == 0
+    return {p.name for p in log.model_sized(nnx.state(model.vision_encoder), nnx.state(model.language_model))}
+
+
+@pytest.mark.slow
+def test_programs_are_those_a_real_tiny_run_compiles(reports, tmp_path):
+    import train.stage1
+    import train.stage2
+    from evaluate.answer_generate import main as eval_main
+
+    sample = sample_dataset_dir()
+    common = ["--model_path", "tiny", "--dtype", "float32", "--no_progress", "--max_steps", "1"]
+    real = {
+        "stage1": lambda: train.stage1.main([*common, "--QA_path", str(sample), "--global_batch_size", "8",
+                                             "--max_length", "576", "--num_train_epochs", "1",
+                                             "--output_dir", str(tmp_path / "s1")]),
+        "stage2": lambda: train.stage2.main([*common, "--video_dir", str(sample / "event_segments"),
+                                             "--query_dir", str(_one_video(sample, tmp_path)),
+                                             "--num_epochs", "1", "--output_dir", str(tmp_path / "s2")]),
+        "eval": lambda: eval_main(["--model_path", "tiny", "--video_dir", str(sample / "event_segments"),
+                                   "--query_dir", str(_one_video(sample, tmp_path)), "--save_dir",
+                                   str(tmp_path / "ev"), "--max_questions", "2", "--max_new_tokens", "4",
+                                   "--no_progress"]),
+    }
+    for job, run in real.items():
+        listed = [p["name"] for p in reports[job, "v5e-4"][1]["programs"]]
+        compiled = _model_sized_programs(run)
+        assert sorted(set(listed)) == sorted(compiled) and len(listed) == len(compiled), (job, listed, compiled)
+
+
+def _one_video(sample: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    folder = tmp_path / "QA_Dataset"
+    if not folder.is_dir():
+        folder.mkdir()
+        shutil.copy(sample / "QA_Dataset" / "synth_0_000.json", folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
+    huge = _config_folder(tmp_path / "huge", vocab_size=70_000_000)  # 2 x 70M x 64 bf16 = 17.9 GB per chip
+    code, report, err = _check(capsys, "--topology", "v5e-4", "--job", "stage2", "--model_path", str(huge),
+                               "--json", *SMALL)
+    assert code == cli.EXIT_DOES_NOT_FIT and report["fits"] is False
+    assert report["per_chip_bytes"] > report["hbm_bytes"] == 16 * 2**30
+    assert "does not fit: grad (stage-2 QA gradient) needs" in err and "a v5e-4 device has 16.00 GiB HBM" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "v9z-8", "--job", "stage1", "--model_path", "tiny"], "--topology 'v9z-8': unknown accelerator"),
+    (["--topology", "v5e-4", "--job", "stage1", "--model_path", "tiny", "--mesh", "2,4,1"],
+     "needs 8 devices but 4 are available"),
+    (["--topology", "v5e-4", "--job", "stage3", "--model_path", "tiny"], "--job 'stage3': choose one of"),
+    (["--topology", "v5e-4", "--job", "stage1", "--model_path", "{empty}"], "no config.json in the folder"),
+    (["--topology", "v5e-4", "--job", "stage2", "--model_path", "tiny", "--grid", "4by4"], "--grid '4by4'"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    argv = [a.replace("{empty}", str(tmp_path)) for a in argv]
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_compile_log_names_and_sizes_programs():
+    import jax.numpy as jnp
+
+    @jax.jit
+    def double(x):
+        return x * 2
+
+    x = jnp.ones((4, 8), jnp.float32)
+    with CompileLog() as log:
+        double(x)
+        double(x)  # cached: no second compile
+    assert [(p.name, p.argument_bytes, p.argument_shapes) for p in log.programs] == [("double", 128, ((4, 8),))]
+    assert log.programs[0].seconds > 0 and [p.name for p in log.model_sized([x])] == ["double"]
+    assert log.model_sized([x.T, x.T]) == []
