@@ -5,7 +5,6 @@ Distinct frames let the tests identify which source frame a decoder or an FFmpeg
 from __future__ import annotations
 
 import pathlib
-from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
@@ -46,19 +45,8 @@ def write_test_video(directory: pathlib.Path, name: str, *, fps: float, count: i
 def write_bframe_video(directory: pathlib.Path, name: str, *, fps: float, count: int, height: int, width: int,
                        seed: int = 0, gop: int = 250) -> pathlib.Path:
     """Like `write_test_video` but with libx264's default B-frames (non-reference pictures occur)."""
-    import av
-
     path = pathlib.Path(directory) / name
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.gop_size = gop
-        stream.options = {"crf": "18", "preset": "veryfast", "bf": "3"}
-        for frame in moving_frames(count, height, width, seed=seed):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_mp4(path, moving_frames(count, height, width, seed=seed), fps, crf=18, gop=gop, bframes=3)
     return path
 
 

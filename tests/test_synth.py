@@ -1,7 +1,9 @@
 """Synthetic generator: real decodable MP4 segments, output that passes the validator, all 11 capabilities,
-correct COI/relevance/Event_Time, determinism for a seed, the long low-resolution stream, and the CLI."""
+correct COI/relevance/Event_Time, determinism for a seed (byte for byte, in any process state: the bundled
+sample regenerates exactly, also after the heap was dirtied), the long low-resolution stream, and the CLI."""
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import av
@@ -63,6 +65,48 @@ def test_deterministic_for_a_seed(generated, tmp_path):
     other = tmp_path / "other"
     main(["--output_dir", str(other), "--videos", "1", "--seed", "8"])
     assert (other / "QA_Dataset" / "synth_8_000.json").read_text() != (generated / "QA_Dataset" / "synth_7_000.json").read_text()
+
+
+# The README's command for the bundled sample (cogstream_jax/assets/sample/README.md).
+SAMPLE_ARGS = ["--videos", "2", "--seed", "0", "--long_videos", "1", "--chains", "2"]
+
+
+def dirty_freed_heap(blocks: int = 2000, max_size: int = 70_000, seed: int = 0) -> None:
+    """Leave freed heap memory full of 0xFF bytes, as other work in a long process leaves it full of leftovers.
+
+    A later allocation that reuses it starts with these bytes wherever its owner does not write. Before
+    mp4_writer.X264_OPTIONS, x264's AVX-512 macroblock-tree code read such bytes (0xFFFF cost words and (-1, -1)
+    motion vectors count as real references) and the same seed gave other MP4 bytes after this on every run.
+    """
+    libc = ctypes.CDLL(None)  # a private handle: the signatures set here stay on it
+    malloc, free = libc.malloc, libc.free
+    malloc.restype, malloc.argtypes, free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    sizes = [int(n) for n in np.random.default_rng(seed).integers(64, max_size, size=blocks)]
+    pointers = [malloc(n) for n in sizes]
+    assert all(pointers)
+    for pointer, n in zip(pointers, sizes):
+        ctypes.memset(pointer, 0xFF, n)
+    for pointer in pointers:
+        free(pointer)
+
+
+def assert_same_files(made: Path, committed: Path) -> None:
+    files = {p.relative_to(committed) for p in committed.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert {p.relative_to(made) for p in made.rglob("*") if p.is_file()} == files
+    differ = sorted(str(f) for f in files if (made / f).read_bytes() != (committed / f).read_bytes())
+    assert not differ, (f"regenerated files differ from the committed sample: {differ} (a deliberate generator or "
+                        "encoder change needs the sample regenerated with the command in its README.md)")
+
+
+def test_bundled_sample_regenerates_byte_for_byte(tmp_path):
+    assert main(["--output_dir", str(tmp_path / "sample"), *SAMPLE_ARGS]) == 0
+    assert_same_files(tmp_path / "sample", sample_dataset_dir())
+
+
+def test_bundled_sample_regenerates_byte_for_byte_after_the_heap_was_dirtied(tmp_path):
+    dirty_freed_heap()
+    assert main(["--output_dir", str(tmp_path / "sample"), *SAMPLE_ARGS]) == 0
+    assert_same_files(tmp_path / "sample", sample_dataset_dir())
 
 
 def test_bundled_sample_is_small_and_has_a_long_low_res_stream():
