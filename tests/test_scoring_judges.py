@@ -286,10 +286,13 @@ def test_cancel_ends_the_retries_of_a_call_in_flight():
                 errors.append(exc)
 
         thread = threading.Thread(target=run)
-        start = time.perf_counter()
         thread.start()
-        time.sleep(0.3)  # the first attempt failed; the call now waits 30 s before the next
-        judge.cancel()
-        thread.join(timeout=10)
-    assert not thread.is_alive() and time.perf_counter() - start < 5
+        deadline = time.monotonic() + 120  # the first attempt reaches the server (seconds even on a busy machine)
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.requests, "the judge call never reached the server"
+        judge.cancel()  # the first attempt failed (500); the call waits 30 s before the next, or is about to
+        cancelled = time.monotonic()
+        thread.join(timeout=25)
+    assert not thread.is_alive() and time.monotonic() - cancelled < 25  # well inside the 30 s backoff
     assert errors and "cancelled" in str(errors[0]) and len(server.requests) == 1

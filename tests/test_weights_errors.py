@@ -110,7 +110,7 @@ def test_cli_reports_a_user_error_on_one_line(good, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-m", "convert.hf_to_orbax", "--model_path", str(folder),
                              "--output-dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=600)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
