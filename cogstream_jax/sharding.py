@@ -89,15 +89,21 @@ def make_mesh(spec: MeshSpec | str | None = None, devices: Sequence[jax.Device] 
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES) -> PartitionSpec:
-    """PartitionSpec for one array; mesh axes of size 1, reused axes and indivisible dims are dropped."""
+                    rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES,
+                    units: Mapping[str, int] | Sequence[tuple[str, int]] | None = None) -> PartitionSpec:
+    """PartitionSpec for one array; mesh axes of size 1, reused axes and indivisible dims are dropped.
+
+    `units` {logical axis: size} (or its items): that dimension is only split in whole multiples of `size` (attention heads:
+    a GQA model whose kv heads do not divide the tensor axis keeps them whole, replicated, instead of cutting
+    a head across ranks)."""
     if not axes:
         return PartitionSpec()
+    units = dict(units or ())
     used: set[str] = set()
     out = []
     for name, dim in zip(axes, shape):
         mesh_axes = tuple(a for a in (rules.get(name) or ()) if mesh.shape[a] > 1 and a not in used)
-        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        size = math.prod(mesh.shape[a] for a in mesh_axes) * units.get(name, 1)
         if not mesh_axes or dim % size:
             out.append(None)
             continue
@@ -109,8 +115,28 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
 
 
 def variable_sharding(var: nnx.Variable, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    axes = var.get_metadata().get("axes")
-    return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
+    meta = var.get_metadata()
+    return NamedSharding(mesh, logical_to_spec(meta.get("axes"), var.shape, mesh, rules, meta.get("units")))
+
+
+def check_heads(num_heads: int, mesh: Mesh, what: str = "query heads") -> None:
+    """Tensor parallelism splits attention by heads: the tensor axis must divide the model's query heads."""
+    tensor = mesh.shape.get("tensor", 1)
+    if num_heads % tensor:
+        ok = [n for n in range(1, num_heads + 1) if num_heads % n == 0]
+        raise ConfigError(f"--mesh tensor={tensor} does not divide the model's {num_heads} {what}; use tensor in "
+                          f"{ok}")
+
+
+def constrain_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Activations [B, ...] at a layer boundary: rows over (data, fsdp) when they divide, else left to XLA."""
+    if mesh is None:
+        return x
+    axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh.shape.get(a, 1) > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    spec = PartitionSpec(axes if len(axes) > 1 else axes[0])
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:

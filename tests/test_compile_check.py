@@ -139,7 +139,7 @@ def _one_video(sample: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
     huge = _config_folder(tmp_path / "huge", vocab_size=70_000_000)  # 2 x 70M x 64 bf16 = 17.9 GB per chip
     code, report, err = _check(capsys, "--topology", "v5e-4", "--job", "stage2", "--model_path", str(huge),
-                               "--json", *SMALL)
+                               "--mesh=4,1,1", "--json", *SMALL)  # data parallel: weights replicated per chip
     assert code == cli.EXIT_DOES_NOT_FIT and report["fits"] is False
     assert report["per_chip_bytes"] > report["hbm_bytes"] == 16 * 2**30
     assert "does not fit: grad (stage-2 QA gradient) needs" in err and "a v5e-4 device has 16.00 GiB HBM" in err

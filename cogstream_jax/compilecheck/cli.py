@@ -29,6 +29,7 @@ EXIT_DOES_NOT_FIT = 3
 def build_parser() -> argparse.ArgumentParser:
     from cogstream_jax.compilecheck.hardware import TARGETS
     from cogstream_jax.compilecheck.jobs import JOBS, JobShape
+    from cogstream_jax.training.run_common import DEFAULT_MESH
 
     d = JobShape()
     p = ArgumentParser(prog="cogstream compile-check", description=__doc__.split("\n\n")[0],
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", required=True, help=f"one of {', '.join(JOBS)}")
     p.add_argument("--model_path", required=True,
                    help="a preset (videollama3_7b, tiny, bench) or a checkpoint folder (only config.json is read)")
-    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor over the target's devices (as the jobs)")
+    p.add_argument("--mesh", default=DEFAULT_MESH, help="data,fsdp,tensor over the target's devices (default: the "
+                                                        f"training jobs' {DEFAULT_MESH}, FSDP over all devices)")
     p.add_argument("--json", action="store_true", help="one JSON line last")
     p.add_argument("--save_compiled", default=None, help="folder for the serialised executables")
     g = p.add_argument_group("the job's own flags")

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+#: ((logical axis, size), ...): that axis may only be split in whole multiples of `size` (one head's width); a
+#: tuple, since it is static module metadata (graph definitions must be hashable)
+Units = tuple[tuple[str, int], ...]
 
 _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
 _DROPOUT_MASKS: contextvars.ContextVar[str] = contextvars.ContextVar("lora_dropout_masks", default="bernoulli")
@@ -72,11 +75,12 @@ class LoraWeights(nnx.Module):
     """One adapter's low-rank pair. `lora_a` is Kaiming-uniform like PEFT; `lora_b` starts at zero."""
 
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
-                 in_axis: str | None, out_axis: str | None, salt: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+                 in_axis: str | None, out_axis: str | None, salt: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 units: Units | None = None):
         bound = 1.0 / (in_features ** 0.5)  # kaiming_uniform_(a=sqrt(5)) on [r, in] gives U(-1/sqrt(in), 1/sqrt(in))
         a = jax.random.uniform(rngs.params(), (in_features, r), jnp.float32, -bound, bound).astype(dtype)
-        self.lora_a = nnx.LoRAParam(a, axes=(in_axis, "lora_rank"))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), dtype), axes=("lora_rank", out_axis))
+        self.lora_a = nnx.LoRAParam(a, axes=(in_axis, "lora_rank"), units=units)
+        self.lora_b = nnx.LoRAParam(jnp.zeros((r, out_features), dtype), axes=("lora_rank", out_axis), units=units)
         self.r = r
         self.alpha = float(alpha)
         self.dropout = float(dropout)
@@ -144,11 +148,16 @@ class Linear(nnx.Module):
     """`y = x @ kernel + bias` with kernel [in, out] (PyTorch weight transposed) and optional LoRA adapters."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32, dtype=jnp.float32):
+                 param_dtype=jnp.float32, dtype=jnp.float32, units: Units | None = None):
+        """`units` ((logical axis, size), ...): that axis shards only in whole multiples of `size` (a head's width),
+        so a mesh axis never splits one attention head (`cogstream_jax.sharding.logical_to_spec`)."""
         self.in_features, self.out_features = in_features, out_features
-        self.kernel = nnx.Param(_normal(rngs.params(), (in_features, out_features), param_dtype), axes=axes)
-        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],)) if use_bias else None
+        self.kernel = nnx.Param(_normal(rngs.params(), (in_features, out_features), param_dtype), axes=axes,
+                                units=units)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[1],), units=units)
+                     if use_bias else None)
         self.axes = axes
+        self.units = units
         self.dtype = dtype
         self.adapters = nnx.Dict()
         self.active_adapter: str | None = None
@@ -158,7 +167,8 @@ class Linear(nnx.Module):
                     dtype=jnp.float32) -> None:
         salt = zlib.crc32(path.encode()) & 0x7FFFFFFF
         self.adapters[name] = LoraWeights(self.in_features, self.out_features, r, alpha, dropout,
-                                          self.axes[0], self.axes[1], salt, rngs=rngs, dtype=dtype)
+                                          self.axes[0], self.axes[1], salt, rngs=rngs, dtype=dtype,
+                                          units=getattr(self, "units", None))
 
     def quantize(self, qtype: str) -> None:
         """Store the frozen kernel quantized, QLoRA style (qwix; scales per output channel, NF4 also per tile of
@@ -173,8 +183,8 @@ class Linear(nnx.Module):
         if qtype == "nf4" and kernel.shape[0] % 2 == 0:
             codes = q.qvalue.astype(jnp.uint8)
             codes = codes[0::2] | (codes[1::2] << 4)
-        self.kernel_codes = QuantizedKernel(codes, axes=self.axes)
-        self.kernel_scale = QuantizedKernel(q.scale, axes=(None, self.axes[1]))
+        self.kernel_codes = QuantizedKernel(codes, axes=self.axes, units=self.units)
+        self.kernel_scale = QuantizedKernel(q.scale, axes=(None, self.axes[1]), units=self.units)
         self.kernel, self.quant = None, qtype
 
     def dense_kernel(self) -> jax.Array:

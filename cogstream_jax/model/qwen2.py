@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from cogstream_jax.config import TextConfig
 from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, text_rope
 from cogstream_jax.model.layers import Embed, Linear, RMSNorm
+from cogstream_jax.sharding import constrain_rows
 
 
 #: remat policy names (`--remat`): what each decoder layer keeps for the backward pass ("none": no remat, every
@@ -86,6 +87,7 @@ class Qwen2Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
         d, hd = cfg.hidden_size, cfg.head_dim
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        kw["units"] = (("q_heads", hd), ("kv_heads", hd))  # heads are never split across tensor ranks
         self.q_proj = Linear(d, cfg.num_attention_heads * hd, use_bias=True, axes=("embed", "q_heads"), **kw)
         self.k_proj = Linear(d, cfg.num_key_value_heads * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
         self.v_proj = Linear(d, cfg.num_key_value_heads * hd, use_bias=True, axes=("embed", "kv_heads"), **kw)
@@ -180,6 +182,7 @@ class Qwen2Model(nnx.Module):
                 x, kv = checkpointed(layer, lambda lyr, y, c, i=i: lyr(y, step, c, index, i), policy, x, kv)
             else:
                 x, kv = layer(x, step, kv, index, i)
+            x = constrain_rows(x, mesh)
         x = self.norm(x)
         if cache is None:
             return x, None

@@ -76,7 +76,8 @@ class VisualLayout:
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
         d = cfg.hidden_size
-        kw = dict(use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        kw = dict(use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
+                  units=(("vit_heads", cfg.head_dim),))  # heads are never split across tensor ranks
         self.q_proj = Linear(d, d, axes=("vit_embed", "vit_heads"), **kw)
         self.k_proj = Linear(d, d, axes=("vit_embed", "vit_heads"), **kw)
         self.v_proj = Linear(d, d, axes=("vit_embed", "vit_heads"), **kw)

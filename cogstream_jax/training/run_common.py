@@ -28,6 +28,9 @@ from cogstream_jax.training.step import DEFAULT_REMAT
 QUANT_TYPES = {"int8": "int8", "nf4": "nf4"}
 TOKENIZER_MARKERS = ("tokenizer_config.json",)
 CONFIG_FILE = "train_config.json"
+#: the training mesh unless --mesh says otherwise: fsdp over every device (as MaxText), so a 7B base is not copied
+#: to each chip; batches still split over data x fsdp
+DEFAULT_MESH = "1,-1,1"
 
 
 def build_common_parser(description: str) -> ArgumentParser:
@@ -35,8 +38,9 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--model_path", required=True,
                    help="HF VideoLLaMA3 folder (either layout), our orbax folder, or 'tiny' (random tiny model)")
     p.add_argument("--output_dir", required=True, help="checkpoints, metrics.jsonl, train_config.json, adapter/")
-    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor sizes, e.g. '2,4,1' or 'data=2,fsdp=4' "
-                                                    "(-1 = the remaining devices)")
+    p.add_argument("--mesh", default=DEFAULT_MESH,
+                   help="data,fsdp,tensor sizes, e.g. '2,4,1' or 'data=2,fsdp=4' (-1 = the remaining devices; "
+                        "default: FSDP over all devices, the frozen base sharded, rows split over data x fsdp)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
     p.add_argument("--max_steps", type=int, default=None,
                    help="stop once this many updates are done in total, restored ones included (schedule unchanged)")

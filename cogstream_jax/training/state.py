@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cogstream_jax import lora
 from cogstream_jax.model.videollama3 import VideoLlama3, use_attention
-from cogstream_jax.sharding import shard_model, state_shardings
+from cogstream_jax.sharding import check_heads, shard_model, state_shardings
 
 
 @struct.dataclass
@@ -50,6 +50,7 @@ def prepare_model(model: nnx.Module, adapter: str, spec: lora.LoraSpec, *, seed:
 def bind_attention(model: nnx.Module, mesh: Mesh) -> None:
     """Resolve the model's attention for `mesh`'s platform and keep the mesh for the kernels' shard_map."""
     if isinstance(model, VideoLlama3):
+        check_heads(model.config.text.num_attention_heads, mesh)
         use_attention(model, model.attn_impl, mesh=mesh, interpret=model.attn_interpret)
 
 
