@@ -174,3 +174,15 @@ def test_compile_log_names_and_sizes_programs():
     assert [(p.name, p.argument_bytes, p.argument_shapes) for p in log.programs] == [("double", 128, ((4, 8),))]
     assert log.programs[0].seconds > 0 and [p.name for p in log.model_sized([x])] == ["double"]
     assert log.model_sized([x.T, x.T]) == []
+
+
+def test_every_tpu_name_maps_to_a_libtpu_topology_with_its_device_count():
+    from cogstream_jax.compilecheck.devices import compile_only_devices
+    from cogstream_jax.compilecheck.hardware import TARGETS
+
+    kinds = {"v4": "TPU v4", "v5p": "TPU v5", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}
+    for name, target in TARGETS.items():
+        if target.platform != "tpu":
+            continue
+        devices = compile_only_devices(target)  # raises unless libtpu describes it with target.devices devices
+        assert devices[0].device_kind == kinds[target.generation.name], name
