@@ -1,5 +1,6 @@
 """Stage-2 CLI end to end (tiny random model, bundled sample): official flags, resolved config with the
-official T_max, one update per 4 QAs, resume, the adapter directory with the projector targets."""
+official T_max (in updates of --global_batch_qas), resume (also on another device count), the run's own compile
+count and padding overhead, the adapter directory with the projector targets."""
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "
         str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "0"]
 
 
-def _run(out: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+def _run(out: pathlib.Path, *extra: str, devices: int = 1) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "train.stage2", *ARGS, "--output-dir", str(out), *extra], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -26,16 +27,18 @@ def _run(out: pathlib.Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_stage2_cli_trains_resumes_and_writes_the_adapter(tmp_path):
     out = tmp_path / "s2"
-    first = _run(out, "--max_steps", "1")
+    first = _run(out, "--max_steps", "1", "--global_batch_qas", "4", "--logging_steps", "1")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(out, "--max_steps", "2", "--resume")
+    second = _run(out, "--max_steps", "2", "--resume", "--global_batch_qas", "4", "--logging_steps", "1")
     assert second.returncode == 0, second.stderr[-3000:]
     config = json.loads((out / "train_config.json").read_text())
-    assert config["t_max"] == 1 * 1 * 20 and config["videos"] == 3 and config["gradient_accumulation_steps"] == 4
-    assert config["total_steps"] == config["qas"] // 4
+    assert config["t_max"] == 1 * 1 * 20 and config["videos"] == 3 and config["global_batch_qas"] == 4
+    assert config["total_steps"] == config["qas"] // 4 and config["accumulation_steps"] == 4
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["lr"] == pytest.approx(1e-4)
     assert all(m["loss"] > 0 and m["tokens"] > 0 for m in metrics)
+    # the run's own log: model-sized programs (vision chunk + gradient buckets) and padding stay bounded
+    assert 2 <= metrics[0]["model_programs_compiled"] <= 4 and 0 <= metrics[0]["padding_overhead"] <= 0.5
     meta = json.loads((out / "adapter" / "adapter_meta.json").read_text())
     assert "model.mm_projector.readout.0" in json.dumps(meta)
 
@@ -50,11 +53,37 @@ def test_stage2_missing_video_dir_is_a_clear_error(tmp_path, capsys):
     assert "--video_dir" in err and "nope" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("value, message", [("0", "--gradient_accumulation_steps must be >= 1"),
-                                            ("100000", "do not fill one update")])
-def test_stage2_accumulation_that_cannot_train_is_refused(value, message, tmp_path, capsys):
+@pytest.mark.slow
+def test_stage2_resumes_on_4_devices_a_run_started_on_8(tmp_path):
+    """Same QA order and random draws on another device count: update 2 of an 8-device run resumed on 4 devices
+    equals update 2 of an uninterrupted 8-device run (4 QAs per update over data 4, then data 2 x 2 calls)."""
+    common = ("--global_batch_qas", "4", "--logging_steps", "1")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _run(whole, "--max_steps", "2", *common, "--mesh", "4,1,2", devices=8).returncode == 0
+    first = _run(split, "--max_steps", "1", *common, "--mesh", "4,1,2", devices=8)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _run(split, "--max_steps", "2", "--resume", *common, "--mesh", "2,1,2", devices=4)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"] > 0
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5
+    from multihost_helpers import assert_same_adapters
+
+    assert_same_adapters(whole / "adapter", split / "adapter")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--global_batch_qas", "0"), "must be >= 1"),
+    (("--global_batch_qas", "100000", "--mesh", "1,8,1"), "do not fill one update"),
+    (("--global_batch_qas", "6", "--mesh", "4,1,2"), "--global_batch_qas 6 is not a multiple of"),
+    (("--global_batch_qas", "8", "--mesh", "2,2,2", "--qas_per_device", "3"), "= 12"),
+])
+def test_stage2_global_batch_that_cannot_train_is_refused(extra, message, tmp_path, capsys):
     from train.stage2 import main
 
-    assert main([*ARGS, "--output_dir", str(tmp_path), "--gradient_accumulation_steps", value]) == 2
+    assert main([*ARGS, "--output_dir", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err

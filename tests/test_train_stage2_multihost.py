@@ -1,5 +1,6 @@
 """Stage 2 multi-host for real: two processes on 127.0.0.1 (jax.distributed + gloo, 4 fake CPU devices each) run
-the same QA stream on a (1, 4, 2) mesh and match the single-process 8-device run: per-update losses and the final
+the same QA stream on a (1, 4, 2) mesh (4 different QAs per update, one per fsdp shard) and match the
+single-process 8-device run: per-update losses and the final
 adapter directory (both processes write it). Seed 3 starts on the long sample video and --fps 3 samples 150 frames
 from its first part, so both QAs run question-aware event compression (> 135 frames): the event scorer reads
 model outputs back to the host, which a sharded array spanning another process's devices does not allow."""
@@ -13,7 +14,7 @@ from multihost_helpers import SAMPLE, assert_no_temp_leftovers, assert_same_adap
 
 ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
         str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "3",
-        "--fps", "3", "--mesh", "1,4,2", "--gradient_accumulation_steps", "1", "--max_steps", "2"]
+        "--fps", "3", "--mesh", "1,4,2", "--global_batch_qas", "4", "--logging_steps", "1", "--max_steps", "2"]
 
 
 @pytest.mark.slow

@@ -15,7 +15,15 @@ def build_parser():
     p.add_argument("--video_dir", required=True, help="the event_segments folder (<vid>/<vid>_segment_<n>.mp4)")
     p.add_argument("--query_dir", required=True, help="the QA_Dataset folder (<vid>.json)")
     p.add_argument("--num_epochs", type=int, required=True)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=4, help="QAs per optimiser update")
+    p.add_argument("--global_batch_qas", type=int, default=32,
+                   help="QAs per optimiser update (default 32: the official 8 processes x 4 accumulated QAs); a "
+                        "multiple of data x fsdp x --qas_per_device, the rest is accumulation")
+    p.add_argument("--qas_per_device", type=int, default=1, help="QAs per device in one call (rows per device)")
+    p.add_argument("--prefetch_qas", type=int, default=8,
+                   help="QAs prepared ahead by a background thread (0: prepare each QA when it is needed)")
+    p.add_argument("--logging_steps", type=int, default=10,
+                   help="fetch loss/grad_norm from the device and write them every N updates (and at the end)")
+    p.add_argument("--frame_cache_clips", type=int, default=32, help="decoded clips kept in host memory (LRU)")
     p.add_argument("--fps", type=float, default=1.0)
     p.add_argument("--max_frames", type=int, default=180)
     p.add_argument("--decode_threads", type=int, default=None,

@@ -1,8 +1,9 @@
 """The jitted programs of each job, built by the job's own code from abstract inputs (no weights, no data).
 
 stage1: the accumulating step (`TrainSetup.accumulating_step`) on a full global batch at `--max_length`.
-stage2: the per-QA gradient (`TrainSetup.qa_grad`) at the largest QA shape (`stage2_batches.synthetic_batch`,
-        the same `assemble` real batches go through), plus the event-scoring vision pass above 135 frames.
+stage2: the bucketed gradient (`stage2_device.Stage2Device.grad`: data x fsdp QAs of the largest QA shape,
+        `stage2_buckets.synthetic_qa` packed by the same `pack_call` as real QAs) and the frozen vision tower's
+        chunk program.
 eval:   the segment encoder's vision pass, the answer prefill at the largest prompt bucket and the decode loop
         (`inference.segments`, `model.generate`), with both adapters loaded and the answer adapter active.
 """
@@ -122,10 +123,9 @@ def stage2_layout(config: ModelConfig, shape: JobShape) -> VisualLayout:
 
 def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:
     from cogstream_jax.inference.events import should_compress
-    from cogstream_jax.training import stage2_run
+    from cogstream_jax.training import stage2_buckets as sb
     from cogstream_jax.training.optim import stage2_optim
-    from cogstream_jax.training.stage2_batches import synthetic_batch
-    from cogstream_jax.training.state import replicated
+    from cogstream_jax.training.stage2_device import Stage2Device
 
     setup = abstract_setup(model_builder(config, shape), lora.FULL_MODULE,
                            _lora_spec(lora.full_module_spec, config, shape), stage2_optim(1, 1), mesh,
@@ -133,18 +133,20 @@ def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     layout = stage2_layout(config, shape)
     events = shape.event_compression and should_compress(shape.frames)
     minor = tuple(range(1, shape.frames, 2)) if events else ()
-    qa = synthetic_batch(layout, shape.tokens, shape.kept, shape.answer_tokens, patch_dim=config.vision.patch_dim,
+    device = Stage2Device(setup)
+    qa = sb.synthetic_qa(layout, shape.tokens, shape.kept, shape.answer_tokens, patch_dim=config.vision.patch_dim,
                          minor_frames=minor)
-    rep = replicated(mesh)
-    arrays = _abstract(qa.arrays, rep)
-    grad = setup.qa_grad(shape.gradient_accumulation_steps)
-    programs = [Program("stage-2 QA gradient", lambda: grad.lower(setup.state, setup.frozen, arrays, qa.layout,
-                                                                  qa.num_kept), 1)]
-    if events:
-        pixels = arrays["pixel_values"]
-        programs.append(Program("stage-2 event-scoring vision pass", lambda: stage2_run._encode.lower(
-            setup.split.graphdef, setup.state.params, setup.frozen, pixels, layout), 1))
-    return programs
+    call, frames = sb.synthetic_call(qa, device.dp, frame_chunk=device.frame_chunk)
+    arrays = _abstract(call.arrays, device.rows)
+    rows, inputs = call.sources.shape
+    features = jax.ShapeDtypeStruct((rows, inputs, config.vision.hidden_size), device.dtype, sharding=device.rows)
+    chunk = [jax.ShapeDtypeStruct((device.frame_chunk,) + a.shape[1:], a.dtype, sharding=device.rows)
+             for a in frames.arrays]
+    return [Program("stage-2 vision tower (one chunk of a call's frames; frozen, once per QA)",
+                    lambda: device.lower_vision(*chunk, frames.merge), device.frame_chunk),
+            Program(f"stage-2 gradient ({rows} QAs, bucket L={call.bucket[0]} U={call.bucket[1]} "
+                    f"A={call.bucket[2]})", lambda: device.lower_grad(setup.state, setup.frozen, arrays, features),
+                    rows)]
 
 
 def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:

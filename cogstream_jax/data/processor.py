@@ -7,8 +7,10 @@ are public so that a streaming session can cache per-segment work; `cache_frames
 """
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +31,8 @@ from cogstream_jax.data.video import DECODERS, ClipPlan, VideoClip, VideoProbe, 
 from cogstream_jax.errors import ConfigError, DataError, InputError, VideoError
 
 VIDEO_ARGS = {"video_path", "fps", "max_frames"}
+#: decoded clips a `cache_frames=True` processor keeps (a 180-frame clip at 1 fps is a few hundred MB of pixels)
+FRAME_CACHE_CLIPS = 32
 
 
 @dataclass
@@ -66,10 +70,11 @@ class Processor:
     """CogReasoner input processing: `Processor.from_pretrained(dir)(conversation=...)`."""
 
     def __init__(self, tokenizer, settings: ProcessorSettings = ProcessorSettings(), *,
-                 faithful_image_swap: bool = False, decoder: str = "pyav", cache_frames: bool = False,
+                 faithful_image_swap: bool = False, decoder: str = "pyav", cache_frames: bool | int = False,
                  threads: int | None = None):
         """`threads`: host threads for decoding and resizing one clip (None: the usable cores, at most 8);
-        outputs are identical for any count."""
+        outputs are identical for any count. `cache_frames`: keep decoded clips, at most that many (True:
+        `FRAME_CACHE_CLIPS`), least recently used dropped first."""
         if decoder not in DECODERS:
             raise ConfigError(f"decoder: expected one of {', '.join(DECODERS)}, got {decoder!r}")
         self.tokenizer = tokenizer
@@ -80,7 +85,13 @@ class Processor:
             self.threads = resolve_threads(threads)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self._frame_cache: dict[tuple, VideoClip] | None = {} if cache_frames else None
+        limit = FRAME_CACHE_CLIPS if cache_frames is True else int(cache_frames)
+        if limit < 0:
+            raise ConfigError(f"cache_frames: expected a clip count >= 0, got {cache_frames!r}")
+        self._frame_cache: collections.OrderedDict[tuple, VideoClip] | None = (
+            collections.OrderedDict() if limit else None)
+        self._frame_cache_limit = limit
+        self._frame_cache_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> "Processor":
@@ -120,9 +131,17 @@ class Processor:
             return decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
         stat = os.stat(plan.path)
         key = (plan.path, stat.st_mtime_ns, stat.st_size, plan.trim_time, plan.frame_indices)
-        if key not in self._frame_cache:
-            self._frame_cache[key] = decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
-        return self._frame_cache[key]
+        with self._frame_cache_lock:
+            clip = self._frame_cache.get(key)
+            if clip is not None:
+                self._frame_cache.move_to_end(key)
+                return clip
+        clip = decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
+        with self._frame_cache_lock:
+            self._frame_cache[key] = clip
+            while len(self._frame_cache) > self._frame_cache_limit:
+                self._frame_cache.popitem(last=False)
+        return clip
 
     def load_image(self, item: Mapping[str, Any], where: str) -> VisualItem:
         """An image item: a path (or `{"image_path": p}`), a PIL image or a uint8 HWC array."""

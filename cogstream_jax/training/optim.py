@@ -44,13 +44,21 @@ def stage1_optim(total_steps: int, learning_rate: float = 2e-4) -> OptimConfig:
     return OptimConfig(learning_rate, total_steps, warmup_ratio=0.08, weight_decay=0.0, max_grad_norm=0.5)
 
 
-def stage2_t_max(num_epochs: int, num_videos: int, qas_per_chain: int = 20) -> int:
-    """The official CosineAnnealingLR period: epochs x ceil(videos / 4) x 20."""
-    return num_epochs * math.ceil(num_videos / 4) * qas_per_chain
+def stage2_t_max(num_epochs: int, num_videos: int, qas_per_chain: int = 20, global_batch_qas: int = 4) -> int:
+    """The official CosineAnnealingLR period in our updates.
+
+    Official: T_max = epochs x ceil(videos / 4) x 20 scheduler steps, and under plain DDP accelerate advances the
+    scheduler once per process at every update (each process accumulates 4 QAs, so processes = global QAs / 4).
+    In updates of `global_batch_qas` QAs that is ceil(T_max x 4 / global_batch_qas): the official formula itself
+    for 4 QAs per update (one process), T_max / 8 for the official 8 x 4 = 32."""
+    official = num_epochs * math.ceil(num_videos / 4) * qas_per_chain
+    return max(1, math.ceil(official * 4 / global_batch_qas))
 
 
-def stage2_optim(num_epochs: int, num_videos: int, learning_rate: float = 1e-4) -> OptimConfig:
-    return OptimConfig(learning_rate, stage2_t_max(num_epochs, num_videos), weight_decay=1e-2)
+def stage2_optim(num_epochs: int, num_videos: int, learning_rate: float = 1e-4, *,
+                 global_batch_qas: int = 4) -> OptimConfig:
+    return OptimConfig(learning_rate, stage2_t_max(num_epochs, num_videos, global_batch_qas=global_batch_qas),
+                       weight_decay=1e-2)
 
 
 def schedule(config: OptimConfig) -> optax.Schedule:

@@ -1,20 +1,28 @@
-"""Stage 2 (video-text interleave reasoning) training run: one QA per forward over the growing conversation,
-one optimiser update per `accumulation` (4) QAs, a checkpoint every 30 updates (official cadence).
+"""Stage 2 (video-text interleave reasoning) training run: one optimiser update per `--global_batch_qas` QAs
+(default 32 = the official 8 processes x 4 accumulated QAs), a checkpoint every 30 updates (official cadence).
 
-Every process runs the same QA stream (batch 1 cannot be split over data-parallel devices); the mesh shards
-the model (fsdp / tensor) and the data axis only replicates. In multi-process runs each process places its
-(identical) host arrays with `jax.device_put` onto the global replicated sharding, and the event scorer's
-host reads gather shards owned by other processes (`multihost.to_host`; tests/test_train_stage2_multihost.py). A trailing group of fewer than
-`accumulation` QAs at the very end of training is dropped.
+Each device call takes `data x fsdp x --qas_per_device` different QAs (one row each, split over the data and
+fsdp mesh axes) padded into a common bucket (`stage2_buckets`); `accumulation = global / rows` calls make an
+update, whose gradient is the sum over its QAs of (mean answer-token CE) / global (the official DDP average of
+per-rank `loss / 4` sums, up to a constant factor, see docs/fidelity.md). The frozen vision tower runs once per
+QA (`stage2_device`): its output serves the question-aware event scoring and the gradient step. QAs are prepared
+(decode, resize, rewrite, DiffFP) by a background thread ahead of the device (`--prefetch_qas`); device metrics
+are fetched every `--logging_steps` updates. Every process reads the same QA stream and prepares every QA
+(identical host arrays placed onto the global shardings); the QA order and every random draw depend on the
+stream position and the QA's place in its update only, so a run resumes on another mesh shape or device count
+with the same QAs and masks. A trailing group of fewer than `--global_batch_qas` QAs at the very end is dropped.
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import os
 import pathlib
+import queue
 import sys
 import tempfile
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +34,15 @@ from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR, load_datas
 from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
 from cogstream_jax.data.processor import Processor
 from cogstream_jax.errors import ConfigError
-from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import run_common
+from cogstream_jax.training import stage2_buckets as sb
 from cogstream_jax.training.loop import run_loop
 from cogstream_jax.training.optim import stage2_optim
 from cogstream_jax.training.setup import build_setup
-from cogstream_jax.training.stage2_batches import build_stage2_batch, event_compression_available
-from cogstream_jax.training.state import replicated
-from cogstream_jax.training.step import StepOptions, add_grads_jit
+from cogstream_jax.training.stage2_batches import event_compression_available
+from cogstream_jax.training.stage2_device import Stage2Device, project
+from cogstream_jax.training.step import StepOptions, add_grads_jit, data_parallel_size
 
 
 def dataset_root(query_dir: str, video_dir: str) -> pathlib.Path:
@@ -62,41 +70,171 @@ def count_qas(dataset, config: Stage2Config) -> int:
 
 def event_scorer(setup, state, tokenizer, seed: int):
     """Question-aware event scoring with the current adapter (protocol 6.1-6.2), outside the gradient: it only
-    decides which frames are minor; the pooling of those frames happens inside the differentiated step."""
+    decides which frames are minor; the pooling of those frames happens inside the differentiated step.
+
+    Returns scorer(out, question, features) where `features` are the QA's frozen vision-tower outputs [T*P, D]
+    in token order (the same ones the gradient step uses) or None (the tower is run here)."""
     from cogstream_jax.inference.events import compress_events, should_compress
+    from cogstream_jax.model.vision import VisualLayout
 
     model = setup.model(state)
     key = jax.random.fold_in(jax.random.key(seed), int(jax.device_get(state.step)))
 
-    def minor_frames(out, question: str):
+    def minor_frames(out, question: str, features=None):
         if not should_compress(out.num_frames):
             return ()
-        layout = VisualLayout.from_arrays(out.grid_sizes, out.merge_sizes)
-        features = _encode(setup.split.graphdef, state.params, setup.frozen, jnp.asarray(out.pixel_values), layout)
+        if features is None:
+            layout = VisualLayout.from_arrays(out.grid_sizes, out.merge_sizes)
+            features = model.encode_visual(jnp.asarray(out.pixel_values), layout)
         return compress_events(model, tokenizer, features, out.timestamps, question, key).minor_frames
 
     return minor_frames
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _encode(graphdef, params, frozen, pixel_values, layout):
-    return jax.lax.stop_gradient(nnx.merge(graphdef, params, frozen).encode_visual(pixel_values, layout))
+def needs_scoring(qa: sb.PreparedQA, events: bool) -> bool:
+    if not events or qa.layout is None:
+        return False
+    from cogstream_jax.inference.events import should_compress
+
+    return should_compress(qa.num_frames)
+
+
+class QAStream:
+    """The stage-2 QA stream with host preparation in a background thread, `depth` QAs ahead.
+
+    Yields (position, PreparedQA or FinalQA); a QA over the largest bucket is skipped with a warning naming it.
+    Checkpointable like a grain iterator (`get_state` / `set_state`): the state is the number of stream
+    positions consumed, the same on any mesh."""
+
+    def __init__(self, make_iterator, processor, *, depth: int, events: bool):
+        self.make_iterator, self.processor, self.depth, self.events = make_iterator, processor, depth, events
+        self.consumed = 0
+        self.dropped: list[str] = []
+        self._start(0)
+
+    def _prepare(self, sample):
+        try:
+            qa = sb.prepare_qa(sample, self.processor)
+        except sb.OversizedQA as e:
+            return e
+        return qa if needs_scoring(qa, self.events) else sb.finalize_qa(qa)
+
+    def _start(self, skip: int):
+        self._stop_worker()
+        iterator = iter(self.make_iterator())
+        for _ in range(skip):
+            next(iterator)
+        self._iterator = iterator
+        self._stop = threading.Event()
+        if self.depth <= 0:
+            self._queue = None
+            return
+        self._queue = queue.Queue(maxsize=self.depth)
+        stop, q = self._stop, self._queue
+
+        def work():
+            for sample in iterator:
+                try:
+                    item = self._prepare(sample)
+                except Exception as e:  # handed to the consumer, raised there
+                    item = e
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set() or isinstance(item, Exception) and not isinstance(item, sb.OversizedQA):
+                    return
+            q.put(StopIteration())
+
+        self._thread = threading.Thread(target=work, daemon=True, name="stage2-prefetch")
+        self._thread.start()
+
+    def _stop_worker(self):
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            self._stop.set()
+            while thread.is_alive():
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)
+            self._thread = None
+
+    def __next__(self):
+        while True:
+            if self._queue is None:
+                item = self._prepare(next(self._iterator))
+            else:
+                item = self._queue.get()
+                if isinstance(item, StopIteration):
+                    self._queue.put(item)
+                    raise StopIteration
+            position = self.consumed
+            self.consumed += 1
+            if isinstance(item, sb.OversizedQA):
+                print(f"warning: dropped stage-2 QA at stream position {position}: {item}", file=sys.stderr)
+                self.dropped.append(str(item))
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return position, item
+
+    def __iter__(self):
+        return self
+
+    def get_state(self) -> bytes:
+        return json.dumps({"consumed": self.consumed}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.consumed = int(json.loads(state.decode())["consumed"])
+        self._start(self.consumed)
+
+    def start_prefetch(self) -> None:  # grain's restore hook
+        pass
+
+    def close(self) -> None:
+        self._stop_worker()
+
+
+#: stage-2 settings a resumed run may change on top of `run_common.RESUMABLE_CHANGES`: how the global batch is
+#: cut into device calls and how the host feeds them (the QA order and every draw stay the same)
+RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "logging_steps",
+                               "frame_cache_clips"})
+
+
+def check_global_batch(global_qas: int, rows: int, dp: int, per_device: int) -> int:
+    """Calls per update (`accumulation`); a global batch the rows per call cannot make is refused."""
+    if global_qas < 1 or per_device < 1:
+        raise ConfigError(f"--global_batch_qas ({global_qas}) and --qas_per_device ({per_device}) must be >= 1")
+    if global_qas % rows:
+        raise ConfigError(f"--global_batch_qas {global_qas} is not a multiple of the QAs per device call = data x "
+                          f"fsdp ({dp}) x --qas_per_device ({per_device}) = {rows}; use a multiple of {rows} "
+                          "or change --mesh / --qas_per_device")
+    return global_qas // rows
 
 
 def run(args: argparse.Namespace) -> int:
     run_common.start(args)
     if args.num_epochs < 1:
         raise ConfigError(f"--num_epochs must be >= 1, got {args.num_epochs}")
+    if args.logging_steps < 1:
+        raise ConfigError(f"--logging_steps must be >= 1, got {args.logging_steps}")
     mesh = make_mesh(args.mesh)
+    dp = data_parallel_size(mesh)
+    rows = dp * args.qas_per_device
+    accumulation = check_global_batch(args.global_batch_qas, rows, dp, args.qas_per_device)
     dataset = load_dataset(dataset_root(args.query_dir, args.video_dir))
     data_config = Stage2Config(seed=args.seed, num_epochs=args.num_epochs, fps=args.fps, max_frames=args.max_frames)
     total_qas = count_qas(dataset, data_config)
-    if total_qas < args.gradient_accumulation_steps:
+    if total_qas < args.global_batch_qas:
         raise ConfigError(f"{args.query_dir}: {total_qas} QAs over all epochs do not fill one update of "
-                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: nothing would be trained")
-    total_steps = total_qas // args.gradient_accumulation_steps
+                          f"--global_batch_qas {args.global_batch_qas}: nothing would be trained")
+    total_steps = total_qas // args.global_batch_qas
     model, tokenizer_dir = run_common.load_model(args, mesh)
-    processor = Processor.from_pretrained(tokenizer_dir, cache_frames=True, threads=args.decode_threads)
+    processor = Processor.from_pretrained(tokenizer_dir, cache_frames=args.frame_cache_clips,
+                                          threads=args.decode_threads)
     quantized = run_common.quantize_base(model, args.base_quant)
     events = args.event_compression and event_compression_available()
     if args.event_compression and not events:
@@ -105,37 +243,102 @@ def run(args: argparse.Namespace) -> int:
     # (event compression only acts on streams above 135 frames, inference.events.should_compress)
     spec = lora.LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout,
                          lora.full_module_spec(model.config).target_modules)
-    optim = stage2_optim(args.num_epochs, len(dataset.videos), run_common.given(args.learning_rate, 1e-4))
+    optim = stage2_optim(args.num_epochs, len(dataset.videos), run_common.given(args.learning_rate, 1e-4),
+                         global_batch_qas=args.global_batch_qas)
     setup = build_setup(model, lora.FULL_MODULE, spec, optim, mesh, seed=args.seed,
                         options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
     config = run_common.resolved_config(args, stage=2, videos=len(dataset.videos), qas=total_qas,
-                                        learning_rate=optim.learning_rate,
-                                        total_steps=total_steps, t_max=optim.total_steps,
+                                        learning_rate=optim.learning_rate, accumulation_steps=accumulation,
+                                        qas_per_call=rows, total_steps=total_steps, t_max=optim.total_steps,
                                         event_compression_active=events, quantized_kernels=quantized,
                                         mesh_shape=dict(mesh.shape))
     run_common.announce_config(args.output_dir, config)
 
-    grad_fn, apply_fn = setup.qa_grad(args.gradient_accumulation_steps), setup.apply()
-    rep = replicated(mesh)
+    device = Stage2Device(setup)
+    apply_fn = setup.apply()
+    log, own_log = _compile_log()
+    towers = (nnx.state(model.vision_encoder), nnx.state(model.language_model))
+    stream = QAStream(lambda: stage2_dataset(dataset, data_config), processor, depth=args.prefetch_qas,
+                      events=events)
+    limit = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    stats = {"real": 0, "padded": 0, "host_wait": 0.0, "started": time.perf_counter(), "pending": [], "step": None}
 
     def update(state, it):
+        if stats["step"] is None:
+            stats["step"] = int(jax.device_get(state.step))
+        scorer = None
         grads, losses, tokens = None, [], 0.0
-        scorer = event_scorer(setup, state, processor.tokenizer, args.seed) if events else None
-        for index in range(args.gradient_accumulation_steps):
-            batch = build_stage2_batch(next(it), processor, minor_frames_fn=scorer)
-            arrays = {k: jax.device_put(v, rep) for k, v in batch.arrays.items()}
-            g, loss, count = grad_fn(state, setup.frozen, arrays, index, batch.layout, batch.num_kept)
+        for call_index in range(accumulation):
+            waited = time.perf_counter()
+            items = [next(it) for _ in range(rows)]
+            stats["host_wait"] += time.perf_counter() - waited
+            qas = [qa for _, qa in items]
+            frames = sb.pack_frames([q.layout for q in qas], [_pixels(q) for q in qas], frame_chunk=device.frame_chunk)
+            flat = device.vision(frames)
+            finals = []
+            for r, qa in enumerate(qas):
+                if isinstance(qa, sb.PreparedQA):  # event scoring on the frozen tower's output of this QA
+                    if scorer is None:
+                        scorer = event_scorer(setup, state, processor.tokenizer, args.seed)
+                    proj_gd, proj_state = nnx.split(setup.model(state).mm_projector)
+                    feats = project(proj_gd, proj_state, flat, jnp.asarray(frames.token_rows[r]))
+                    qa = sb.finalize_qa(qa, scorer(qa.out, qa.question, feats))
+                finals.append(qa)
+            indices = [call_index * rows + r for r in range(rows)]
+            call = sb.pack_call(finals, indices, frames.token_rows, row_weight=1.0 / args.global_batch_qas)
+            inputs = device.inputs(call, flat)
+            arrays = {k: device.put(v) for k, v in call.arrays.items()}
+            g, loss, _ = device.grad(state, setup.frozen, arrays, inputs)
             grads = g if grads is None else add_grads_jit(grads, g)
             losses.append(loss)
-            tokens += batch.answer_tokens
+            tokens += call.answer_tokens
+            stats["real"] += call.real_tokens
+            stats["padded"] += call.padded_tokens
         state, metrics = apply_fn(state, grads)
-        return state, {**metrics, "loss": float(np.mean([float(x) for x in losses])), "tokens": tokens}
+        stats["step"] += 1
+        stats["pending"].append((jnp.mean(jnp.concatenate(losses)), metrics))
+        out = {"tokens": tokens, "qas": float(args.global_batch_qas)}
+        if stats["step"] % args.logging_steps == 0 or stats["step"] >= limit:
+            pending = jax.device_get(stats["pending"])  # one device->host transfer per logging interval
+            stats["pending"] = []
+            out.update(loss=float(np.mean([p[0] for p in pending])),
+                       **{k: float(v) for k, v in pending[-1][1].items()})
+            elapsed = time.perf_counter() - stats["started"]
+            compiled = log.model_sized(*towers)
+            out.update(model_programs_compiled=float(len(compiled)),
+                       compile_seconds=float(log.compile_seconds),
+                       compile_share=float(log.compile_seconds / elapsed) if elapsed > 0 else 0.0,
+                       padding_overhead=float(stats["padded"] / max(stats["real"], 1) - 1.0),
+                       host_wait_share=float(stats["host_wait"] / elapsed) if elapsed > 0 else 0.0,
+                       dropped_qas=float(len(stream.dropped)))
+        return state, out
 
-    iterator = iter(stage2_dataset(dataset, data_config))
-    result = run_loop(setup, update, iterator, output_dir=args.output_dir, total_steps=total_steps,
-                      resume=args.resume, max_steps=args.max_steps, save_steps=run_common.given(args.save_steps, 30),
-                      keep_last=args.keep_last, meta={"stage": 2, "run": run_common.run_fingerprint(config)},
-                      show_progress=not args.no_progress, desc="stage2")
+    try:
+        result = run_loop(setup, update, stream, output_dir=args.output_dir, total_steps=total_steps,
+                          resume=args.resume, max_steps=args.max_steps,
+                          save_steps=run_common.given(args.save_steps, 30), keep_last=args.keep_last,
+                          meta={"stage": 2, "run": run_common.run_fingerprint(
+                              {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})},
+                          show_progress=not args.no_progress, desc="stage2")
+    finally:
+        stream.close()
+        if own_log:
+            log.__exit__(None, None, None)
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.FULL_MODULE, args.output_dir)
     return result.exit_code
+
+
+def _pixels(qa):
+    if isinstance(qa, sb.PreparedQA):
+        return None if qa.out is None else qa.out.pixel_values
+    return qa.pixel_values
+
+
+def _compile_log():
+    """The active CompileLog (a caller's, e.g. a test's) or a new one for this run: (log, whether it is ours)."""
+    from cogstream_jax.compile_log import CompileLog
+
+    if CompileLog._active is not None:
+        return CompileLog._active, False
+    return CompileLog().__enter__(), True

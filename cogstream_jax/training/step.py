@@ -192,3 +192,69 @@ def add_grads(a, b):
 
 
 add_grads_jit = jax.jit(add_grads, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------- stage 2, bucketed
+def pool_groups(projected: jax.Array, groups: jax.Array) -> jax.Array:
+    """projected [U, D], groups [U] int (-1 = none) -> each row g that some rows name is replaced by the fp32 mean
+    of the rows naming it (a minor frame's token 0 := the mean of its frame's tokens, `pool_minor_tokens`)."""
+    u = projected.shape[0]
+    sums = jax.ops.segment_sum(projected.astype(jnp.float32), groups, num_segments=u)
+    counts = jax.ops.segment_sum(jnp.ones((u,), jnp.float32), groups, num_segments=u)
+    pooled = (sums / jnp.maximum(counts, 1.0)[:, None]).astype(projected.dtype)
+    return jnp.where((counts > 0)[:, None], pooled, projected)
+
+
+def _row_sums(graphdef, params, frozen, row: dict[str, jax.Array], features: jax.Array, key, options: StepOptions):
+    """One QA of a bucketed stage-2 batch (no batch axis) -> (CE sum, supervised count)."""
+    model = nnx.merge(graphdef, params, frozen)
+    with lora_dropout(key if options.dropout else None, "hash" if options.dropout_rng == "hash" else "bernoulli"):
+        projected = pool_groups(model.mm_projector(features.astype(model.dtype)), row["token_group"])
+        ids = row["input_ids"][None]
+        embeds = model.language_model.embed_tokens(ids)
+        src = row["slot_source"][None]
+        visual = projected[jnp.maximum(src, 0)].astype(embeds.dtype)
+        embeds = jnp.where((src >= 0)[..., None], visual, embeds)
+        positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+        hidden, _ = model.language_model(embeds, positions, row["attention_mask"][None], None, cache_is_empty=False,
+                                         impl=model.attn_impl, chunk_size=model.attn_chunk_size, remat=options.remat,
+                                         mesh=model.attn_mesh, interpret=model.attn_interpret)
+        logits = model.logits_at(hidden, row["logits_positions"][None])
+    return ce_sums(logits, row["targets"][None], row["weights"][None])
+
+
+#: arrays of one bucketed stage-2 call, all with a leading row (QA) axis split over data x fsdp
+STAGE2_KEYS = ("input_ids", "attention_mask", "slot_source", "token_group", "logits_positions", "targets", "weights",
+               "qa_index", "row_weight")
+
+
+def make_stage2_grad(graphdef, *, options: StepOptions, state_sharding: TrainState, frozen_sharding, mesh: Mesh):
+    """grad(state, frozen, batch, features) -> (grads, losses [R], counts [R]) for R QAs at once (one bucket).
+
+    batch: `STAGE2_KEYS` arrays with a leading row axis R split over data x fsdp; features [R, U, vision hidden]:
+    the frozen vision tower's output for each row's visual tokens (computed once per QA outside the gradient).
+    Each row is one QA: its own loss (mean over its answer tokens) times `row_weight` (1 / QAs per update, 0 for
+    an empty row), summed over rows; its LoRA-dropout key is the update's key folded with `qa_index` (the QA's
+    place in the update), so a QA gets the same masks whatever row, device or bucket it lands in. Rows are vmapped
+    one-QA forwards, so padding rows and buckets change nothing but the work.
+    """
+    def grad(state: TrainState, frozen, batch, features):
+        key = dropout_key(state, options)
+
+        def total_loss(p):
+            def one(row, feats):
+                total, count = _row_sums(graphdef, p, frozen, row, feats, jax.random.fold_in(key, row["qa_index"]),
+                                         options)
+                return total / jnp.maximum(count, 1.0), count
+
+            rows = {k: batch[k] for k in STAGE2_KEYS if k != "row_weight"}
+            losses, counts = jax.vmap(one)(rows, features)
+            return jnp.sum(losses * batch["row_weight"]), (losses, counts)
+
+        (_, (losses, counts)), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), losses, counts
+
+    rows = batch_sharding(mesh, rows_axis=0)
+    jitted = jax.jit(grad, in_shardings=(state_sharding, frozen_sharding, rows, rows),
+                     out_shardings=(state_sharding.params, replicated(mesh), replicated(mesh)))
+    return jitted

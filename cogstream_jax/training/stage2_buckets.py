@@ -1,0 +1,300 @@
+"""Bounded stage-2 shapes: QAs padded into a small, fixed set of buckets, several QAs per device call.
+
+A stage-2 QA is a growing conversation: its token count, frame count, patches per frame (the processor resizes
+frames as the stream grows) and kept visual tokens all vary. Jitting on the exact shapes (or a static
+`VisualLayout`) compiles one program per QA; here every size is rounded up to a bucket of a fixed ladder:
+
+- tokens per QA (`L`, gradient program): `TOKEN_BUCKETS` = 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
+  4096, ... 32768 (multiples of `attention.BLOCK`, so splash takes them; steps of at most 1.5x);
+- visual inputs per QA (`U`, gradient program): `L`; the token ladder above it only when event compression pools
+  more frame tokens than tokens are kept;
+- supervised positions (`A`, gradient program): `ANSWER_BUCKETS` = 64, 256, 1024, 4096;
+- patches per frame (`P`, vision program): `PATCH_BUCKETS` = 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
+  1024, 1536, 2048, 3072, 4096 (multiples of merge^2);
+- frames per vision call: `FRAMES_PER_DEVICE` x data-parallel size (the frames of every QA of a call, cut into
+  such chunks, the last one padded with invalid frames).
+
+So the gradient program is keyed by (L, U, A) only and the vision program by P only; nothing depends on the
+visual layout (grids, merge order, which tokens DiffFP kept): that travels as index arrays. Padding changes
+nothing (masks: attention mask over padded tokens, weight 0 on padded answer positions, padded visual inputs
+never referenced, padded patches masked out of the per-frame attention, padded rows weighted 0).
+
+A QA over the largest bucket (more than `TOKEN_BUCKETS[-1]` tokens or `ANSWER_BUCKETS[-1]` answer tokens) is
+dropped with a warning naming it (`OversizedQA`).
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from cogstream_jax.data.difffp import difffp_mask
+from cogstream_jax.data.pipelines import Stage2Sample
+from cogstream_jax.data.rewrite import rewrite_for_mode, turns_from_processor_output
+from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
+from cogstream_jax.errors import InputError
+from cogstream_jax.model.attention import BLOCK, pad_to_block
+from cogstream_jax.model.frame_vision import frame_arrays
+from cogstream_jax.model.vision import VisualLayout
+from cogstream_jax.training.losses import IGNORE_INDEX, supervised_positions
+
+TOKEN_BUCKETS = tuple(pad_to_block(n) for n in (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
+                                                12288, 16384, 24576, 32768))
+ANSWER_BUCKETS = (64, 256, 1024, 4096)
+PATCH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+FRAMES_PER_DEVICE = 16
+assert all(b % BLOCK == 0 for b in TOKEN_BUCKETS)
+
+
+def bucket(n: int, ladder: Sequence[int]) -> int | None:
+    """The smallest bucket >= n, None when n is over the ladder."""
+    i = bisect.bisect_left(ladder, n)
+    return ladder[i] if i < len(ladder) else None
+
+
+class OversizedQA(InputError):
+    """A QA larger than the largest bucket."""
+
+
+def qa_name(sample: Stage2Sample) -> str:
+    return f"{sample.video} chain {sample.chain_index} QA {sample.qa_index}"
+
+
+@dataclasses.dataclass
+class PreparedQA:
+    """Host-side work of one QA that needs no model: processor output, GT rewrite, token ids (before DiffFP)."""
+
+    name: str
+    question: str
+    ids: np.ndarray  # prompt + answer (all placeholders)
+    labels: np.ndarray
+    answer_tokens: int
+    prompt_tokens: int
+    out: Any | None  # processor output when visual tokens are kept (pixel_values, grid_sizes, ...)
+    layout: VisualLayout | None
+
+    @property
+    def num_frames(self) -> int:
+        return 0 if self.layout is None else sum(t for t, _, _ in self.layout.grids)
+
+
+@dataclasses.dataclass
+class FinalQA:
+    """One QA ready to pack: token ids/labels after DiffFP, which visual tokens fill the placeholders, which are
+    pooled (event compression), and its frames for the vision pass."""
+
+    name: str
+    ids: np.ndarray
+    labels: np.ndarray
+    answer_tokens: int
+    prompt_tokens: int
+    layout: VisualLayout | None = None
+    pixel_values: np.ndarray | None = None
+    visual_sources: np.ndarray | None = None  # [U] the QA's visual token index (original order) of each input
+    slot_inputs: np.ndarray | None = None  # [placeholders] which visual input fills each placeholder, in order
+    input_groups: np.ndarray | None = None  # [U] the input each one is pooled into (-1: none)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_inputs(self) -> int:
+        return 0 if self.visual_sources is None else len(self.visual_sources)
+
+
+def prepare_qa(sample: Stage2Sample, processor: Any) -> PreparedQA:
+    """Steps 1-3 of `stage2_batches.build_stage2_batch` (render, GT rewrite, answer)."""
+    conversation = list(sample.conversation)
+    out = processor(conversation=conversation)
+    turns = turns_from_processor_output(conversation, out)
+    result = rewrite_for_mode(turns, "gt", gt_coi=sample.coi, gt_visual=sample.is_visual)
+    tokenizer = processor.tokenizer
+    prompt = result.token_ids(tokenizer)
+    answer = list(tokenizer(sample.target, add_special_tokens=False)["input_ids"])
+    ids = np.asarray(prompt + answer, np.int64)
+    labels = np.asarray([IGNORE_INDEX] * len(prompt) + answer, np.int64)
+    name = qa_name(sample)
+    if len(ids) > TOKEN_BUCKETS[-1] or len(answer) > ANSWER_BUCKETS[-1]:
+        raise OversizedQA(f"{name}: {len(ids)} tokens ({len(answer)} answer tokens) are over the largest stage-2 "
+                          f"bucket ({TOKEN_BUCKETS[-1]} tokens, {ANSWER_BUCKETS[-1]} answer tokens)")
+    layout = None
+    if result.kept_frames:
+        if len(result.kept_frames) != out.num_frames:
+            raise InputError(f"{sample.video}: the rewrite kept {len(result.kept_frames)} of {out.num_frames} frames; "
+                             "stage 2 expects all clips or none (protocol 6.4)")
+        layout = VisualLayout.from_arrays(out.grid_sizes, out.merge_sizes)
+    return PreparedQA(name, sample.question, ids, labels, len(answer), len(prompt), out if layout else None, layout)
+
+
+def finalize_qa(qa: PreparedQA, minor: Sequence[int] = ()) -> FinalQA:
+    """DiffFP (+ the minor frames of event compression) -> the QA's kept tokens and visual inputs."""
+    if qa.layout is None:
+        return FinalQA(qa.name, qa.ids, qa.labels, qa.answer_tokens, qa.prompt_tokens)
+    out = qa.out
+    mask = difffp_mask(out.pixel_values, out.grid_sizes, out.merge_sizes, modals=out.modals,
+                       minor_frame_indices=minor)
+    keep_ids = np.ones(qa.ids.shape, bool)
+    keep_ids[qa.ids == IMAGE_TOKEN_ID] = mask
+    ids, labels = qa.ids[keep_ids], qa.labels[keep_ids]
+    kept = np.flatnonzero(mask)
+    sources, groups = [kept], [np.full(len(kept), -1, np.int64)]
+    if len(minor):
+        per_frame = np.repeat(np.arange(qa.num_frames), _tokens_per_frame(qa.layout))
+        first = {}
+        for i, f in enumerate(per_frame):
+            first.setdefault(int(f), i)
+        slot_of = {int(t): s for s, t in enumerate(kept)}
+        for f in sorted(set(int(x) for x in minor)):
+            token0 = first[f]
+            if token0 not in slot_of:  # its pooled token 0 is not kept: nothing to pool into
+                continue
+            frame_tokens = np.flatnonzero(per_frame == f)
+            extra = np.asarray([t for t in frame_tokens if t not in slot_of], np.int64)
+            groups[0][slot_of[token0]] = slot_of[token0]
+            sources.append(extra)
+            groups.append(np.full(len(extra), slot_of[token0], np.int64))
+    return FinalQA(qa.name, ids, labels, qa.answer_tokens, qa.prompt_tokens, qa.layout,
+                   np.asarray(out.pixel_values, np.float32), np.concatenate(sources), np.arange(len(kept)),
+                   np.concatenate(groups))
+
+
+def _tokens_per_frame(layout: VisualLayout) -> list[int]:
+    return [(h // m) * (w // m) for (t, h, w), m in zip(layout.grids, layout.merges) for _ in range(t)]
+
+
+@dataclasses.dataclass
+class Frames:
+    """The vision input of one call: every frame of its QAs, padded to `patches` per frame and to a multiple of
+    the vision chunk; `token_rows[r]`: row r's visual tokens (original order) as rows of the flattened vision
+    output [F * patches / merge^2] (None for a row without visual input)."""
+
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # pixels, rows, cols, valid
+    merge: int
+    patches: int
+    token_rows: list[np.ndarray | None]
+
+
+def pack_frames(layouts: Sequence[VisualLayout | None], pixel_values: Sequence[np.ndarray | None], *,
+                frame_chunk: int, min_patches: int = 0) -> Frames:
+    visual = [lay for lay in layouts if lay is not None]
+    merges = {m for lay in visual for m in lay.merges}
+    if len(merges) > 1:
+        raise InputError(f"mixed merge sizes {sorted(merges)} in one stage-2 call")
+    merge = merges.pop() if merges else 1
+    patches = bucket(max([h * w for lay in visual for _, h, w in lay.grids] + [min_patches, 1]), PATCH_BUCKETS)
+    if patches is None:
+        raise OversizedQA(f"frames over {PATCH_BUCKETS[-1]} patches")
+    patches = max(patches, merge * merge)
+    per_frame_out = patches // (merge * merge)
+    blocks, token_rows, offset = [], [], 0
+    for layout, pixels in zip(layouts, pixel_values):
+        if layout is None:
+            token_rows.append(None)
+            continue
+        pix, prow, pcol, valid, tokens = frame_arrays(np.asarray(pixels, np.float32), layout, patches)
+        starts = np.concatenate([[0], np.cumsum(tokens)[:-1]])
+        frame_of = np.repeat(np.arange(len(tokens)), tokens)
+        local = np.arange(sum(tokens)) - starts[frame_of]
+        token_rows.append((offset + frame_of) * per_frame_out + local)
+        blocks.append((pix, prow, pcol, valid))
+        offset += len(tokens)
+    if not blocks:
+        return Frames(None, merge, patches, token_rows)
+    total = -(-offset // frame_chunk) * frame_chunk
+    arrays = tuple(np.concatenate([b[i] for b in blocks]
+                                  + [np.zeros((total - offset,) + blocks[0][i].shape[1:], blocks[0][i].dtype)])
+                   for i in range(4))
+    return Frames(arrays, merge, patches, token_rows)
+
+
+@dataclasses.dataclass
+class Stage2Call:
+    """Host arrays of one device call: `arrays` (`step.STAGE2_KEYS`, leading row axis) and `sources` [R, U]: each
+    row's visual inputs as rows of the flattened vision output (`Frames`)."""
+
+    arrays: dict[str, np.ndarray]
+    sources: np.ndarray
+    real_tokens: int
+    padded_tokens: int
+    answer_tokens: int
+    bucket: tuple[int, int, int]  # (L, U, A)
+
+
+def pack_call(qas: Sequence[FinalQA | None], qa_indices: Sequence[int], token_rows: Sequence[np.ndarray | None], *,
+              row_weight: float, min_tokens: int = 0) -> Stage2Call:
+    """QAs (None = an empty row, weight 0) -> one call's arrays in the common bucket of its rows."""
+    real = [q for q in qas if q is not None]
+    length = bucket(max([q.num_tokens for q in real] + [min_tokens, 1]), TOKEN_BUCKETS)
+    inputs = max([q.num_inputs for q in real] + [1])
+    u = length if length is not None and inputs <= length else bucket(inputs, TOKEN_BUCKETS)
+    answers = bucket(max([q.answer_tokens for q in real] + [1]), ANSWER_BUCKETS)
+    if length is None or u is None or answers is None:
+        raise OversizedQA(f"{', '.join(q.name for q in real)}: over the largest stage-2 bucket")
+    rows = len(qas)
+    arrays = {
+        "input_ids": np.full((rows, length), PAD_ID, np.int32),
+        "attention_mask": np.zeros((rows, length), np.int32),
+        "slot_source": np.full((rows, length), -1, np.int32),
+        "token_group": np.full((rows, u), -1, np.int32),
+        "qa_index": np.asarray(qa_indices, np.int32),
+        "row_weight": np.asarray([0.0 if q is None else row_weight for q in qas], np.float32),
+    }
+    labels = np.full((rows, length), IGNORE_INDEX, np.int64)
+    sources = np.zeros((rows, u), np.int32)
+    for r, q in enumerate(qas):
+        if q is None:
+            continue
+        n = q.num_tokens
+        arrays["input_ids"][r, :n] = q.ids
+        arrays["attention_mask"][r, :n] = 1
+        labels[r, :n] = q.labels
+        if q.layout is None:
+            continue
+        slots = np.flatnonzero(q.ids == IMAGE_TOKEN_ID)
+        if len(slots) != len(q.slot_inputs):
+            raise InputError(f"{q.name}: {len(slots)} visual placeholders but {len(q.slot_inputs)} kept tokens")
+        arrays["slot_source"][r, slots] = q.slot_inputs
+        arrays["token_group"][r, :q.num_inputs] = q.input_groups
+        sources[r, :q.num_inputs] = token_rows[r][q.visual_sources]
+    positions, targets, weights = supervised_positions(labels, answers)
+    arrays.update(logits_positions=positions, targets=targets, weights=weights)
+    return Stage2Call(arrays, sources, sum(q.num_tokens for q in real), length * len(real),
+                      sum(q.answer_tokens for q in real), (length, u, answers))
+
+
+def synthetic_qa(layout: VisualLayout, tokens: int, kept: int, answer_tokens: int, *, patch_dim: int,
+                 minor_frames: Sequence[int] = ()) -> FinalQA:
+    """A QA of the given size (zeros; the first `kept` visual tokens kept, minor frames pooled) in the same form
+    as real ones: what compile-check packs for the largest stage-2 shape."""
+    if not 0 < kept <= layout.num_tokens:
+        raise InputError(f"kept visual tokens {kept} must be in 1..{layout.num_tokens} (the layout's tokens)")
+    if tokens < kept + answer_tokens:
+        raise InputError(f"{tokens} tokens cannot hold {kept} visual and {answer_tokens} answer tokens")
+    ids = np.zeros(tokens, np.int64)
+    ids[:kept] = IMAGE_TOKEN_ID
+    labels = np.full(tokens, IGNORE_INDEX, np.int64)
+    labels[tokens - answer_tokens:] = 0
+    sources, groups = [np.arange(kept)], [np.full(kept, -1, np.int64)]
+    per_frame = _tokens_per_frame(layout)
+    starts = np.concatenate([[0], np.cumsum(per_frame)[:-1]])
+    for f in minor_frames:
+        token0 = int(starts[f])
+        if token0 >= kept:
+            continue
+        extra = np.arange(max(token0 + 1, kept), token0 + per_frame[f])
+        groups[0][token0] = token0
+        sources.append(extra)
+        groups.append(np.full(len(extra), token0, np.int64))
+    pixels = np.zeros((layout.num_patches, patch_dim), np.float32)
+    return FinalQA("synthetic", ids, labels, answer_tokens, tokens - answer_tokens, layout, pixels,
+                   np.concatenate(sources), np.arange(kept), np.concatenate(groups))
+
+
+def synthetic_call(qa: FinalQA, rows: int, *, frame_chunk: int) -> tuple[Stage2Call, Frames]:
+    """`rows` copies of `qa` packed as one call (the vision frames and the gradient arrays)."""
+    frames = pack_frames([qa.layout] * rows, [qa.pixel_values] * rows, frame_chunk=frame_chunk)
+    call = pack_call([qa] * rows, list(range(rows)), frames.token_rows, row_weight=1.0 / rows)
+    return call, frames

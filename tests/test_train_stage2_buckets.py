@@ -1,0 +1,162 @@
+"""Bucketed, data-parallel stage 2 (issue 14 items 2-3): padding changes nothing, a call of several QAs equals
+the same QAs one by one, on (data 4) and (data 2, fsdp 2, tensor 2) meshes; the bucket ladders; bad input."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from cogstream_jax import config as configs
+from cogstream_jax import lora
+from cogstream_jax.sharding import make_mesh
+from cogstream_jax.training import stage2_buckets as sb
+from cogstream_jax.training.setup import build_setup
+from cogstream_jax.training.stage2_device import Stage2Device
+from cogstream_jax.training.step import StepOptions
+
+
+@functools.lru_cache(maxsize=None)
+def _samples():
+    from cogstream_jax.data.dataset import load_dataset
+    from cogstream_jax.data.pipelines import stage2_episode
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.synth import sample_dataset_dir
+    from cogstream_jax.reference_files import bundled_model_dir
+
+    processor = Processor.from_pretrained(bundled_model_dir(), cache_frames=True)
+    videos = load_dataset(sample_dataset_dir()).videos
+    a = stage2_episode(videos[0], 0)
+    b = stage2_episode(videos[-1], 0)
+    text_only = next(s for s in a if not s.is_visual)
+    picks = [a[1], a[5], text_only, b[2]]  # 1 clip, 2 clips, no visual tokens, another video's grid
+    return [sb.finalize_qa(sb.prepare_qa(s, processor)) for s in picks]
+
+
+def _setup(mesh, seed=0, dropout=True):
+    model = configs_model(seed)
+    return build_setup(model, lora.FULL_MODULE, lora.full_module_spec(model.config), optax.adamw(1e-2, eps=1e-3), mesh,
+                       seed=0, options=StepOptions(dropout=dropout, remat="none"))
+
+
+def configs_model(seed):
+    from cogstream_jax.model.videollama3 import VideoLlama3
+
+    model = VideoLlama3(configs.tiny(), rngs=nnx.Rngs(seed))
+    return model
+
+
+def _randomise_adapter(setup, seed=1):
+    """Nonzero lora_b so every adapter gets gradient through both factors."""
+    leaves, treedef = jax.tree.flatten(setup.state.params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    setup.state = setup.state.replace(params=jax.device_put(jax.tree.unflatten(treedef, leaves),
+                                                             setup.state_sharding.params))
+
+
+def _grad_call(device, setup, qas, indices, *, row_weight, min_tokens=0, min_patches=0):
+    frames = sb.pack_frames([q.layout for q in qas], [q.pixel_values for q in qas], frame_chunk=device.frame_chunk,
+                            min_patches=min_patches)
+    call = sb.pack_call(qas, indices, frames.token_rows, row_weight=row_weight, min_tokens=min_tokens)
+    inputs = device.inputs(call, device.vision(frames))
+    arrays = {k: device.put(v) for k, v in call.arrays.items()}
+    grads, losses, counts = device.grad(setup.state, setup.frozen, arrays, inputs)
+    return jax.device_get(grads), np.asarray(losses), np.asarray(counts), call
+
+
+def _max_diff(a, b):
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a),
+                                                                                 jax.tree.leaves(b)))
+
+
+def _max_abs(a):
+    return max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(a))
+
+
+def test_padding_into_a_larger_bucket_changes_nothing():
+    qas = _samples()
+    mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
+    setup = _setup(mesh)
+    _randomise_adapter(setup)
+    device = Stage2Device(setup)
+    for qa in (qas[1], qas[2]):
+        g0, l0, c0, call0 = _grad_call(device, setup, [qa], [3], row_weight=0.25)
+        g1, l1, c1, call1 = _grad_call(device, setup, [qa], [3], row_weight=0.25, min_tokens=call0.bucket[0] + 1,
+                                       min_patches=256)
+        assert call1.bucket[0] > call0.bucket[0]
+        assert c0[0] == c1[0] == qa.answer_tokens
+        assert abs(l0[0] - l1[0]) <= 1e-5 * abs(l0[0]), (l0, l1)
+        assert _max_diff(g0, g1) <= 1e-5 * _max_abs(g0)
+
+
+def test_bucketed_step_equals_the_static_layout_step():
+    """The old per-QA step (static VisualLayout, vision tower inside the gradient) gives the same loss/grads."""
+    from cogstream_jax.training.stage2_batches import assemble
+
+    qa = _samples()[1]
+    mesh = make_mesh("1,1,1", devices=jax.devices()[:1])
+    setup = _setup(mesh, dropout=False)
+    _randomise_adapter(setup)
+    device = Stage2Device(setup)
+    g_new, l_new, _, _ = _grad_call(device, setup, [qa], [0], row_weight=1.0)
+    mask = np.zeros(qa.layout.num_tokens, bool)
+    mask[qa.visual_sources] = True
+    old = assemble(qa.ids, qa.labels, qa.pixel_values, qa.layout, mask, (), answer_tokens=qa.answer_tokens,
+                   prompt_tokens=qa.prompt_tokens)
+    g_old, l_old, _ = setup.qa_grad(1)(setup.state, setup.frozen, old.arrays, 0, old.layout, old.num_kept)
+    assert abs(float(l_old) - l_new[0]) <= 1e-5 * abs(float(l_old))
+    assert _max_diff(jax.device_get(g_old), g_new) <= 1e-5 * _max_abs(g_new)
+
+
+@pytest.mark.parametrize("mesh_spec", ["4,1,1", "2,2,2"])
+def test_one_data_parallel_call_equals_the_qas_one_by_one(mesh_spec):
+    """Four different QAs (three buckets, one text-only) in one call on 8 fake devices == accumulated one by one
+    on one device: per-QA losses, summed gradients, and the LoRA params after one AdamW update (eps 1e-3: with
+    the default 1e-8 Adam's first step is lr * g / |g|, which turns fp32 rounding of near-zero gradients into
+    lr-sized differences)."""
+    qas = _samples()
+    devices = jax.devices()
+    dp_mesh = make_mesh(mesh_spec, devices=devices[:8] if mesh_spec == "2,2,2" else devices[:4])
+    one_mesh = make_mesh("1,1,1", devices=devices[:1])
+    dp, one = _setup(dp_mesh), _setup(one_mesh)
+    _randomise_adapter(dp)
+    _randomise_adapter(one)
+    dp_device, one_device = Stage2Device(dp), Stage2Device(one)
+
+    g_dp, l_dp, c_dp, call = _grad_call(dp_device, dp, qas, [0, 1, 2, 3], row_weight=0.25)
+    total, losses, buckets = None, [], set()
+    for i, qa in enumerate(qas):
+        g, loss, count, c = _grad_call(one_device, one, [qa], [i], row_weight=0.25)
+        total = g if total is None else jax.tree.map(np.add, total, g)
+        losses.append(loss[0])
+        buckets.add(c.bucket)
+        assert count[0] == c_dp[i] == qa.answer_tokens
+    assert len(buckets) >= 3  # mixed buckets, padded to the largest in the call
+    np.testing.assert_allclose(l_dp, losses, rtol=1e-5)
+    assert _max_diff(g_dp, total) <= 1e-5 * _max_abs(total)
+
+    apply_dp, apply_one = dp.apply(), one.apply()
+    s_dp, _ = apply_dp(dp.state, jax.device_put(g_dp, dp.state_sharding.params))
+    s_one, _ = apply_one(one.state, jax.device_put(total, one.state_sharding.params))
+    assert _max_diff(jax.device_get(s_dp.params), jax.device_get(s_one.params)) <= 1e-5 * _max_abs(
+        jax.device_get(s_one.params))
+
+
+def test_bucket_ladders():
+    assert all(b % 128 == 0 for b in sb.TOKEN_BUCKETS)
+    assert all(b / a <= 2.0 for a, b in zip(sb.TOKEN_BUCKETS, sb.TOKEN_BUCKETS[1:]))
+    assert sb.bucket(1, sb.TOKEN_BUCKETS) == 128 and sb.bucket(129, sb.TOKEN_BUCKETS) == 256
+    assert sb.bucket(sb.TOKEN_BUCKETS[-1] + 1, sb.TOKEN_BUCKETS) is None
+    assert all(p % 4 == 0 for p in sb.PATCH_BUCKETS)
+
+
+def test_a_qa_over_the_largest_bucket_is_named():
+    qa = _samples()[2]
+    big = sb.FinalQA("vid chain 0 QA 7", np.zeros(sb.TOKEN_BUCKETS[-1] + 1, np.int64),
+                     np.zeros(sb.TOKEN_BUCKETS[-1] + 1, np.int64), 4, 10)
+    with pytest.raises(sb.OversizedQA, match="vid chain 0 QA 7"):
+        sb.pack_call([qa, big], [0, 1], [None, None], row_weight=0.5)
