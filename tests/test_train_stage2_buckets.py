@@ -149,7 +149,7 @@ def test_one_data_parallel_call_equals_the_qas_one_by_one(mesh_spec):
 def test_bucket_ladders():
     assert all(b % 128 == 0 for b in sb.TOKEN_BUCKETS)
     assert all(b / a <= 2.0 for a, b in zip(sb.TOKEN_BUCKETS, sb.TOKEN_BUCKETS[1:]))
-    assert sb.bucket(1, sb.TOKEN_BUCKETS) == 128 and sb.bucket(129, sb.TOKEN_BUCKETS) == 256
+    assert sb.bucket(1, sb.TOKEN_BUCKETS) == 256 and sb.bucket(257, sb.TOKEN_BUCKETS) == 512
     assert sb.bucket(sb.TOKEN_BUCKETS[-1] + 1, sb.TOKEN_BUCKETS) is None
     assert all(p % 4 == 0 for p in sb.PATCH_BUCKETS)
 
@@ -160,3 +160,29 @@ def test_a_qa_over_the_largest_bucket_is_named():
                      np.zeros(sb.TOKEN_BUCKETS[-1] + 1, np.int64), 4, 10)
     with pytest.raises(sb.OversizedQA, match="vid chain 0 QA 7"):
         sb.pack_call([qa, big], [0, 1], [None, None], row_weight=0.5)
+
+
+def test_eval_segment_encoding_in_buckets_equals_the_packed_encoder():
+    """Evaluation sessions encode clips in the same (frames, patches) buckets; features equal encode_visual."""
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.synth import sample_dataset_dir
+    from cogstream_jax.inference.segments import SegmentEncoder
+    from cogstream_jax.model.vision import VisualLayout
+    from cogstream_jax.reference_files import bundled_model_dir
+
+    model = configs_model(0)
+    processor = Processor.from_pretrained(bundled_model_dir())
+    encoder = SegmentEncoder(model, processor, None)
+    clip = sorted((sample_dataset_dir() / "event_segments" / "synth_0_000").glob("*.mp4"))[0]
+    segments = encoder.encode_conversation([{"role": "user", "content": [
+        {"type": "video", "video": {"video_path": str(clip), "fps": 1, "max_frames": 180}},
+        {"type": "text", "text": "?"}]}])
+    (segment,) = segments
+    plans, probes = processor.plan_videos([{"role": "user", "content": [
+        {"type": "video", "video": {"video_path": str(clip), "fps": 1, "max_frames": 180}}]}])
+    decoded = encoder.decode(plans[0], probes[0])
+    rows, grid = processor.encode_item(decoded, processor.target_sizes([decoded])[0])
+    layout = VisualLayout.from_arrays([grid], [decoded.merge_size])
+    reference = model.encode_visual(jax.numpy.asarray(rows), layout)
+    assert segment.features.shape == reference.shape
+    np.testing.assert_allclose(np.asarray(segment.features), np.asarray(reference), atol=2e-5, rtol=1e-4)

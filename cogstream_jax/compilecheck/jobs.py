@@ -172,7 +172,6 @@ def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Prog
     rep = NamedSharding(mesh, PartitionSpec())
     sds = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rep)  # noqa: E731
     layout = stage2_layout(config, shape)
-    pixels = sds((layout.num_patches, config.vision.patch_dim), jnp.float32)
     prompt = bucket_length(shape.tokens)
     rows = bucket_length(shape.kept)
     compute = jnp.dtype(shape.compute_dtype or shape.dtype)
@@ -193,8 +192,10 @@ def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Prog
                                  sds((1, vocab), jnp.bool_), None, key, sds((len(DEFAULT_EOS),), jnp.int32),
                                  sds((), jnp.int32), max_new_tokens=shape.max_new_tokens, sampling=sampling)
 
-    return [Program("segment vision encoding", lambda: segments._encode.lower(graphdef, state, pixels, layout=layout),
-                    1),
+    frames = [sds(a.shape, a.dtype) for a in segments.padded_frames(
+        np.zeros((layout.num_patches, config.vision.patch_dim), np.float32), layout)]
+    return [Program("segment vision encoding", lambda: segments._encode.lower(graphdef, state, *frames,
+                                                                              merge=layout.merges[0]), 1),
             Program("answer prefill (largest prompt bucket)", lower_prefill, 1),
             Program(f"answer decode loop ({shape.max_new_tokens} tokens)", lower_decode, 1)]
 

@@ -22,6 +22,7 @@ from cogstream_jax.data.image import compute_resize
 from cogstream_jax.data.processor import Processor, VisualItem
 from cogstream_jax.data.video import ClipPlan, VideoProbe, plan_clip, probe_video, stream_trim_time
 from cogstream_jax.lora import set_adapter
+from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket, encode_frames, frame_arrays
 from cogstream_jax.model.vision import VisualLayout
 
 VIDEO_FPS = 1
@@ -56,9 +57,27 @@ class EncodedSegment:
         return (h // self.merge_size) * (w // self.merge_size)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
-def _encode(graphdef, state, pixel_values, *, layout):
-    return nnx.merge(graphdef, state).encode_visual(pixel_values, layout)
+#: frames per encoded segment are padded to one of these (patches per frame to `stage2_buckets.PATCH_BUCKETS`),
+#: so the faithful resize, which re-encodes every clip at a new grid as the stream grows, reuses a few programs
+FRAME_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
+def _encode(graphdef, state, pixels, rows, cols, valid, *, merge):
+    """Padded frames [F, P, 588] -> projected features [F, P / merge^2, hidden] (the same buckets as training)."""
+    model = nnx.merge(graphdef, state)
+    feats = encode_frames(model.vision_encoder, pixels, rows, cols, valid, merge, impl=model.attn_impl,
+                          mesh=model.attn_mesh, interpret=model.attn_interpret, dtype=model.dtype)
+    return model.mm_projector(feats)
+
+
+def padded_frames(rows: np.ndarray, layout: VisualLayout):
+    """A clip's packed patch rows -> (pixels, rows, cols, valid) in its (frames, patches) bucket."""
+    (t, h, w), = layout.grids
+    frames = bucket(t, FRAME_BUCKETS) or t
+    patches = bucket(h * w, PATCH_BUCKETS) or h * w
+    pix, prow, pcol, valid, _ = frame_arrays(np.asarray(rows, np.float32), layout, patches, frames)
+    return pix, prow, pcol, valid
 
 
 class SegmentEncoder:
@@ -73,7 +92,10 @@ class SegmentEncoder:
         layout = VisualLayout.from_arrays([grid], [item.merge_size])
         set_adapter(self.model, self.adapter)
         graphdef, state = nnx.split(self.model)
-        features = _encode(graphdef, state, jnp.asarray(rows), layout=layout)
+        t, h, w = (int(g) for g in grid)
+        m = item.merge_size
+        out = _encode(graphdef, state, *(jnp.asarray(a) for a in padded_frames(rows, layout)), merge=m)
+        features = out[:t, :(h // m) * (w // m)].reshape(t * (h // m) * (w // m), -1)
         self.calls += 1
         mask = difffp_mask(rows, [grid], [item.merge_size]).reshape(grid[0], -1)
         return EncodedSegment(path, tuple(item.timestamps), tuple(int(g) for g in grid), item.merge_size, features,

@@ -12,6 +12,9 @@ frame equal the unpadded encoding up to float summation order.
 """
 from __future__ import annotations
 
+import bisect
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +22,18 @@ from jax.sharding import Mesh
 
 from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, vision_rope
 from cogstream_jax.model.vision import VisionEncoder, VisualLayout
+
+
+#: patches per frame are padded to one of these (about 1.5x apart, multiples of merge^2 = 4): training and
+#: evaluation sessions
+PATCH_BUCKETS = (16, 24, 36, 56, 84, 128, 192, 288, 432, 648, 972, 1460, 2188, 3284, 4096)
+assert all(p % 4 == 0 for p in PATCH_BUCKETS)
+
+
+def bucket(n: int, ladder: Sequence[int]) -> int | None:
+    """The smallest bucket >= n, None when n is over the ladder."""
+    i = bisect.bisect_left(ladder, n)
+    return ladder[i] if i < len(ladder) else None
 
 
 def encode_frames(encoder: VisionEncoder, pixels: jax.Array, rows: jax.Array, cols: jax.Array, valid: jax.Array,

@@ -4,13 +4,14 @@ A stage-2 QA is a growing conversation: its token count, frame count, patches pe
 frames as the stream grows) and kept visual tokens all vary. Jitting on the exact shapes (or a static
 `VisualLayout`) compiles one program per QA; here every size is rounded up to a bucket of a fixed ladder:
 
-- tokens per QA (`L`, gradient program): `TOKEN_BUCKETS` = 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
-  4096, ... 32768 (multiples of `attention.BLOCK`, so splash takes them; steps of at most 1.5x);
+- tokens per QA (`L`, gradient program): `TOKEN_BUCKETS` = 256, 512, 768, 1024, 1536, 2048, 3072, 4096, ...
+  32768 (multiples of `attention.BLOCK`, so splash takes them; steps of 1.5x above 1024; short text-only QAs
+  share the 256 bucket rather than adding programs);
 - visual inputs per QA (`U`, gradient program): `L`; the token ladder above it only when event compression pools
   more frame tokens than tokens are kept;
 - supervised positions (`A`, gradient program): `ANSWER_BUCKETS` = 64, 256, 1024, 4096;
-- patches per frame (`P`, vision program): `PATCH_BUCKETS` = 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
-  1024, 1536, 2048, 3072, 4096 (multiples of merge^2);
+- patches per frame (`P`, vision program): `PATCH_BUCKETS` = 16, 24, 36, 56, 84, 128, 192, 288, 432, 648, 972,
+  1460, 2188, 3284, 4096 (about 1.5x apart, multiples of merge^2 = 4);
 - frames per vision call: `FRAMES_PER_DEVICE` x data-parallel size (the frames of every QA of a call, cut into
   such chunks, the last one padded with invalid frames).
 
@@ -24,7 +25,6 @@ dropped with a warning naming it (`OversizedQA`).
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from typing import Any, Sequence
 
@@ -36,22 +36,15 @@ from cogstream_jax.data.rewrite import rewrite_for_mode, turns_from_processor_ou
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
 from cogstream_jax.errors import InputError
 from cogstream_jax.model.attention import BLOCK, pad_to_block
-from cogstream_jax.model.frame_vision import frame_arrays
+from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket, frame_arrays
 from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.training.losses import IGNORE_INDEX, supervised_positions
 
-TOKEN_BUCKETS = tuple(pad_to_block(n) for n in (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192,
-                                                12288, 16384, 24576, 32768))
+TOKEN_BUCKETS = tuple(pad_to_block(n) for n in (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288,
+                                                16384, 24576, 32768))
 ANSWER_BUCKETS = (64, 256, 1024, 4096)
-PATCH_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 FRAMES_PER_DEVICE = 16
 assert all(b % BLOCK == 0 for b in TOKEN_BUCKETS)
-
-
-def bucket(n: int, ladder: Sequence[int]) -> int | None:
-    """The smallest bucket >= n, None when n is over the ladder."""
-    i = bisect.bisect_left(ladder, n)
-    return ladder[i] if i < len(ladder) else None
 
 
 class OversizedQA(InputError):

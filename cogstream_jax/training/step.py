@@ -4,9 +4,11 @@ Stage 1 runs one optimiser update per call: a `lax.scan` over the micro-batches 
 per-token CE sums and their gradients in fp32, then divides once by the total number of target tokens of the
 whole accumulated batch (not a mean of per-micro-batch means). The state is donated.
 
-Stage 2 micro-batches are single QAs of different shapes (growing conversation, different visual layouts),
-which cannot share a scan, so the step is split into `grad` (one QA, mean over its answer tokens divided by the
-accumulation count, as the official `loss / 4`) and `apply` (one update from the summed gradients).
+Stage 2 QAs have different shapes (growing conversation, different visual layouts). `make_stage2_grad` takes
+several QAs padded into one bucket (`stage2_buckets`), one per row split over data x fsdp, and returns the sum of
+their mean answer-token losses weighted by 1 / (QAs per update); `apply` makes one update from the gradients of
+an update's calls, summed. `make_qa_grad` (one QA, static `VisualLayout`, the vision tower inside the gradient) is
+the earlier per-QA step, kept as the reference the bucketed step is tested against.
 
 LoRA dropout keys derive from (state.rng, step, micro-batch index) only, so a resumed run draws the same masks.
 """
