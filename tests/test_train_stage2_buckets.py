@@ -186,3 +186,34 @@ def test_eval_segment_encoding_in_buckets_equals_the_packed_encoder():
     reference = model.encode_visual(jax.numpy.asarray(rows), layout)
     assert segment.features.shape == reference.shape
     np.testing.assert_allclose(np.asarray(segment.features), np.asarray(reference), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_stream_drops_oversized_qas_by_name_and_resumes_by_position(depth, monkeypatch, capsys):
+    """A QA over the largest bucket is dropped with a warning naming it; the stream's checkpoint state is the
+    number of stream positions consumed, so a restored stream continues with the same QA (any mesh)."""
+    from cogstream_jax.data.dataset import load_dataset
+    from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.synth import sample_dataset_dir
+    from cogstream_jax.reference_files import bundled_model_dir
+    from cogstream_jax.training.stage2_run import QAStream
+
+    monkeypatch.setattr(sb, "TOKEN_BUCKETS", (256,))  # the sample's first QAs have ~200 tokens, later ones more
+    processor = Processor.from_pretrained(bundled_model_dir(), cache_frames=4)
+    dataset = load_dataset(sample_dataset_dir())
+    make = lambda: stage2_dataset(dataset, Stage2Config(seed=0, num_epochs=1))  # noqa: E731
+    stream = QAStream(make, processor, depth=depth, events=False)
+    got = [next(stream) for _ in range(4)]
+    positions = [p for p, _ in got]
+    assert positions == [0, 1, 2, 3]  # QAs 0-3 fit, QA 4 (~380 tokens) does not
+    state = stream.get_state()
+    fifth = next(stream)
+    assert fifth[0] > 4 and stream.dropped and "chain" in stream.dropped[0]
+    assert "dropped stage-2 QA at stream position 4" in capsys.readouterr().err
+    restored = QAStream(make, processor, depth=depth, events=False)
+    restored.set_state(state)
+    again = next(restored)
+    assert again[0] == fifth[0] and again[1].name == fifth[1].name
+    stream.close()
+    restored.close()

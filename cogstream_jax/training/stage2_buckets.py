@@ -110,9 +110,9 @@ def prepare_qa(sample: Stage2Sample, processor: Any) -> PreparedQA:
     ids = np.asarray(prompt + answer, np.int64)
     labels = np.asarray([IGNORE_INDEX] * len(prompt) + answer, np.int64)
     name = qa_name(sample)
-    if len(ids) > TOKEN_BUCKETS[-1] or len(answer) > ANSWER_BUCKETS[-1]:
-        raise OversizedQA(f"{name}: {len(ids)} tokens ({len(answer)} answer tokens) are over the largest stage-2 "
-                          f"bucket ({TOKEN_BUCKETS[-1]} tokens, {ANSWER_BUCKETS[-1]} answer tokens)")
+    if len(answer) > ANSWER_BUCKETS[-1]:
+        raise OversizedQA(f"{name}: {len(answer)} answer tokens are over the largest stage-2 bucket "
+                          f"({ANSWER_BUCKETS[-1]} answer tokens)")
     layout = None
     if result.kept_frames:
         if len(result.kept_frames) != out.num_frames:
@@ -122,9 +122,17 @@ def prepare_qa(sample: Stage2Sample, processor: Any) -> PreparedQA:
     return PreparedQA(name, sample.question, ids, labels, len(answer), len(prompt), out if layout else None, layout)
 
 
+def _check_length(qa, tokens: int) -> None:
+    if tokens > TOKEN_BUCKETS[-1]:
+        raise OversizedQA(f"{qa.name}: {tokens} tokens after DiffFP are over the largest stage-2 bucket "
+                          f"({TOKEN_BUCKETS[-1]} tokens)")
+
+
 def finalize_qa(qa: PreparedQA, minor: Sequence[int] = ()) -> FinalQA:
-    """DiffFP (+ the minor frames of event compression) -> the QA's kept tokens and visual inputs."""
+    """DiffFP (+ the minor frames of event compression) -> the QA's kept tokens and visual inputs; `OversizedQA`
+    when the result is over the largest token bucket."""
     if qa.layout is None:
+        _check_length(qa, len(qa.ids))
         return FinalQA(qa.name, qa.ids, qa.labels, qa.answer_tokens, qa.prompt_tokens)
     out = qa.out
     mask = difffp_mask(out.pixel_values, out.grid_sizes, out.merge_sizes, modals=out.modals,
@@ -132,6 +140,7 @@ def finalize_qa(qa: PreparedQA, minor: Sequence[int] = ()) -> FinalQA:
     keep_ids = np.ones(qa.ids.shape, bool)
     keep_ids[qa.ids == IMAGE_TOKEN_ID] = mask
     ids, labels = qa.ids[keep_ids], qa.labels[keep_ids]
+    _check_length(qa, len(ids))
     kept = np.flatnonzero(mask)
     sources, groups = [kept], [np.full(len(kept), -1, np.int64)]
     if len(minor):

@@ -115,9 +115,13 @@ class QAStream:
     def _prepare(self, sample):
         try:
             qa = sb.prepare_qa(sample, self.processor)
+            if not needs_scoring(qa, self.events):
+                return sb.finalize_qa(qa)
+            if len(qa.ids) > sb.TOKEN_BUCKETS[-1]:  # DiffFP alone bounds the length (minor frames only drop more)
+                sb.finalize_qa(qa)
+            return qa
         except sb.OversizedQA as e:
             return e
-        return qa if needs_scoring(qa, self.events) else sb.finalize_qa(qa)
 
     def _start(self, skip: int):
         self._stop_worker()
