@@ -2,7 +2,7 @@
 the same QA stream on a (1, 4, 2) mesh (4 different QAs per update, one per fsdp shard) and match the
 single-process 8-device run: per-update losses and the final
 adapter directory (both processes write it). Seed 3 starts on the long sample video and --fps 3 samples 150 frames
-from its first part, so both QAs run question-aware event compression (> 135 frames): the event scorer reads
+from its first part, so its QAs run question-aware event compression (> 135 frames): the event scorer reads
 model outputs back to the host, which a sharded array spanning another process's devices does not allow."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from multihost_helpers import SAMPLE, assert_no_temp_leftovers, assert_same_adap
 
 ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
         str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "3",
-        "--fps", "3", "--mesh", "1,4,2", "--global_batch_qas", "4", "--logging_steps", "1", "--max_steps", "2"]
+        "--fps", "3", "--mesh", "1,4,2", "--global_batch_qas", "4", "--logging_steps", "1", "--max_steps", "1"]
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_stage2_two_processes_match_one_process(tmp_path):
 
     assert json.loads((multi / "train_config.json").read_text())["event_compression_active"] is True
     a, b = metrics(single), metrics(multi)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) <= 1e-5
         assert x["tokens"] == y["tokens"] > 0

@@ -46,7 +46,11 @@ class Stage2Device:
         return self._vision_state
 
     def put(self, x: np.ndarray):
-        return jax.device_put(x, self.rows)
+        """A host array (the same on every process) split over the rows: each process fills its own shards, with
+        no cross-process equality check (`jax.device_put` of a host array onto devices of several processes
+        all-gathers it to compare)."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, self.rows, lambda index: x[index])
 
     def vision(self, frames: Frames) -> jax.Array | None:
         """The call's frames -> the flattened vision output [F * P / m^2, hidden] (None without frames)."""
@@ -64,7 +68,7 @@ class Stage2Device:
         """The call's per-row visual inputs [R, U, hidden] (zeros for a text-only call)."""
         r, u = call.sources.shape
         if flat is None:
-            return jax.device_put(np.zeros((r, u, self.vision_hidden), self.dtype), self.rows)
+            return self.put(np.zeros((r, u, self.vision_hidden), self.dtype))
         return _gather(flat, self.put(call.sources))
 
     def lower_grad(self, state, frozen, arrays, inputs):
