@@ -7,7 +7,9 @@
 
 Tensors are keyed by original-layout checkpoint names (not our NNX paths) so converters (PEFT export/import)
 need no knowledge of our module tree. `base_fingerprint` is `ModelConfig.fingerprint()`: an adapter refuses to
-load onto a different architecture. Directories are written into a temp sibling and renamed into place.
+load onto a different architecture. Directories are written into a temp sibling and renamed into place; on an
+object store (`gs://...`, no rename there) the tensors are written in place and `adapter_meta.json` last, so a
+folder without it (an interrupted write) is never loaded as an adapter and is replaced by the next write.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from flax import nnx
 from cogstream_jax import __version__
 from cogstream_jax.lora import (AdapterError, LoraSpec, adapter_names, adapter_spec, adapter_variables,
                                 add_adapter, delete_adapter, set_adapter_tensors)
+from cogstream_jax.io_utils import as_path, is_url
 from cogstream_jax.multihost import broadcast_from_primary
 
 META_FILE = "adapter_meta.json"
@@ -60,7 +63,7 @@ def read_json_object(path: pathlib.Path) -> dict[str, Any]:
 
 def read_adapter_meta(directory: str | os.PathLike) -> AdapterMeta:
     """Parse and validate `<dir>/adapter_meta.json` (clear errors naming the file and field)."""
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     path = directory / META_FILE
     if not directory.is_dir():
         raise AdapterError(f"{directory}: adapter directory does not exist")
@@ -129,7 +132,9 @@ def write_adapter_dir(directory: str | os.PathLike, meta: AdapterMeta,
     """
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
+    if is_url(directory):
+        return _write_adapter_remote(directory, meta, tensors)
     if directory.exists() and any(directory.iterdir()) and not (directory / META_FILE).is_file():
         raise AdapterError(f"{directory}: exists and is not an adapter directory; refusing to replace it")
     primary = jax.process_index() == 0
@@ -159,6 +164,38 @@ def write_adapter_dir(directory: str | os.PathLike, meta: AdapterMeta,
     return directory
 
 
+def _write_adapter_remote(directory, meta: AdapterMeta, tensors: Mapping[str, tuple[Any, Any]]):
+    """Object-store variant: drop an old adapter's metadata first (the folder is then incomplete, never a mix
+    of old and new), remove the rest, write the tensors, then the metadata as the commit marker."""
+    import orbax.checkpoint as ocp
+
+    primary = jax.process_index() == 0
+    failure: Exception | None = None
+    if primary:
+        try:
+            if directory.exists():
+                names = {p.name for p in directory.iterdir()}
+                if names - {META_FILE, TENSOR_DIR}:
+                    raise AdapterError(f"{directory}: exists and is not an adapter directory; refusing to replace it")
+                if META_FILE in names:
+                    (directory / META_FILE).unlink()
+                if TENSOR_DIR in names:
+                    (directory / TENSOR_DIR).rmtree()
+            directory.mkdir(parents=True, exist_ok=True)
+        except Exception as exc:  # unwritable bucket, no permission, ...
+            failure = exc
+    if not int(broadcast_from_primary(np.int32(failure is None))):
+        if isinstance(failure, AdapterError):
+            raise failure
+        raise AdapterError(f"{directory}: cannot write the adapter there ({failure or 'see process 0'})")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / TENSOR_DIR, _to_tree(dict(tensors)))
+    if primary:
+        (directory / META_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+    broadcast_from_primary(np.int32(1))  # nobody returns before the marker is written
+    return directory
+
+
 def _shared_token() -> str:
     """A random temp-folder token that every process of a multi-process run agrees on (process 0's)."""
     return f"{int(broadcast_from_primary(np.uint32(uuid.uuid4().int & 0xFFFFFFFF))):08x}"
@@ -184,7 +221,7 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, name: str | No
     """
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     meta = read_adapter_meta(directory)
     name = name or meta.name
     fingerprint = model.config.fingerprint()
@@ -212,7 +249,7 @@ def read_adapter_tensors(directory: str | os.PathLike) -> tuple[AdapterMeta, dic
     """Model-free read: the metadata and {original module name: (A, B)} as host numpy arrays."""
     import orbax.checkpoint as ocp
 
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     meta = read_adapter_meta(directory)
     tensor_dir = _tensor_dir(directory)
     with ocp.StandardCheckpointer() as checkpointer:

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from cogstream_jax.data.records import Chain, parse_chains, parse_vqa_labels
 from cogstream_jax.errors import DataError, VideoError
+from cogstream_jax.io_utils import as_path
 
 QA_DIR = "QA_Dataset"
 VQA_DIR = "VQA_Dataset"
@@ -75,7 +76,7 @@ def list_segments(video_dir: Path, name: str, warnings: list[str]) -> tuple[Path
     if not video_dir.is_dir():
         raise DataError(f"{video_dir}: missing segment folder for video {name!r} (field event_segments/{name})")
     numbered: dict[int, Path] = {}
-    for entry in sorted(os.listdir(video_dir)):
+    for entry in sorted(p.name for p in video_dir.iterdir()):  # a local folder or an object-store prefix
         number = segment_number(entry)
         if number is None or not entry.endswith(".mp4"):
             warnings.append(f"{video_dir / entry}: not a `<vid>_segment_<n>.mp4` file, ignored")
@@ -172,7 +173,7 @@ def load_dataset(root: str | os.PathLike, *, mapping: str = "zip") -> CogStreamD
     """Read and validate every `QA_Dataset/*.json` with its segments (raises DataError on bad input)."""
     if mapping not in MAPPINGS:
         raise DataError(f"mapping: unknown QA-to-segment mapping {mapping!r}; expected one of {MAPPINGS}")
-    root = Path(root)
+    root = as_path(root)  # a local folder or an object-store URL
     qa_dir = root / QA_DIR
     if not qa_dir.is_dir():
         raise DataError(f"{qa_dir}: missing QA_Dataset folder")
@@ -182,6 +183,7 @@ def load_dataset(root: str | os.PathLike, *, mapping: str = "zip") -> CogStreamD
     warnings: list[str] = []
     videos = tuple(load_video(root, path, mapping, warnings) for path in files)
     return CogStreamDataset(root=root, videos=videos, warnings=tuple(warnings))
+
 
 
 def validate_dataset(root: str | os.PathLike, *, mapping: str = "zip") -> CogStreamDataset:

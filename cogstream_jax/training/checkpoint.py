@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cogstream_jax.errors import ConfigError, WeightError
+from cogstream_jax.io_utils import as_path
 from cogstream_jax.run_settings import describe_changes
 from cogstream_jax.training.state import TrainState
 
@@ -29,7 +30,8 @@ class CheckpointError(WeightError):
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> pathlib.Path:
-    return pathlib.Path(output_dir).absolute() / CHECKPOINT_SUBDIR
+    """`<output_dir>/checkpoints`: absolute locally, kept as a URL (epath) on an object store."""
+    return as_path(output_dir) / CHECKPOINT_SUBDIR
 
 
 def _saved_steps(directory: pathlib.Path) -> list[int]:
@@ -69,7 +71,7 @@ class TrainCheckpointer:
     """`CheckpointManager` over `directory` (created on first save)."""
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from cogstream_jax.io_utils import atomic_write_text
+from cogstream_jax.io_utils import as_path, atomic_write_text, is_url
 
 
 def _tensorboard_writer(directory: pathlib.Path):
@@ -35,7 +35,9 @@ class Progress:
         self.total = total_steps
         self.start_step = start_step
         self.started = time.perf_counter()
-        self.metrics_path = pathlib.Path(output_dir) / "metrics.jsonl"
+        self.metrics_path = as_path(output_dir) / "metrics.jsonl"
+        self.remote = is_url(self.metrics_path)  # object stores cannot append: the file is rewritten whole
+        self.lines: list[str] = []
         self.bar = None
         self.tb = None
         self.tokens_total = 0.0  # carried over from the kept metrics of a resumed run
@@ -47,7 +49,7 @@ class Progress:
             if show_bar:
                 self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, file=sys.stderr,
                                 dynamic_ncols=True, mininterval=0.5)
-            self.tb = _tensorboard_writer(self.metrics_path.parent)
+            self.tb = None if self.remote else _tensorboard_writer(self.metrics_path.parent)
 
     def _keep_metrics_up_to(self, step: int) -> None:
         if not self.metrics_path.is_file():
@@ -61,6 +63,7 @@ class Progress:
             if record.get("step", 0) <= step:
                 kept.append(line)
                 self.tokens_total = float(record.get("tokens_total", self.tokens_total))
+        self.lines = kept
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def update(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
@@ -73,8 +76,12 @@ class Progress:
         if not self.enabled:
             return values
         record = {"step": step, **{k: round(v, 8) for k, v in values.items()}, "time": round(time.time(), 3)}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.remote:
+            self.lines.append(json.dumps(record))
+            atomic_write_text(self.metrics_path, "".join(line + "\n" for line in self.lines))
+        else:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(key, value, step)

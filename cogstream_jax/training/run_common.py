@@ -18,7 +18,7 @@ from flax import nnx
 from cogstream_jax.cli_utils import ArgumentParser
 from cogstream_jax.config import tiny
 from cogstream_jax.errors import ConfigError
-from cogstream_jax.io_utils import atomic_write_text
+from cogstream_jax.io_utils import as_path, atomic_write_text, check_writable
 from cogstream_jax.model.qwen2 import REMAT_CHOICES
 from cogstream_jax.reference_files import bundled_model_dir
 from cogstream_jax.run_settings import as_json
@@ -98,6 +98,8 @@ def start(args: argparse.Namespace) -> None:
     if not 0 <= args.lora_dropout < 1:
         raise ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     check_resume(checkpoint_dir(args.output_dir), args.resume)
+    if is_primary():
+        check_writable(args.output_dir)
 
 
 def given(value: Any, default: Any) -> Any:
@@ -178,14 +180,14 @@ def announce_config(output_dir: str | os.PathLike, config: dict[str, Any]) -> No
         return
     text = json.dumps(config, indent=2, default=str)
     print(text, file=sys.stderr)
-    atomic_write_text(pathlib.Path(output_dir) / CONFIG_FILE, text + "\n")
+    atomic_write_text(as_path(output_dir) / CONFIG_FILE, text + "\n")
 
 
 def export_adapter(model: nnx.Module, adapter: str, output_dir: str | os.PathLike) -> pathlib.Path | None:
     """The final adapter in the adapter directory format (every process takes part in multi-process runs)."""
     from cogstream_jax.adapter_io import save_adapter
 
-    return save_adapter(model, adapter, pathlib.Path(output_dir) / "adapter")
+    return save_adapter(model, adapter, as_path(output_dir) / "adapter")
 
 
 @dataclasses.dataclass(frozen=True)
