@@ -5,14 +5,15 @@
         [--mode FCC|AC|NC|gt] [--chains first|all] [--limit N] [--greedy] [--max_new_tokens 1024]
 
 Writes `{save_dir}/{video}.json` per video (official format), atomically; a rerun skips finished videos;
-`--num_processes/--process_index` split the videos without duplicates. The official `--lora_adapter_1_path` /
+the videos are split without duplicates over the processes of a multi-process JAX runtime (formed as in training:
+`JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, or a cluster JAX detects), or over independent
+workers named by `--num_processes/--process_index`. The official `--lora_adapter_1_path` /
 `--lora_adapter_2_path` are accepted: each adapter's role is read from its content (the answer adapter targets
 the projector), because the official script loads them swapped (protocol 7 #3).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -45,11 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(parser, "embed_with", default="full_module", choices=["full_module", "answer", "retrieval", "base"],
          help="weights that embed events and the question for event compression")
     _add(parser, "seed", default=42, type=int, help="base seed; each (video, question) derives its own key")
-    _add(parser, "dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
+    _add(parser, "dtype", default=None, choices=["float32", "bfloat16"],
+         help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     _add(parser, "decode_threads", default=None, type=int,
          help="host threads decoding and resizing video per worker (default: usable cores, at most 8)")
-    _add(parser, "num_processes", default=1, type=int, help="workers sharing the videos")
-    _add(parser, "process_index", default=0, type=int, help="this worker's index")
+    _add(parser, "num_processes", default=None, type=int,
+         help="independent workers sharing the videos (default: the JAX runtime's process count, usually 1)")
+    _add(parser, "process_index", default=None, type=int,
+         help="this worker's index (default: the JAX runtime's process index)")
     _add(parser, "no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -74,8 +78,15 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be >= 0, got {args.limit}")
     if args.max_questions is not None and args.max_questions < 1:
         raise UserError(f"--max_questions must be >= 1, got {args.max_questions}")
-    jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)),
-                 args.process_index, args.num_processes)
+    from cogstream_jax.training.distributed import DistributedConfig, maybe_initialize
+
+    maybe_initialize(DistributedConfig.from_env())
+    index, count = worker_split(args.process_index, args.num_processes)
+    if args.dtype is None:
+        import jax
+
+        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)), index, count)
     jobs = jobs[: args.limit] if args.limit is not None else jobs
     # what changes the result files (not: paths of the data, worker split, threads, prefix reuse, --limit)
     settings = {
@@ -93,14 +104,54 @@ def _run(args: argparse.Namespace) -> int:
         reuse_prefix=not args.no_reuse_prefix)
     stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
                            progress=not args.no_progress, settings=settings)
+    wait_for_all_processes("eval")
     print(f"done: {stats['videos']} videos ({stats['skipped']} already finished), {stats['questions']} questions, "
           f"{stats['errors']} errors -> {args.save_dir}", file=sys.stderr)
     return 0
 
 
+def worker_split(process_index: int | None, num_processes: int | None) -> tuple[int, int]:
+    """(index, count) of this worker among those sharing the videos: the JAX runtime's processes when it has
+    several (explicit flags must then agree with it), else `--process_index/--num_processes` (default 0 of 1)."""
+    import jax
+
+    if jax.process_count() > 1:
+        runtime = (jax.process_index(), jax.process_count())
+        given = (process_index if process_index is not None else runtime[0],
+                 num_processes if num_processes is not None else runtime[1])
+        if given != runtime:
+            raise UserError(f"--process_index/--num_processes {given[0]}/{given[1]} disagree with the JAX runtime "
+                            f"(process {runtime[0]} of {runtime[1]}); leave them out, the runtime splits the videos")
+        return runtime
+    return (0 if process_index is None else process_index), (1 if num_processes is None else num_processes)
+
+
+def wait_for_all_processes(tag: str, poll_s: int = 60) -> None:
+    """In a multi-process runtime, wait (without a deadline) until every process has finished its videos: JAX's
+    exit barrier gives up after 5 minutes, and hosts with more or longer videos may take hours longer."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    client.key_value_set(f"cogstream/{tag}/done/{jax.process_index()}", "1")
+    for other in range(jax.process_count()):
+        while True:
+            try:
+                client.blocking_key_value_get(f"cogstream/{tag}/done/{other}", poll_s * 1000)
+                break
+            except Exception as exc:  # a timeout: keep waiting (heartbeats still catch a dead peer)
+                if "DEADLINE" not in str(exc).upper() and "TIMED OUT" not in str(exc).upper():
+                    raise
+
+
 def _where(path: str | None) -> str | None:
     """Absolute folder paths, so a rerun from another working directory compares equal."""
-    return path if path in (None, "tiny") else os.path.abspath(path)
+    from cogstream_jax.io_utils import as_path
+
+    return path if path in (None, "tiny") else str(as_path(path))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage 1 (Historic Dialogue Retrieval) training run: data, batch geometry, the accumulating step, the loop.
 
 Global batch = `global_batch_size` items (official 8 devices x 1 item x accumulation 4 = 32), split into
-micro-batches of `micro_batch_size` items (default: one item per data-parallel device) that the jitted step
+micro-batches of `micro_batch_size` items (default: one item per data-parallel device, fewer on meshes larger than
+the global batch: the fewest whose rows split evenly over the devices) that the jitted step
 scans over. Each process feeds its slice of the rows of every micro-batch (see `run`).
 """
 from __future__ import annotations
@@ -41,18 +42,30 @@ def length_buckets(max_length: int) -> tuple[int, ...]:
     return tuple(b for b in BUCKET_CANDIDATES if b < max_length) + (pad_to_block(max_length),)
 
 
-def dataset_root(qa_path: str) -> str:
-    """--QA_path may name the dataset root or its QA_Dataset folder."""
-    import pathlib
+def dataset_root(qa_path: str):
+    """--QA_path may name the dataset root or its QA_Dataset folder (local, or an object-store URL)."""
+    from cogstream_jax.io_utils import as_path
 
-    path = pathlib.Path(qa_path)
-    return str(path.parent if path.name == "QA_Dataset" else path)
+    path = as_path(qa_path)
+    return path.parent if path.name == "QA_Dataset" else path
+
+
+def default_micro_batch(dp: int, global_batch: int) -> int:
+    """One item per data-parallel device when that divides the global batch; on larger meshes (a 64-chip pod
+    and the default 32 items) the fewest items whose rows (4 per item) still split evenly over the devices."""
+    if global_batch < 1 or global_batch % dp == 0:
+        return dp
+    step = dp // math.gcd(dp, MAX_SAMPLES_PER_ITEM)
+    for micro in range(step, global_batch + 1, step):
+        if global_batch % micro == 0:
+            return micro
+    return dp  # nothing fits: batch_geometry names the conflict
 
 
 def batch_geometry(args: argparse.Namespace, mesh) -> tuple[int, int]:
     """(micro-batch items, accumulation steps), validated against the mesh."""
     dp = data_parallel_size(mesh)
-    micro = args.micro_batch_size or dp
+    micro = args.micro_batch_size or default_micro_batch(dp, args.global_batch_size)
     if args.global_batch_size < 1 or micro < 1:
         raise ConfigError("--global_batch_size and --micro_batch_size must be >= 1")
     if args.global_batch_size % micro:
