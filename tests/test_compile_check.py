@@ -142,7 +142,9 @@ def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
                                "--mesh=4,1,1", "--json", *SMALL)  # data parallel: weights replicated per chip
     assert code == cli.EXIT_DOES_NOT_FIT and report["fits"] is False
     assert report["per_chip_bytes"] > report["hbm_bytes"] == 16 * 2**30
-    assert "does not fit: grad (stage-2 QA gradient) needs" in err and "a v5e-4 device has 16.00 GiB HBM" in err
+    too_big = [p for p in report["programs"] if p["per_chip_bytes"] > report["hbm_bytes"] or p.get("error")]
+    assert too_big and all(f"does not fit: {p['name']} ({p['label']}) needs" in err for p in too_big)
+    assert "a v5e-4 device has 16.00 GiB HBM" in err
 
 
 @pytest.mark.parametrize("argv, message", [
