@@ -30,6 +30,7 @@ from cogstream_jax.training.stage2_batches import build_stage2_batch
 
 N_ITEMS, MAX_LEN = 4, 576
 LR = 1e-2
+STAGE1_STEPS, QUANT_STEPS = 30, 8
 S2_LR, S2_UPDATES = 1e-2, 20
 
 
@@ -63,6 +64,13 @@ def _train_stage1(batch, tokenizer, steps: int, quant: str = "none"):
     return setup, losses
 
 
+@pytest.fixture(scope="module")
+def plain_stage1(stage1_data, tokenizer):
+    """One stage-1 run on the unquantized base, shared: its first loss is also the quantized tests' baseline
+    (the same model seed, batch and optimizer give the same first updates however many follow)."""
+    return _train_stage1(stage1_data[0], tokenizer, steps=STAGE1_STEPS)
+
+
 def _exact_match(model, prompts, targets, tokenizer) -> float:
     allowed = allowed_token_ids(tokenizer)
     hits = 0
@@ -74,9 +82,9 @@ def _exact_match(model, prompts, targets, tokenizer) -> float:
 
 
 @pytest.mark.slow
-def test_stage1_loss_falls_and_exact_match_rises(stage1_data, tokenizer):
-    batch, prompts, targets = stage1_data
-    setup, losses = _train_stage1(batch, tokenizer, steps=30)
+def test_stage1_loss_falls_and_exact_match_rises(stage1_data, tokenizer, plain_stage1):
+    _, prompts, targets = stage1_data
+    setup, losses = plain_stage1
     assert losses[-1] < 0.7 * losses[0], losses
     before = _exact_match(_base_view(setup), prompts, targets, tokenizer)
     after = _exact_match(setup.model(), prompts, targets, tokenizer)
@@ -94,10 +102,9 @@ def _base_view(setup):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant, tolerance", [("int8", 0.01), ("nf4", 0.1)])
-def test_quantized_base_trains_close_to_the_plain_base(stage1_data, tokenizer, quant, tolerance):
-    batch, _, _ = stage1_data
-    _, plain = _train_stage1(batch, tokenizer, steps=8)
-    _, quantized = _train_stage1(batch, tokenizer, steps=8, quant=quant)
+def test_quantized_base_trains_close_to_the_plain_base(stage1_data, tokenizer, plain_stage1, quant, tolerance):
+    plain = plain_stage1[1]
+    _, quantized = _train_stage1(stage1_data[0], tokenizer, steps=QUANT_STEPS, quant=quant)
     assert abs(quantized[0] - plain[0]) <= tolerance * plain[0]  # stated tolerance: relative, first-step loss
     assert quantized[-1] < 0.7 * quantized[0]
 
