@@ -7,7 +7,8 @@
 Writes `{save_dir}/{video}.json` per video (official format), atomically; a rerun skips finished videos;
 the videos are split without duplicates over the processes of a multi-process JAX runtime (formed as in training:
 `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, or a cluster JAX detects), or over independent
-workers named by `--num_processes/--process_index`. The official `--lora_adapter_1_path` /
+workers named by `--num_processes/--process_index`; inside a process, each group of `--devices_per_stream` local
+devices evaluates one stream at a time (inference/parallel.py). The official `--lora_adapter_1_path` /
 `--lora_adapter_2_path` are accepted: each adapter's role is read from its content (the answer adapter targets
 the projector), because the official script loads them swapped (protocol 7 #3).
 """
@@ -54,8 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
          help="independent workers sharing the videos (default: the JAX runtime's process count, usually 1)")
     _add(parser, "process_index", default=None, type=int,
          help="this worker's index (default: the JAX runtime's process index)")
+    _add(parser, "streams", default="auto", type=_auto_or_int,
+         help="streams evaluated at once in this process, one per device group (auto: every group on GPU/TPU, "
+              "1 on CPU, whose devices share the cores)")
+    _add(parser, "devices_per_stream", default="auto", type=_auto_or_int,
+         help="local devices holding one copy of the model, fsdp-sharded when > 1 (auto: the fewest whose memory "
+              "holds the weights)")
     _add(parser, "no_progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _auto_or_int(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,12 +118,34 @@ def _run(args: argparse.Namespace) -> int:
         decode_threads=args.decode_threads, mode=args.mode,
         max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed,
         reuse_prefix=not args.no_reuse_prefix)
-    stats = run_evaluation(session, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
-                           progress=not args.no_progress, settings=settings)
+    sessions, groups = local_sessions(session, args.streams, args.devices_per_stream, len(jobs))
+    stats = run_evaluation(sessions, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
+                           progress=not args.no_progress, settings=settings, groups=groups)
     wait_for_all_processes("eval")
     print(f"done: {stats['videos']} videos ({stats['skipped']} already finished), {stats['questions']} questions, "
           f"{stats['errors']} errors -> {args.save_dir}", file=sys.stderr)
     return 0
+
+
+def local_sessions(session, streams: str | int, per_stream: str | int, n_jobs: int):
+    """The session copies that evaluate this process's videos at once, and each one's devices (see
+    inference/parallel.py); one stream on one device keeps `session` as loaded."""
+    import jax
+
+    from cogstream_jax.inference.parallel import (device_groups, device_memory, devices_per_stream, replicate_session,
+                                                  stream_count)
+    from flax import nnx
+
+    from cogstream_jax.compile_log import tree_bytes
+
+    devices = jax.local_devices()
+    k = devices_per_stream(per_stream, len(devices), tree_bytes(nnx.state(session.model)), device_memory(devices[0]))
+    n = stream_count(streams, len(devices) // k, devices[0].platform)
+    groups = device_groups(devices, k, max(1, min(n, n_jobs)))
+    if len(groups) == 1 and k == 1:
+        return [session], None
+    print(f"eval: {len(groups)} stream(s) at once, {k} device(s) each", file=sys.stderr)
+    return [replicate_session(session, g) for g in groups], groups
 
 
 def worker_split(process_index: int | None, num_processes: int | None) -> tuple[int, int]:

@@ -9,10 +9,11 @@ field and an empty prediction; it stays in the conversation so later indices kee
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from cogstream_jax.data.dataset import list_segments, read_json, zip_mapping
 from cogstream_jax.data.records import Chain, QARecord, parse_chains
@@ -144,32 +145,45 @@ def run_chain(session: StreamingSession, job: VideoJob, chain: Chain, max_questi
     return records
 
 
-def run_evaluation(session: StreamingSession, jobs: Iterable[VideoJob], save_dir: Path, *, chains: str = "first",
-                   max_questions: int | None = None, progress: bool = True, settings: dict | None = None) -> dict:
+def run_evaluation(session: StreamingSession | Sequence[StreamingSession], jobs: Iterable[VideoJob], save_dir: Path,
+                   *, chains: str = "first", max_questions: int | None = None, progress: bool = True,
+                   settings: dict | None = None, groups: Sequence[Sequence] | None = None) -> dict:
     """Evaluate `jobs` (already sharded), skipping finished videos; returns counts. `settings` (what changes the
-    results) are checked against and recorded with the result files."""
+    results) are checked against and recorded with the result files. Several sessions (`parallel.replicate_session`,
+    `groups[i]` the devices of session i) evaluate different videos at once, each video once."""
     from tqdm import tqdm
 
+    from cogstream_jax.inference.parallel import run_workers
+
+    sessions = [session] if isinstance(session, StreamingSession) else list(session)
     check_settings(save_dir, settings)
     save_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(jobs)
     todo = [j for j in jobs if not is_finished(save_dir, j.name)]
     stats = {"videos": 0, "skipped": len(jobs) - len(todo), "questions": 0, "errors": 0}
+    if todo:
+        record_settings(save_dir, settings)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="video", disable=not progress, dynamic_ncols=True)
+    lock = threading.Lock()
 
     def on_question():
-        stats["questions"] += 1
-        bar.set_postfix(questions=stats["questions"], qps=f"{stats['questions'] / (time.perf_counter() - start):.2f}")
+        with lock:
+            stats["questions"] += 1
+            bar.set_postfix(questions=stats["questions"],
+                            qps=f"{stats['questions'] / (time.perf_counter() - start):.2f}")
 
-    for job in todo:
+    def evaluate(worker_session: StreamingSession, job: VideoJob) -> None:
         selected = job.chains if chains == "all" else job.chains[:1]
-        data = [run_chain(session, job, chain, max_questions, on_question) for chain in selected]
-        stats["errors"] += sum("error" in r for chain in data for r in chain)
-        if stats["videos"] == 0:
-            record_settings(save_dir, settings)
+        data = [run_chain(worker_session, job, chain, max_questions, on_question) for chain in selected]
         write_atomic(result_path(save_dir, job.name), {"video_name": job.name, "Data": data})
-        stats["videos"] += 1
-        bar.update(1)
-    bar.close()
+        with lock:
+            stats["errors"] += sum("error" in r for chain in data for r in chain)
+            stats["videos"] += 1
+            bar.update(1)
+
+    try:
+        run_workers(sessions, todo, groups, evaluate)
+    finally:
+        bar.close()
     return stats
