@@ -33,28 +33,58 @@ def free_port() -> int:
 
 def run_single(module: str, args: Sequence[str], out: pathlib.Path, devices: int = 8) -> None:
     """`python -m <module> <args> --output_dir <out>` in one process with `devices` fake CPU devices."""
-    done = subprocess.run([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=_env(devices),
+    done = subprocess.run([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=clean_env(devices),
                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"jax runtime: process 0 of 1, {devices} local / {devices} global cpu devices" in done.stderr
 
 
-def run_multi(module: str, args: Sequence[str], out: pathlib.Path, processes: int = 2, devices: int = 4) -> None:
-    """The same command as `processes` cooperating JAX processes with `devices` fake CPU devices each."""
+JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "COGSTREAM_COORDINATOR",
+            "COGSTREAM_NUM_PROCESSES", "COGSTREAM_PROCESS_ID", "COGSTREAM_INIT_TIMEOUT")
+
+
+def clean_env(devices: int) -> dict[str, str]:
+    """`_env` without any variable that would make a process join a runtime by itself."""
+    env = _env(devices)
+    for name in JAX_VARS:
+        env.pop(name, None)
+    return env
+
+
+def launch(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str = "env") -> list[str]:
+    """`python -m <argv>` as `processes` cooperating JAX processes with `devices` fake CPU devices each, told about
+    each other by the README's JAX_* variables only (`via="env"`) or by the project's flags (`via="flags"`);
+    every process must succeed and log the runtime it joined. Returns their stderr."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", module, *args, "--output_dir", str(out),
-                               "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
-                               "--process_id", str(i)], env=_env(devices), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    procs = []
+    for i in range(processes):
+        env, extra = clean_env(devices), []
+        if via == "env":
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                       JAX_PROCESS_ID=str(i))
+        else:
+            extra = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
+                     "--process_id", str(i)]
+        procs.append(subprocess.Popen([sys.executable, "-m", *argv, *extra], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S))
+            outputs.append(p.communicate(timeout=TIMEOUT_S)[1])
     finally:
         for p in procs:  # a failed peer leaves the others waiting for the coordinator
             if p.poll() is None:
                 p.kill()
-    for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
+    for i, (p, err) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+        assert f"jax runtime: process {i} of {processes}, {devices} local / {processes * devices} global cpu" in err
+    return outputs
+
+
+def run_multi(module: str, args: Sequence[str], out: pathlib.Path, processes: int = 2, devices: int = 4,
+              via: str = "flags") -> None:
+    """The same training command as `processes` cooperating JAX processes (see `launch`)."""
+    launch([module, *args, "--output_dir", str(out)], processes, devices, via)
     config = json.loads((out / "train_config.json").read_text())
     assert config["jax"] == {"devices": processes * devices, "processes": processes, "backend": "cpu"}
 

@@ -1,12 +1,10 @@
 """Distributed start-up from the environment the README documents: two processes on 127.0.0.1 given only
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (no project flags) form one runtime (2 processes,
-8 global fake CPU devices) in train-stage1, train-stage2 and eval, and give the single-process results; flags
-win over the environment; an unreachable coordinator or a malformed address is a one-line error, not a hang."""
+8 global fake CPU devices) in eval and split the videos (train-stage1 and train-stage2 start the same way in
+test_train_multihost.py and test_train_stage2_multihost.py); flags win over the environment; an unreachable
+coordinator or a malformed address is a one-line error, not a hang."""
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -14,48 +12,13 @@ import time
 
 import pytest
 
-from multihost_helpers import REPO, SAMPLE, TIMEOUT_S, _env, assert_same_adapters, free_port, metrics
+from multihost_helpers import JAX_VARS, REPO, SAMPLE, TIMEOUT_S, clean_env, free_port, launch
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.training import distributed
 from cogstream_jax.training.distributed import DistributedConfig
 
-JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "COGSTREAM_COORDINATOR",
-            "COGSTREAM_NUM_PROCESSES", "COGSTREAM_PROCESS_ID", "COGSTREAM_INIT_TIMEOUT")
-
-
-def _clean_env(devices: int) -> dict[str, str]:
-    env = _env(devices)
-    for name in JAX_VARS:
-        env.pop(name, None)
-    return env
-
-
-def _run_env_processes(argv: list[str], processes: int = 2, devices: int = 4) -> list[str]:
-    """`python -m <argv>` as `processes` JAX processes given only the README's JAX_* variables; their stderr."""
-    port = free_port()
-    procs = []
-    for i in range(processes):
-        env = _clean_env(devices)
-        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
-                   JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-m", *argv], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[1])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, err) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
-        assert f"jax runtime: process {i} of {processes}, {devices} local / {processes * devices} global cpu" in err
-    return outputs
-
-
 def _run_one(argv: list[str], devices: int = 8, extra_env: dict | None = None, timeout: float = TIMEOUT_S):
-    env = _clean_env(devices)
+    env = clean_env(devices)
     env.update(extra_env or {})
     return subprocess.run([sys.executable, "-m", *argv], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
@@ -128,39 +91,6 @@ def test_malformed_coordinator_address(tmp_path, address):
 # --- one runtime from the README's variables -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_stage1_from_jax_variables_matches_one_process(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    args = [*STAGE1_FAST, "--max_steps", "2", "--mesh", "2,2,2"]
-    done = _run_one(["train.stage1", *args, "--output_dir", str(single)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "jax runtime: process 0 of 1, 8 local / 8 global cpu devices" in done.stderr
-    _run_env_processes(["train.stage1", *args, "--output_dir", str(multi)])
-    config = json.loads((multi / "train_config.json").read_text())
-    assert config["jax"] == {"devices": 8, "processes": 2, "backend": "cpu"}
-    a, b = metrics(single), metrics(multi)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
-    for x, y in zip(a, b):
-        assert abs(x["loss"] - y["loss"]) <= 1e-5 and x["tokens"] == y["tokens"]
-    assert_same_adapters(single / "adapter", multi / "adapter")
-
-
-@pytest.mark.slow
-def test_stage2_from_jax_variables_matches_one_process(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    args = ["train.stage2", "--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
-            str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "0",
-            "--mesh", "1,4,2", "--global_batch_qas", "4", "--logging_steps", "1", "--max_steps", "1"]
-    done = _run_one([*args, "--output_dir", str(single)])
-    assert done.returncode == 0, done.stderr[-3000:]
-    _run_env_processes([*args, "--output_dir", str(multi)])
-    assert json.loads((multi / "train_config.json").read_text())["jax"]["processes"] == 2
-    a, b = metrics(single), metrics(multi)
-    assert [m["step"] for m in a] == [m["step"] for m in b] == [1]
-    assert abs(a[0]["loss"] - b[0]["loss"]) <= 1e-5 and a[0]["tokens"] == b[0]["tokens"]
-    assert_same_adapters(single / "adapter", multi / "adapter")
-
-
-@pytest.mark.slow
 def test_eval_from_jax_variables_splits_videos_over_the_runtime(tmp_path):
     from cogstream_jax.data.synth import sample_dataset_dir
 
@@ -174,7 +104,7 @@ def test_eval_from_jax_variables_splits_videos_over_the_runtime(tmp_path):
             "--max_new_tokens", "4", "--no_progress", "--greedy"]
     done = _run_one([*args, "--save_dir", str(tmp_path / "one")], devices=4)
     assert done.returncode == 0, done.stderr[-3000:]
-    errs = _run_env_processes([*args, "--save_dir", str(tmp_path / "two")])
+    errs = launch([*args, "--save_dir", str(tmp_path / "two")])
     # each process evaluated one video (the runtime's split), together both
     assert all("done: 1 videos (0 already finished)" in err for err in errs), errs
     for name in videos:

@@ -18,7 +18,7 @@ from cogstream_jax.data.synth import sample_dataset_dir
 from cogstream_jax.errors import UserError
 from cogstream_jax.inference.parallel import devices_per_stream, stream_count
 from evaluate.answer_generate import main
-from multihost_helpers import REPO, TIMEOUT_S, _env
+from multihost_helpers import REPO, TIMEOUT_S, clean_env
 
 SHORT = ("synth_0_000", "synth_0_001")
 FAST = ["--max_questions", "2", "--max_new_tokens", "4", "--no_progress", "--greedy"]
@@ -72,7 +72,7 @@ def test_killed_run_resumes_without_redoing_finished_videos(tmp_path):
     videos, queries, names = _dataset(tmp_path / "data", copies=3)
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "evaluate.answer_generate", *_args(videos, queries, out, "--streams", "2")]
-    proc = subprocess.Popen(argv, env=_env(8), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(argv, env=clean_env(8), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -84,7 +84,7 @@ def test_killed_run_resumes_without_redoing_finished_videos(tmp_path):
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
     assert 1 <= len(finished) < len(names)
-    done = subprocess.run(argv, env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = subprocess.run(argv, env=clean_env(8), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"({len(finished)} already finished)" in done.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json") if p.name in finished} == finished

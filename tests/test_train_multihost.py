@@ -1,6 +1,7 @@
 """Multi-host for real: two processes on 127.0.0.1 (jax.distributed + gloo CPU collectives, 4 fake devices
-each) train 3 stage-1 updates on a (2, 2, 2) and a tensor-only (1, 1, 8) mesh and match the single-process 8-device run: losses, the final
-checkpoint and the final adapter directory (which every process helps write)."""
+each) train 3 stage-1 updates on a (2, 2, 2) mesh (started from the README's JAX_* variables only) and a
+tensor-only (1, 1, 8) mesh (started from the project's flags) and match the single-process 8-device run: losses,
+the final checkpoint and the final adapter directory (which every process helps write)."""
 from __future__ import annotations
 
 import pathlib
@@ -35,11 +36,11 @@ def _restore(out: pathlib.Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["2,2,2", "1,1,8"])  # rows split across processes / replicated across them
-def test_two_processes_match_one_process(tmp_path, mesh):
+@pytest.mark.parametrize("mesh, via", [("2,2,2", "env"), ("1,1,8", "flags")])  # rows split / replicated
+def test_two_processes_match_one_process(tmp_path, mesh, via):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_single("train.stage1", [*ARGS, "--mesh", mesh], single)
-    run_multi("train.stage1", [*ARGS, "--mesh", mesh], multi)
+    run_multi("train.stage1", [*ARGS, "--mesh", mesh], multi, via=via)
 
     a, b = metrics(single), metrics(multi)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]

@@ -1,4 +1,5 @@
-"""Stage 2 multi-host for real: two processes on 127.0.0.1 (jax.distributed + gloo, 4 fake CPU devices each) run
+"""Stage 2 multi-host for real: two processes on 127.0.0.1 (jax.distributed + gloo, 4 fake CPU devices each),
+started from the README's JAX_* variables only, run
 the same QA stream on a (1, 4, 2) mesh (4 different QAs per update, one per fsdp shard) and match the
 single-process 8-device run: per-update losses and the final
 adapter directory (both processes write it). Seed 3 starts on the long sample video and --fps 3 samples 150 frames
@@ -21,7 +22,7 @@ ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "
 def test_stage2_two_processes_match_one_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_single("train.stage2", ARGS, single)
-    run_multi("train.stage2", ARGS, multi)
+    run_multi("train.stage2", ARGS, multi, via="env")
 
     assert json.loads((multi / "train_config.json").read_text())["event_compression_active"] is True
     a, b = metrics(single), metrics(multi)
