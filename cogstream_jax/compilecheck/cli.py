@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
     g.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
     g.add_argument("--remat", default=None, help="training jobs: full, dots or none (default: the job's)")
+    g.add_argument("--no_scan_layers", action="store_true",
+                   help="trace every decoder layer separately instead of one scan (slower to compile)")
     g.add_argument("--attn_impl", default="auto",
                    help="auto (splash on TPU, cuDNN on GPU for bf16), xla, dense, chunked, splash or cudnn")
     g.add_argument("--lora_r", type=int, default=d.lora_r)
@@ -92,7 +94,7 @@ def job_shape(args: argparse.Namespace):
     if args.remat is not None and args.remat not in ("full", "dots", "none"):
         raise ConfigError(f"--remat {args.remat!r}: choose full, dots or none")
     return JobShape(dtype=args.dtype, compute_dtype=args.compute_dtype, attn_impl=args.attn_impl, remat=args.remat,
-                    lora_r=args.lora_r,
+                    scan_layers=not args.no_scan_layers, lora_r=args.lora_r,
                     global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
                     max_length=args.max_length, frames=args.frames, grid=grid, kept=args.kept, tokens=args.tokens,
                     answer_tokens=args.answer_tokens, gradient_accumulation_steps=args.gradient_accumulation_steps,

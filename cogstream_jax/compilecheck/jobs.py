@@ -39,6 +39,7 @@ class JobShape:
     compute_dtype: str | None = None
     attn_impl: str = "auto"  # resolved for the target's platform (splash on TPU, cuDNN on GPU for bf16)
     remat: str | None = None  # None: the job's default
+    scan_layers: bool = True  # decoder layers as one scan (the training default)
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
@@ -84,7 +85,8 @@ def _abstract(tree, sharding) -> Any:
 
 
 def _options(shape: JobShape) -> StepOptions:
-    return StepOptions() if shape.remat is None else StepOptions(remat=shape.remat)
+    remat = {} if shape.remat is None else {"remat": shape.remat}
+    return StepOptions(scan_layers=shape.scan_layers, **remat)
 
 
 def _lora_spec(spec_fn, config: ModelConfig, shape: JobShape) -> lora.LoraSpec:

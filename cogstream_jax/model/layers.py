@@ -25,6 +25,18 @@ Units = tuple[tuple[str, int], ...]
 _DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("lora_dropout_key", default=None)
 _DROPOUT_MASKS: contextvars.ContextVar[str] = contextvars.ContextVar("lora_dropout_masks", default="bernoulli")
 MASK_METHODS = ("bernoulli", "hash")
+#: static salt -> the salt to fold in instead (traced): scanned layers run layer 0's modules with each layer's salts
+_SALTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lora_layer_salts", default=None)
+
+
+@contextlib.contextmanager
+def layer_salts(salts: dict) -> Iterator[None]:
+    """Dropout salts of the layer being traced ({static salt: salt}), for `scan_layers`."""
+    token = _SALTS.set(salts)
+    try:
+        yield
+    finally:
+        _SALTS.reset(token)
 
 
 @contextlib.contextmanager
@@ -99,7 +111,7 @@ class LoraWeights(nnx.Module):
                 raise ValueError("lora_dropout: the key must be an argument of the jitted function that runs the "
                                  "model (e.g. your train step), not a constant captured by its trace; the eager "
                                  "model(...) API does not support dropout, call model.forward inside your own jit")
-            module_key = jax.random.fold_in(key, self.salt)
+            module_key = jax.random.fold_in(key, (_SALTS.get() or {}).get(self.salt, self.salt))
             if _DROPOUT_MASKS.get() == "hash":
                 keep = hashed_keep_mask(module_key, x.shape, 1.0 - self.dropout)
             else:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from cogstream_jax.config import TextConfig
 from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, text_rope
 from cogstream_jax.model.layers import Embed, Linear, RMSNorm
+from cogstream_jax.model.scan_layers import scan_layers, stackable
 from cogstream_jax.sharding import constrain_rows
 
 
@@ -150,8 +151,10 @@ class Qwen2Model(nnx.Module):
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
                  cache: KVCache | None, *, cache_is_empty: bool = False, impl: Impl = "auto",
                  chunk_size: int = 512, remat: bool | str | None = False, mesh: Mesh | None = None,
-                 interpret: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 interpret: bool = False, scan: bool = False) -> tuple[jax.Array, KVCache | None]:
         """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache).
+
+        `scan` (static): the layers run as one `jax.lax.scan` (model/scan_layers.py: one compiled layer body).
 
         `cache_is_empty` (static) marks a prefill into a fresh cache: attention then runs over this call's keys
         only (plain causal, fused kernels) while the cache is still written.
@@ -175,14 +178,22 @@ class Qwen2Model(nnx.Module):
             mask = MaskSpec(causal=True, q_index=q_slots, kv_index=kv_slots, kv_valid=new_valid)
         step = _Step(cos, sin, mask, impl, chunk_size, fresh=cache_is_empty, mesh=mesh, interpret=interpret)
         kv = None if cache is None else (cache.k, cache.v)
-        x = embeds
         policy = remat_policy(remat)
-        for i, layer in enumerate(self.layers):
+
+        def run(layer, carry, i):
+            x, kv = carry
             if policy is not None:
-                x, kv = checkpointed(layer, lambda lyr, y, c, i=i: lyr(y, step, c, index, i), policy, x, kv)
+                x, kv = checkpointed(layer, lambda lyr, y, c: lyr(y, step, c, index, i), policy, x, kv)
             else:
                 x, kv = layer(x, step, kv, index, i)
-            x = constrain_rows(x, mesh)
+            return constrain_rows(x, mesh), kv
+
+        if scan and len(self.layers) > 1 and stackable(self.layers):
+            x, kv = scan_layers(self.layers, run, (embeds, kv))
+        else:
+            x = embeds
+            for i, layer in enumerate(self.layers):
+                x, kv = run(layer, (x, kv), i)
         x = self.norm(x)
         if cache is None:
             return x, None

@@ -50,6 +50,7 @@ class VideoLlama3(nnx.Module):
         self.attn_chunk_size = 512
         self.attn_mesh: Mesh | None = None  # the mesh the splash kernel is shard_mapped over
         self.attn_interpret = False  # Pallas interpret mode (the splash kernel on CPU: tests)
+        self.scan_layers = False  # decoder layers as one jax.lax.scan (static; model/scan_layers.py)
 
     # ------------------------------------------------------------------------------------------ traced parts
     def encode_visual(self, pixel_values: jax.Array, layout: VisualLayout) -> jax.Array:
@@ -100,7 +101,8 @@ class VideoLlama3(nnx.Module):
             positions = start + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
         hidden, cache = self.language_model(embeds, positions, attention_mask, cache, cache_is_empty=cache_is_empty,
                                             impl=self.attn_impl, chunk_size=self.attn_chunk_size, remat=remat,
-                                            mesh=self.attn_mesh, interpret=self.attn_interpret)
+                                            mesh=self.attn_mesh, interpret=self.attn_interpret,
+                                            scan=self.scan_layers)
         logits = self.logits_at(hidden, logits_positions) if compute_logits else None
         return ModelOutput(logits=logits, cache=cache, hidden_states=hidden)
 

@@ -55,6 +55,9 @@ def build_common_parser(description: str) -> ArgumentParser:
                    help="rematerialise each decoder layer in the backward pass: full (keep only the layer inputs), "
                         "dots (also keep the projection matmul outputs) or none; '--remat' alone means full "
                         f"(default: {DEFAULT_REMAT})")
+    p.add_argument("--no_scan_layers", action="store_true",
+                   help="trace every decoder layer separately (default: one jax.lax.scan over the layers, which "
+                        "compiles the layer once; same values)")
     p.add_argument("--dropout_rng", default="hash", choices=["hash", "threefry", "rbg"],
                    help="LoRA-dropout masks: hash (counter-based, same masks on any mesh, fast), threefry (same "
                         "masks on any mesh, slow on CPU) or rbg (mesh-dependent)")
@@ -165,7 +168,7 @@ def resolved_config(args: argparse.Namespace, **derived: Any) -> dict[str, Any]:
 #: only the summation order; paths may move)
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "max_steps", "save_steps", "keep_last", "no_progress", "mesh", "mesh_shape", "jax",
-    "coordinator_address", "num_processes", "process_id", "remat", "decode_threads", "model_path", "QA_path",
+    "coordinator_address", "num_processes", "process_id", "remat", "no_scan_layers", "decode_threads", "model_path", "QA_path",
     "query_dir", "video_dir", "micro_batch_size", "micro_batch_items", "accumulation_steps"})
 
 

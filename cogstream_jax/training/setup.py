@@ -62,6 +62,7 @@ def build_setup(model: nnx.Module, adapter: str, spec: lora.LoraSpec, optim: Opt
                 mesh: Mesh, *, seed: int, options: steps.StepOptions = steps.StepOptions()) -> TrainSetup:
     """Add/activate the adapter, shard everything on `mesh`, create the optimiser state (LoRA params only)."""
     prepare_model(model, adapter, spec, seed=seed, mesh=mesh)
+    model.scan_layers = options.scan_layers
     split = split_for_training(model, adapter)
     tx, lr = _optimizer(optim)
     state = init_state(split.params, tx, seed)
@@ -89,6 +90,7 @@ def abstract_setup(build_model: Callable[[], nnx.Module], adapter: str, spec: lo
 
     model = nnx.eval_shape(build)
     bind_attention(model, mesh)
+    model.scan_layers = options.scan_layers
     split = split_for_training(model, adapter)
     tx, lr = _optimizer(optim)
     state = jax.eval_shape(lambda p: init_state(p, tx, seed), split.params)

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                          lora.language_module_spec(model.config).target_modules)
     optim = stage1_optim(total_steps, run_common.given(args.learning_rate, 2e-4))
     setup = build_setup(model, lora.LANGUAGE_MODULE, spec, optim, mesh, seed=args.seed,
-                        options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
+                        options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng,
+                                            scan_layers=not args.no_scan_layers))
     config = run_common.resolved_config(args, stage=1, items=n_items, total_steps=total_steps,
                                         learning_rate=optim.learning_rate,
                                         micro_batch_items=micro, accumulation_steps=accumulation,

@@ -250,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
     optim = stage2_optim(args.num_epochs, len(dataset.videos), run_common.given(args.learning_rate, 1e-4),
                          global_batch_qas=args.global_batch_qas)
     setup = build_setup(model, lora.FULL_MODULE, spec, optim, mesh, seed=args.seed,
-                        options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng))
+                        options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng,
+                                            scan_layers=not args.no_scan_layers))
     config = run_common.resolved_config(args, stage=2, videos=len(dataset.videos), qas=total_qas,
                                         learning_rate=optim.learning_rate, accumulation_steps=accumulation,
                                         qas_per_call=rows, total_steps=total_steps, t_max=optim.total_steps,

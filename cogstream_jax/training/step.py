@@ -48,6 +48,8 @@ class StepOptions:
     #   mesh-independent, slow on CPU for big activations); "rbg": XLA's RngBitGenerator (faster than threefry,
     #   masks may depend on the sharding)
     dropout_rng: str = "hash"
+    # decoder layers as one jax.lax.scan (model/scan_layers.py): one compiled layer body instead of one per layer
+    scan_layers: bool = True
 
     def __post_init__(self):
         remat_policy(self.remat)  # unknown policy names fail here, not at the first trace
@@ -220,7 +222,8 @@ def _row_sums(graphdef, params, frozen, row: dict[str, jax.Array], features: jax
         positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
         hidden, _ = model.language_model(embeds, positions, row["attention_mask"][None], None, cache_is_empty=False,
                                          impl=model.attn_impl, chunk_size=model.attn_chunk_size, remat=options.remat,
-                                         mesh=model.attn_mesh, interpret=model.attn_interpret)
+                                         mesh=model.attn_mesh, interpret=model.attn_interpret,
+                                         scan=model.scan_layers)
         logits = model.logits_at(hidden, row["logits_positions"][None])
     return ce_sums(logits, row["targets"][None], row["weights"][None])
 
