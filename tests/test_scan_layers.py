@@ -80,3 +80,17 @@ def test_layers_that_differ_keep_the_loop():
     lora.add_adapter(m, "partial", lora.LoraSpec(spec.r, spec.alpha, spec.dropout,
                                                  tuple(t.replace("{i}", "0") for t in spec.target_modules)))
     assert not stackable(m.language_model.layers)
+
+
+def test_vision_tower_scan_equals_loop(model):
+    from cogstream_jax.model.frame_vision import encode_frames
+
+    cfg = model.config.vision
+    rng = np.random.RandomState(1)
+    pixels = jnp.asarray(rng.randn(2, 16, cfg.patch_dim), jnp.float32)
+    grid = np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(16, 2)
+    rows, cols = (jnp.asarray(np.broadcast_to(grid[:, k], (2, 16))) for k in (0, 1))
+    valid = jnp.asarray(np.arange(16)[None] < np.array([[16], [12]]))  # the second frame is padded
+    loop, scan = (jax.jit(lambda p, scan=scan: encode_frames(model.vision_encoder, p, rows, cols, valid, 2,
+                                                              scan=scan))(pixels) for scan in (False, True))
+    np.testing.assert_allclose(np.asarray(scan), np.asarray(loop), atol=1e-5 * float(jnp.abs(loop).max()))

@@ -67,7 +67,8 @@ def _encode(graphdef, state, pixels, rows, cols, valid, *, merge):
     """Padded frames [F, P, 588] -> projected features [F, P / merge^2, hidden] (the same buckets as training)."""
     model = nnx.merge(graphdef, state)
     feats = encode_frames(model.vision_encoder, pixels, rows, cols, valid, merge, impl=model.attn_impl,
-                          mesh=model.attn_mesh, interpret=model.attn_interpret, dtype=model.dtype)
+                          mesh=model.attn_mesh, interpret=model.attn_interpret, dtype=model.dtype,
+                          scan=model.scan_layers)
     return model.mm_projector(feats)
 
 

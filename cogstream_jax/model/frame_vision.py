@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, vision_rope
+from cogstream_jax.model.scan_layers import scan_layers, stackable
 from cogstream_jax.model.vision import VisionEncoder, VisualLayout
 
 
@@ -38,11 +39,12 @@ def bucket(n: int, ladder: Sequence[int]) -> int | None:
 
 def encode_frames(encoder: VisionEncoder, pixels: jax.Array, rows: jax.Array, cols: jax.Array, valid: jax.Array,
                   merge: int, *, impl: Impl = "auto", mesh: Mesh | None = None, interpret: bool = False,
-                  dtype=None) -> jax.Array:
+                  dtype=None, scan: bool = False) -> jax.Array:
     """pixels [F, P, patch_dim], rows/cols [F, P] int, valid [F, P] bool -> merged features [F, P / m^2, hidden].
 
     Frame f's merged token j is the mean of its patches [m^2 j, m^2 (j + 1)) (block-major order, as packed by
-    the processor); tokens past a frame's real count are padding."""
+    the processor); tokens past a frame's real count are padding. `scan`: the layers as one `jax.lax.scan`
+    (model/scan_layers.py)."""
     cfg = encoder.config
     f, p, _ = pixels.shape
     if p % (merge * merge):
@@ -51,7 +53,8 @@ def encode_frames(encoder: VisionEncoder, pixels: jax.Array, rows: jax.Array, co
     cos, sin = vision_rope(rows.reshape(-1), cols.reshape(-1), cfg.head_dim, cfg.rope_theta)
     x = encoder.embeddings(pixels.reshape(n, -1).astype(dtype or pixels.dtype))
     mask = MaskSpec(kv_valid=valid.astype(bool))
-    for layer in encoder.encoder.layers:
+
+    def run(layer, x, i=None):
         attn = layer.self_attn
         h = layer.layer_norm1(x)
         split = (n, attn.num_heads, attn.head_dim)
@@ -61,7 +64,14 @@ def encode_frames(encoder: VisionEncoder, pixels: jax.Array, rows: jax.Array, co
         frames = (a.reshape(f, p, attn.num_heads, attn.head_dim) for a in (q, k, v))
         out = attend(*frames, mask, impl=impl, mesh=mesh, interpret=interpret).reshape(n, -1)
         x = x + attn.out_proj(out)
-        x = x + layer.mlp(layer.layer_norm2(x))
+        return x + layer.mlp(layer.layer_norm2(x))
+
+    layers = encoder.encoder.layers
+    if scan and len(layers) > 1 and stackable(layers):
+        x = scan_layers(layers, run, x)
+    else:
+        for layer in layers:
+            x = run(layer, x)
     x = encoder.post_layernorm(x)
     m2 = merge * merge
     x = x.reshape(f, p // m2, m2, -1)

@@ -34,7 +34,8 @@ class Stage2Device:
         view = setup.model()
         self.vision_graphdef, vision_state = nnx.split(view.vision_encoder)
         self.vision_hidden = view.config.vision.hidden_size
-        self.attn = dict(impl=view.attn_impl, mesh=view.attn_mesh, interpret=view.attn_interpret)
+        self.attn = dict(impl=view.attn_impl, mesh=view.attn_mesh, interpret=view.attn_interpret,
+                         scan=view.scan_layers)
         self.dtype = view.dtype
         self._vision_state = vision_state
         self.grad = make_stage2_grad(setup.split.graphdef, options=setup.options, state_sharding=setup.state_sharding,
