@@ -20,6 +20,8 @@ SMALL = ["--frames", "4", "--grid", "4x4", "--kept", "10", "--tokens", "128", "-
          "--max_new_tokens", "8", "--max_length", "256", "--global_batch_size", "4"]
 CASES = [("stage1", "v5e-4", "-1,1,1"), ("stage1", "v5p-8", "2,2,1"), ("stage2", "v5e-4", "-1,1,1"),
          ("stage2", "v5p-8", "1,4,1"), ("eval", "v5e-4", "-1,1,1")]
+#: the cases above compile unrolled layers (quicker for a tiny model); this one as the training default, scanned
+SCANNED = ("stage2", "v5e-4", "-1,1,1")
 
 
 def _config_folder(root: pathlib.Path, **text) -> pathlib.Path:
@@ -42,18 +44,18 @@ def _check(capsys, *argv: str) -> tuple[int, dict | None, str]:
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> pathlib.Path:
-    return _config_folder(tmp_path_factory.mktemp("small"))
+    return _config_folder(tmp_path_factory.mktemp("small"), num_hidden_layers=3)  # FLOPs extrapolate 1, 2 -> 3
 
 
 @pytest.fixture(scope="module")
 def reports(small_model) -> dict:
     """JSON reports of every case, compiled once for the module."""
     out = {}
-    for job, topology, mesh in CASES:
+    for (job, topology, mesh), scan in [*((case, False) for case in CASES), (SCANNED, True)]:
         pytest_capsys = _Capture()
         code = cli.main(["--topology", topology, "--job", job, "--model_path", str(small_model), f"--mesh={mesh}",
-                         "--json", *SMALL])
-        out[job, topology] = (code, json.loads(pytest_capsys.stop().strip().splitlines()[-1]))
+                         "--json", *SMALL, *([] if scan else ["--no_scan_layers"])])
+        out[job, topology, scan] = (code, json.loads(pytest_capsys.stop().strip().splitlines()[-1]))
     return out
 
 
@@ -76,7 +78,7 @@ class _Capture:
 @pytest.mark.slow
 @pytest.mark.parametrize("job, topology, mesh", CASES)
 def test_jobs_compile_for_tpu_topologies_with_positive_figures(reports, job, topology, mesh):
-    code, report = reports[job, topology]
+    code, report = reports[job, topology, False]
     assert code == 0 and report["fits"] is True
     assert report["job"] == job and report["topology"] == topology
     expected_mesh = dict(zip(("data", "fsdp", "tensor"), (int(x) for x in mesh.split(","))))
@@ -89,6 +91,17 @@ def test_jobs_compile_for_tpu_topologies_with_positive_figures(reports, job, top
         for key in ("per_chip_bytes", "flops_per_chip", "examples_per_step", "compile_s"):
             assert program[key] > 0, (program["name"], key)
     assert report["per_chip_bytes"] == max(p["per_chip_bytes"] for p in report["programs"])
+
+
+@pytest.mark.slow
+def test_scanned_layers_report_the_unrolled_flops(reports):
+    """XLA counts a scan's body once; compile-check extrapolates from 1- and 2-layer compiles to the 3 layers."""
+    code, scanned = reports[(*SCANNED[:2], True)]
+    unrolled = reports[(*SCANNED[:2], False)][1]
+    assert code == 0 and [p["name"] for p in scanned["programs"]] == [p["name"] for p in unrolled["programs"]]
+    for s, u in zip(scanned["programs"], unrolled["programs"]):
+        assert s["flops_method"] == "layer extrapolation" and u["flops_method"] == "compiled"
+        assert abs(s["flops_per_chip"] - u["flops_per_chip"]) <= 0.01 * u["flops_per_chip"], (s, u)
 
 
 def _model_sized_programs(run) -> set[str]:
@@ -123,7 +136,7 @@ def test_programs_are_those_a_real_tiny_run_compiles(reports, tmp_path):
                                    "--no_progress"]),
     }
     for job, run in real.items():
-        listed = [p["name"] for p in reports[job, "v5e-4"][1]["programs"]]
+        listed = [p["name"] for p in reports[job, "v5e-4", False][1]["programs"]]
         compiled = _model_sized_programs(run)
         assert sorted(set(listed)) == sorted(compiled) and len(listed) == len(compiled), (job, listed, compiled)
 

@@ -145,6 +145,14 @@ def run(args: argparse.Namespace) -> int:
         for program in programs:
             reports.append(report.compile_program(program))
             print(report.describe(reports[-1], target), file=sys.stderr)
+        if shape.scan_layers and args.job in jobs.SCANNED_JOBS and not any(r.error for r in reports):
+            from cogstream_jax.compilecheck.flops import unrolled_flops
+
+            print("layers run as a scan, whose body XLA counts once: FLOPs from 1- and 2-layer unrolled compiles",
+                  file=sys.stderr)
+            counts = unrolled_flops(jobs.BUILDERS[args.job], config, shape, mesh, report.program_flops)
+            for r, flops in zip(reports, counts):
+                r.flops_per_chip, r.flops_method = flops, "layer extrapolation"
     result = {**report.summary(args.job, target, mesh_shape, reports, time.perf_counter() - start),
               "attention": attention}
     if args.save_compiled:

@@ -29,6 +29,7 @@ from cogstream_jax.training.state import bind_attention
 from cogstream_jax.training.step import StepOptions, batch_sharding
 
 JOBS = ("stage1", "stage2", "eval")
+SCANNED_JOBS = ("stage1", "stage2")  # training runs its layers as a scan (`scan_layers`); eval unrolls them
 
 
 @dataclasses.dataclass(frozen=True)

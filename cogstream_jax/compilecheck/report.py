@@ -28,6 +28,7 @@ class ProgramReport:
     compile_s: float
     executable: Any = dataclasses.field(default=None, repr=False)
     error: str | None = None  # XLA refused to compile (out of memory): its message; figures are a lower bound
+    flops_method: str = "compiled"  # or "layer extrapolation" (compilecheck/flops.py: scanned layers)
 
     @property
     def per_chip_bytes(self) -> int:
@@ -36,6 +37,8 @@ class ProgramReport:
 
     def as_json(self) -> dict:
         extra = {"error": self.error} if self.error else {}
+        if self.flops_method:
+            extra["flops_method"] = self.flops_method
         return {**extra, "name": self.name, "label": self.label, "per_chip_bytes": self.per_chip_bytes,
                 "argument_bytes": self.argument_bytes, "temp_bytes": self.temp_bytes,
                 "output_bytes": self.output_bytes, "flops_per_chip": self.flops_per_chip,
@@ -63,6 +66,11 @@ def _flops(compiled) -> float:
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _REQUIRED = re.compile(r"required[^(]*\((\d+(?:\.\d+)?)([KMGT]?)\)|Used (\d+(?:\.\d+)?)([KMGT]?) of")
+
+
+def program_flops(program: Program) -> float:
+    """Compile `program` only to read its FLOP count."""
+    return _flops(program.lower().compile())
 
 
 def required_bytes(message: str) -> int:

@@ -42,6 +42,8 @@ class Stage2Device:
                                      frozen_sharding=setup.frozen_sharding, mesh=self.mesh)
         self._encode = jax.jit(functools.partial(_encode_chunk, self.vision_graphdef, attn=self.attn, dtype=self.dtype),
                                static_argnums=(5,))
+        # rows over data x fsdp whatever layout the vision output got (a scanned tower's comes out feature-sharded)
+        self._gather = jax.jit(_gather, out_shardings=self.rows)
 
     def vision_state(self):
         return self._vision_state
@@ -70,7 +72,7 @@ class Stage2Device:
         r, u = call.sources.shape
         if flat is None:
             return self.put(np.zeros((r, u, self.vision_hidden), self.dtype))
-        return _gather(flat, self.put(call.sources))
+        return self._gather(flat, self.put(call.sources))
 
     def lower_grad(self, state, frozen, arrays, inputs):
         return self.grad.lower(state, frozen, arrays, inputs)
@@ -90,7 +92,6 @@ def _flatten(outs):
     return jnp.concatenate([o.reshape(-1, o.shape[-1]) for o in outs], axis=0)
 
 
-@jax.jit
 def _gather(flat, sources):
     return flat[sources]
 
