@@ -108,7 +108,8 @@ def test_stage2_qa_grad_remat_matches_no_remat(stage2_results, policy):
     loss, grads, remats = stage2_results[policy]
     ref_loss, ref_grads, ref_remats = stage2_results["none"]
     layers = small_vocab_config().text.num_hidden_layers
-    assert (remats, ref_remats) == (layers, 0)  # one rematerialised block per decoder layer, none without remat
+    # the layers run as one scan (the training default): one rematerialised block, the scanned layer body
+    assert layers > 1 and (remats, ref_remats) == (1, 0)
     _close(loss, ref_loss, grads, ref_grads)
     projector = [np.asarray(g) for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]
                  if "mm_projector" in jax.tree_util.keystr(path)]

@@ -1,5 +1,5 @@
 """Stage-2 CLI end to end (tiny random model, bundled sample): official flags, resolved config with the
-official T_max (in updates of --global_batch_qas), resume (also on another device count), the run's own compile
+official T_max (in updates of --global_batch_qas), resume on another device count, the run's own compile
 count and padding overhead, the adapter directory with the projector targets."""
 from __future__ import annotations
 
@@ -22,25 +22,6 @@ def _run(out: pathlib.Path, *extra: str, devices: int = 1) -> subprocess.Complet
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "train.stage2", *ARGS, "--output-dir", str(out), *extra], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=900)
-
-
-@pytest.mark.slow
-def test_stage2_cli_trains_resumes_and_writes_the_adapter(tmp_path):
-    out = tmp_path / "s2"
-    first = _run(out, "--max_steps", "1", "--global_batch_qas", "4", "--logging_steps", "1")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(out, "--max_steps", "2", "--resume", "--global_batch_qas", "4", "--logging_steps", "1")
-    assert second.returncode == 0, second.stderr[-3000:]
-    config = json.loads((out / "train_config.json").read_text())
-    assert config["t_max"] == 1 * 1 * 20 and config["videos"] == 3 and config["global_batch_qas"] == 4
-    assert config["total_steps"] == config["qas"] // 4 and config["accumulation_steps"] == 4
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["lr"] == pytest.approx(1e-4)
-    assert all(m["loss"] > 0 and m["tokens"] > 0 for m in metrics)
-    # the run's own log: model-sized programs (vision chunk + gradient buckets) and padding stay bounded
-    assert 2 <= metrics[0]["model_programs_compiled"] <= 4 and 0 <= metrics[0]["padding_overhead"] <= 0.5
-    meta = json.loads((out / "adapter" / "adapter_meta.json").read_text())
-    assert "model.mm_projector.readout.0" in json.dumps(meta)
 
 
 def test_stage2_missing_video_dir_is_a_clear_error(tmp_path, capsys):
@@ -73,6 +54,15 @@ def test_stage2_resumes_on_4_devices_a_run_started_on_8(tmp_path):
     from multihost_helpers import assert_same_adapters
 
     assert_same_adapters(whole / "adapter", split / "adapter")
+    # the resolved config (official T_max in updates of --global_batch_qas), the run's own log, the adapter
+    config = json.loads((split / "train_config.json").read_text())
+    assert config["t_max"] == 1 * 1 * 20 and config["videos"] == 3 and config["global_batch_qas"] == 4
+    assert config["total_steps"] == config["qas"] // 4 and config["accumulation_steps"] == 2
+    assert b[0]["lr"] == pytest.approx(1e-4) and all(m["loss"] > 0 for m in b)
+    # model-sized programs (vision chunk + gradient buckets) and padding stay bounded
+    assert 2 <= b[0]["model_programs_compiled"] <= 4 and 0 <= b[0]["padding_overhead"] <= 0.5
+    meta = json.loads((split / "adapter" / "adapter_meta.json").read_text())
+    assert "model.mm_projector.readout.0" in json.dumps(meta)
 
 
 @pytest.mark.parametrize("extra, message", [
