@@ -49,10 +49,9 @@ class Stage2Batch:
 MinorFramesFn = Callable[[Any, str], Sequence[int]]
 
 
-def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple: int = BLOCK,
-                       answer_positions: int | None = None, minor_frames_fn: MinorFramesFn | None = None
-                       ) -> Stage2Batch:
-    """One QA's teacher-forced inputs (DiffFP, plus event compression when `minor_frames_fn` is given)."""
+def render_teacher_forced(sample: Stage2Sample, processor: Any):
+    """Render the conversation, rewrite it with the ground-truth selection and append the answer:
+    (processor output, rewrite result, prompt ids, answer ids, ids, labels)."""
     conversation = list(sample.conversation)
     out = processor(conversation=conversation)
     turns = turns_from_processor_output(conversation, out)
@@ -62,6 +61,14 @@ def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple:
     answer = list(tokenizer(sample.target, add_special_tokens=False)["input_ids"])
     ids = np.asarray(prompt + answer, np.int64)
     labels = np.asarray([IGNORE_INDEX] * len(prompt) + answer, np.int64)
+    return out, result, prompt, answer, ids, labels
+
+
+def build_stage2_batch(sample: Stage2Sample, processor: Any, *, length_multiple: int = BLOCK,
+                       answer_positions: int | None = None, minor_frames_fn: MinorFramesFn | None = None
+                       ) -> Stage2Batch:
+    """One QA's teacher-forced inputs (DiffFP, plus event compression when `minor_frames_fn` is given)."""
+    out, result, prompt, answer, ids, labels = render_teacher_forced(sample, processor)
     pixels = mask = layout = None
     minor: tuple[int, ...] = ()
     if result.kept_frames:

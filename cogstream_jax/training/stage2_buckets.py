@@ -32,13 +32,13 @@ import numpy as np
 
 from cogstream_jax.data.difffp import difffp_mask
 from cogstream_jax.data.pipelines import Stage2Sample
-from cogstream_jax.data.rewrite import rewrite_for_mode, turns_from_processor_output
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
 from cogstream_jax.errors import InputError
 from cogstream_jax.model.attention import BLOCK, pad_to_block
 from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket, frame_arrays
 from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.training.losses import IGNORE_INDEX, supervised_positions
+from cogstream_jax.training.stage2_batches import render_teacher_forced
 
 TOKEN_BUCKETS = tuple(pad_to_block(n) for n in (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288,
                                                 16384, 24576, 32768))
@@ -100,15 +100,7 @@ class FinalQA:
 
 def prepare_qa(sample: Stage2Sample, processor: Any) -> PreparedQA:
     """Steps 1-3 of `stage2_batches.build_stage2_batch` (render, GT rewrite, answer)."""
-    conversation = list(sample.conversation)
-    out = processor(conversation=conversation)
-    turns = turns_from_processor_output(conversation, out)
-    result = rewrite_for_mode(turns, "gt", gt_coi=sample.coi, gt_visual=sample.is_visual)
-    tokenizer = processor.tokenizer
-    prompt = result.token_ids(tokenizer)
-    answer = list(tokenizer(sample.target, add_special_tokens=False)["input_ids"])
-    ids = np.asarray(prompt + answer, np.int64)
-    labels = np.asarray([IGNORE_INDEX] * len(prompt) + answer, np.int64)
+    out, result, prompt, answer, ids, labels = render_teacher_forced(sample, processor)
     name = qa_name(sample)
     if len(answer) > ANSWER_BUCKETS[-1]:
         raise OversizedQA(f"{name}: {len(answer)} answer tokens are over the largest stage-2 bucket "
