@@ -26,22 +26,24 @@ def _loras(layer: nnx.Module) -> list[LoraWeights]:
     return [m for _, m in nnx.iter_modules(layer) if isinstance(m, LoraWeights)]
 
 
-def _graphdef_without_salts(layer: nnx.Module):
-    loras = _loras(layer)
-    salts = [w.salt for w in loras]
-    try:
-        for w in loras:
-            w.salt = 0
-        return nnx.graphdef(layer)
-    finally:
-        for w, s in zip(loras, salts):
-            w.salt = s
+def _signature(layer: nnx.Module) -> tuple:
+    """What must agree for layers to share one traced body: variable paths, shapes and dtypes, and every module's
+    static attributes but the LoRA salts (read only: the layer may belong to an outer trace)."""
+    leaves = tuple((jax.tree_util.keystr(path), getattr(v, "shape", None), str(getattr(v, "dtype", None)))
+                   for path, v in jax.tree_util.tree_flatten_with_path(nnx.state(layer))[0])
+    statics = []
+    for path, module in nnx.iter_modules(layer):
+        attrs = sorted((k, repr(v)) for k, v in vars(module).items()
+                       if not k.startswith("_") and k != "salt" and not isinstance(v, (nnx.Variable, nnx.Pytree))
+                       and not hasattr(v, "shape"))
+        statics.append((path, type(module).__name__, tuple(attrs)))
+    return leaves, tuple(statics)
 
 
 def stackable(layers: Sequence[nnx.Module]) -> bool:
     """Every layer has the same structure, static settings and adapters (LoRA salts aside)."""
-    first = _graphdef_without_salts(layers[0])
-    return all(_graphdef_without_salts(layer) == first for layer in layers[1:])
+    first = _signature(layers[0])
+    return all(_signature(layer) == first for layer in layers[1:])
 
 
 def scan_layers(layers: Sequence[nnx.Module], fn: Callable[[nnx.Module, Carry, jax.Array], Carry],
