@@ -35,18 +35,11 @@ def _restore(out: pathlib.Path):
     return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(state.params)}
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> pathlib.Path:
-    """The reference: one process, 8 devices (a sharded update equals the single-device one on any mesh)."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    run_single("train.stage1", [*ARGS, "--mesh", "2,2,2"], out)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh, via", [("2,2,2", "env"), ("1,1,8", "flags")])  # rows split / replicated
-def test_two_processes_match_one_process(single, tmp_path, mesh, via):
-    multi = tmp_path / "multi"
+def test_two_processes_match_one_process(tmp_path, mesh, via):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_single("train.stage1", [*ARGS, "--mesh", mesh], single)
     run_multi("train.stage1", [*ARGS, "--mesh", mesh], multi, via=via)
 
     a, b = metrics(single), metrics(multi)
