@@ -59,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kept", type=int, default=d.kept, help="visual tokens kept after DiffFP")
     g.add_argument("--tokens", type=int, default=d.tokens, help="stage 2: tokens of the QA; eval: prompt tokens")
     g.add_argument("--answer_tokens", type=int, default=d.answer_tokens)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps)
     g.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction)
     g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="eval: answer length cap")
     return p
@@ -88,7 +87,7 @@ def job_shape(args: argparse.Namespace):
     except ValueError:
         raise ConfigError(f"--grid {args.grid!r}: expected HxW, e.g. 14x26") from None
     for flag in ("lora_r", "global_batch_size", "max_length", "frames", "kept", "tokens", "answer_tokens",
-                 "gradient_accumulation_steps", "max_new_tokens"):
+                 "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.remat is not None and args.remat not in ("full", "dots", "none"):
@@ -97,7 +96,7 @@ def job_shape(args: argparse.Namespace):
                     scan_layers=not args.no_scan_layers, lora_r=args.lora_r,
                     global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
                     max_length=args.max_length, frames=args.frames, grid=grid, kept=args.kept, tokens=args.tokens,
-                    answer_tokens=args.answer_tokens, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                    answer_tokens=args.answer_tokens,
                     event_compression=args.event_compression, max_new_tokens=args.max_new_tokens)
 
 

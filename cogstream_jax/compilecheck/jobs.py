@@ -55,7 +55,6 @@ class JobShape:
     kept: int = 12285
     tokens: int = 13824
     answer_tokens: int = 256
-    gradient_accumulation_steps: int = 4
     event_compression: bool = True
     # eval
     max_new_tokens: int = 1024
