@@ -119,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed,
         reuse_prefix=not args.no_reuse_prefix)
     sessions, groups = local_sessions(session, args.streams, args.devices_per_stream, len(jobs))
+    del session  # when copies were placed on the device groups, the loaded model's memory is freed here
     stats = run_evaluation(sessions, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
                            progress=not args.no_progress, settings=settings, groups=groups)
     wait_for_all_processes("eval")

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, vision_rope
-from cogstream_jax.model.scan_layers import scan_layers, stackable
+from cogstream_jax.model.scan_layers import run_layers
 from cogstream_jax.model.vision import VisionEncoder, VisualLayout
 
 
@@ -54,7 +54,7 @@ def encode_frames(encoder: VisionEncoder, pixels: jax.Array, rows: jax.Array, co
     x = encoder.embeddings(pixels.reshape(n, -1).astype(dtype or pixels.dtype))
     mask = MaskSpec(kv_valid=valid.astype(bool))
 
-    def run(layer, x, i=None):
+    def run(layer, x, i):
         attn = layer.self_attn
         h = layer.layer_norm1(x)
         split = (n, attn.num_heads, attn.head_dim)
@@ -66,12 +66,7 @@ def encode_frames(encoder: VisionEncoder, pixels: jax.Array, rows: jax.Array, co
         x = x + attn.out_proj(out)
         return x + layer.mlp(layer.layer_norm2(x))
 
-    layers = encoder.encoder.layers
-    if scan and len(layers) > 1 and stackable(layers):
-        x = scan_layers(layers, run, x)
-    else:
-        for layer in layers:
-            x = run(layer, x)
+    x = run_layers(encoder.encoder.layers, run, x, scan=scan)
     x = encoder.post_layernorm(x)
     m2 = merge * merge
     x = x.reshape(f, p // m2, m2, -1)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from cogstream_jax.config import TextConfig
 from cogstream_jax.model.attention import Impl, MaskSpec, apply_rope, attend, text_rope
 from cogstream_jax.model.layers import Embed, Linear, RMSNorm
-from cogstream_jax.model.scan_layers import scan_layers, stackable
+from cogstream_jax.model.scan_layers import run_layers
 from cogstream_jax.sharding import constrain_rows
 
 
@@ -188,12 +188,7 @@ class Qwen2Model(nnx.Module):
                 x, kv = layer(x, step, kv, index, i)
             return constrain_rows(x, mesh), kv
 
-        if scan and len(self.layers) > 1 and stackable(self.layers):
-            x, kv = scan_layers(self.layers, run, (embeds, kv))
-        else:
-            x = embeds
-            for i, layer in enumerate(self.layers):
-                x, kv = run(layer, (x, kv), i)
+        x, kv = run_layers(self.layers, run, (embeds, kv), scan=scan)
         x = self.norm(x)
         if cache is None:
             return x, None

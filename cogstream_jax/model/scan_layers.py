@@ -6,7 +6,7 @@ checkpoints, adapters, PEFT conversion and sharding rules do not change; each ca
 inside the jitted function, which costs one more copy of those weights (each device's share) as temporary memory.
 
 LoRA dropout folds a per-module salt (a static attribute, different in every layer) into its key; inside the scan
-the body's modules carry layer 0's salts, so the layer's own salts travel as scanned data and `layers.lora_salt`
+the body's modules carry layer 0's salts, so the layer's own salts travel as scanned data and `layers.layer_salts`
 swaps them in: masks equal those of the unrolled loop.
 """
 from __future__ import annotations
@@ -61,4 +61,15 @@ def scan_layers(layers: Sequence[nnx.Module], fn: Callable[[nnx.Module, Carry, j
             return fn(nnx.merge(graphdef, state), c, i), None
 
     carry, _ = jax.lax.scan(body, carry, (stacked, salts, jnp.arange(len(layers), dtype=jnp.int32)))
+    return carry
+
+
+def run_layers(layers: Sequence[nnx.Module], fn: Callable[[nnx.Module, Carry, int | jax.Array], Carry],
+               carry: Carry, *, scan: bool) -> Carry:
+    """`carry = fn(layer, carry, i)` for every layer in order: one scan when asked and the layers allow it (`i`
+    traced), else a Python loop (`i` an int)."""
+    if scan and len(layers) > 1 and stackable(layers):
+        return scan_layers(layers, fn, carry)
+    for i, layer in enumerate(layers):
+        carry = fn(layer, carry, i)
     return carry
