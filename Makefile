@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/python -m cogstream_jax.demo $(if $(MODEL),--model_path $(MODEL),)
 
+# two pytest workers, one test file each at a time (module fixtures run once); see tests/conftest.py for the order
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .cache

@@ -1,10 +1,13 @@
-"""Shared test setup: 8 fake CPU devices and a persistent compilation cache.
+"""Shared test setup: 8 fake CPU devices, quick XLA compiles (xla_env.py), a persistent compilation cache, and
+the longest test files first.
 
 Both must be configured before JAX initialises its backends, so they live at the top of conftest.
 """
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_env import xla_flags  # noqa: E402  (tests/ is on sys.path)
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,3 +37,20 @@ PROMPTS_DIR = SHARED / "reference" / "cogstream-prompts"
 def reference_dir() -> pathlib.Path:
     """The real VideoLLaMA3-7B tokenizer/config folder (no weights)."""
     return REFERENCE_DIR
+
+
+#: test files by wall time in a `--durations` run on our 2-core machine, longest first; the suite runs
+#: them first so that `pytest -n 2 --dist loadfile` (make test) never leaves one long file for the end
+LONGEST_FIRST = (
+    "test_compile_check.py", "test_train_stage2_multihost.py", "test_train_remat.py", "test_train_multihost.py",
+    "test_train_stage2_buckets.py", "test_train_cli.py", "test_train_learning.py", "test_train_sharding.py",
+    "test_train_stage2_cli.py", "test_train_step.py", "test_scan_layers.py", "test_eval_devices.py",
+    "test_eval_answer_generate.py", "test_distributed_startup.py", "test_fused_attention.py", "test_demo.py",
+    "test_attention_and_decoding.py", "test_lora.py", "test_inference_events.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Long files first (stable: the files' own test order is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

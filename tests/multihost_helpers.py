@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from xla_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "cogstream_jax" / "assets" / "sample"
 TIMEOUT_S = 900
@@ -20,7 +22,7 @@ TIMEOUT_S = 900
 
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 

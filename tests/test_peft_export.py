@@ -16,6 +16,7 @@ from cogstream_jax.peft_io import save_peft_adapter
 from convert import lora_to_peft
 from peft_helpers import fresh_ours, fresh_torch, official_targets, run_cli, to_native_by_hand, with_random_adapters
 from weights_helpers import our_logits, reference_logits
+from xla_env import xla_flags
 
 ADAPTERS = (lora.LANGUAGE_MODULE, lora.FULL_MODULE)
 
@@ -195,7 +196,7 @@ def test_adapter_saved_on_a_mesh_converts_on_a_single_device(ours, tmp_path):
     lora.add_adapter(sharded, lora.FULL_MODULE, lora.full_module_spec(sharded.config))
     lora.set_adapter_tensors(sharded, lora.FULL_MODULE, lora.adapter_tensors(ours, lora.FULL_MODULE))
     adapter_io.save_adapter(sharded, lora.FULL_MODULE, tmp_path / "ours")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-m", "convert.lora_to_peft", "--adapter_dir", str(tmp_path / "ours"),
                            "--output_dir", str(tmp_path / "peft")], capture_output=True, text=True, env=env,
                           cwd=str(pathlib.Path(__file__).resolve().parents[1]), timeout=300)

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from xla_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "cogstream_jax" / "assets" / "sample"
 FAST = ["--model_path", "tiny", "--QA_path", str(SAMPLE), "--global_batch_size", "2", "--max_length", "576",
@@ -23,7 +25,7 @@ FAST = ["--model_path", "tiny", "--QA_path", str(SAMPLE), "--global_batch_size",
 
 def _env(devices: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -28,6 +28,7 @@ from cogstream_jax.training.losses import allowed_mask
 from cogstream_jax.training.setup import build_setup
 from cogstream_jax.training.step import StepOptions
 from train_helpers import ALLOWED, random_rows, random_video_batch, small_vocab_config
+from xla_env import xla_flags
 
 POLICIES = [p for p in REMAT_CHOICES if p != "none"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_remat_setting_is_checked_and_defaults_on():
 
 # ------------------------------------------------------------------------------------------ through the CLIs
 def _cli(module: str, out: pathlib.Path, args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from xla_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "cogstream_jax" / "assets" / "sample"
 ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
@@ -18,7 +20,7 @@ ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "
 
 
 def _run(out: pathlib.Path, *extra: str, devices: int = 1) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "train.stage2", *ARGS, "--output-dir", str(out), *extra], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -14,13 +14,13 @@ import sys
 import pytest
 
 from multihost_helpers import free_port
+from xla_env import xla_flags
 from weights_helpers import torch_model, write_native
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 pid, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -50,8 +50,8 @@ print(json.dumps({"process": pid, "devices": jax.device_count(), "local": jax.lo
 def test_two_processes_each_hold_their_correct_shards(tmp_path):
     folder = write_native(torch_model(), tmp_path / "native")
     port = str(free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(4))
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(pid), port, str(folder)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
     results = []
