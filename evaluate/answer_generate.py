@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cogstream_jax.inference.adapters import assign_official_adapters
     from cogstream_jax.inference.evaluation import check_settings, find_jobs, run_evaluation, shard
+    from cogstream_jax.inference.parallel import replicate_session
     from cogstream_jax.inference.session import StreamingSession
 
     retrieval_dir, answer_dir = args.retrieval_adapter, args.answer_adapter
@@ -112,14 +113,14 @@ def _run(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens, "resize": args.resize, "max_stream_frames": args.max_stream_frames,
         "embed_with": args.embed_with, "seed": args.seed, "dtype": args.dtype}
     check_settings(args.save_dir, settings)  # before loading any weights
+    groups = stream_groups(args.model_path, args.dtype, args.streams, args.devices_per_stream, len(jobs))
     session = StreamingSession.from_pretrained(
         args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
         max_stream_frames=args.max_stream_frames, dtype=args.dtype, greedy=args.greedy,
         decode_threads=args.decode_threads, mode=args.mode,
         max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed,
-        reuse_prefix=not args.no_reuse_prefix)
-    sessions, groups = local_sessions(session, args.streams, args.devices_per_stream, len(jobs))
-    del session  # when copies were placed on the device groups, the loaded model's memory is freed here
+        reuse_prefix=not args.no_reuse_prefix, devices=groups[0] if groups else None)
+    sessions = [session] + [replicate_session(session, g) for g in (groups or [])[1:]]
     stats = run_evaluation(sessions, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
                            progress=not args.no_progress, settings=settings, groups=groups)
     wait_for_all_processes("eval")
@@ -128,25 +129,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def local_sessions(session, streams: str | int, per_stream: str | int, n_jobs: int):
-    """The session copies that evaluate this process's videos at once, and each one's devices (see
-    inference/parallel.py); one stream on one device keeps `session` as loaded."""
+def stream_groups(model_path: str, dtype: str, streams: str | int, per_stream: str | int, n_jobs: int):
+    """The device groups that evaluate this process's videos at once, one model copy and stream each (see
+    inference/parallel.py), decided from the model's config before any weight is read; None: one stream on the
+    default device."""
     import jax
 
-    from cogstream_jax.inference.parallel import (device_groups, device_memory, devices_per_stream, replicate_session,
-                                                  stream_count)
-    from flax import nnx
-
-    from cogstream_jax.compile_log import tree_bytes
+    from cogstream_jax.inference.loading import weight_bytes
+    from cogstream_jax.inference.parallel import device_groups, device_memory, devices_per_stream, stream_count
 
     devices = jax.local_devices()
-    k = devices_per_stream(per_stream, len(devices), tree_bytes(nnx.state(session.model)), device_memory(devices[0]))
+    k = devices_per_stream(per_stream, len(devices), weight_bytes(model_path, dtype), device_memory(devices[0]))
     n = stream_count(streams, len(devices) // k, devices[0].platform)
     groups = device_groups(devices, k, max(1, min(n, n_jobs)))
     if len(groups) == 1 and k == 1:
-        return [session], None
+        return None
     print(f"eval: {len(groups)} stream(s) at once, {k} device(s) each", file=sys.stderr)
-    return [replicate_session(session, g) for g in groups], groups
+    return groups
 
 
 def worker_split(process_index: int | None, num_processes: int | None) -> tuple[int, int]:

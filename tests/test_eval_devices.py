@@ -101,3 +101,27 @@ def test_device_grouping_rules():
                 lambda: stream_count(9, 8, "gpu")):
         with pytest.raises(UserError):
             bad()
+
+
+def test_weights_load_straight_onto_their_device_group(tmp_path, monkeypatch):
+    """A copy sharded over a group is read onto that group's mesh tensor by tensor: the whole model never sits on
+    one device first (a 7B bf16 model does not fit one 16 GiB chip), and the groups are sized from the config."""
+    from flax import nnx
+
+    from cogstream_jax.compile_log import tree_bytes
+    from cogstream_jax.inference.loading import weight_bytes
+    from cogstream_jax.inference.session import StreamingSession
+    from cogstream_jax.weights import loader
+    from weights_helpers import torch_model, write_native
+
+    folder = str(write_native(torch_model(), tmp_path / "native"))
+    meshes, make_placer = [], loader.make_placer
+    monkeypatch.setattr(loader, "make_placer",
+                        lambda dtype, mesh, *a: meshes.append(mesh) or make_placer(dtype, mesh, *a))
+    group = tuple(jax.local_devices()[4:])
+    session = StreamingSession.from_pretrained(folder, devices=group)
+    assert [tuple(m.devices.flat) for m in meshes] == [group]
+    arrays = [v[...] for _, v in nnx.to_flat_state(nnx.state(session.model))]
+    assert arrays and all(a.sharding.device_set == set(group) for a in arrays)
+    assert any(len(a.sharding.shard_shape(a.shape)) and a.sharding.shard_shape(a.shape) != a.shape for a in arrays)
+    assert weight_bytes(folder) == tree_bytes(arrays)  # what --devices_per_stream auto weighs, before loading

@@ -64,20 +64,32 @@ def device_groups(devices: Sequence[jax.Device], per_stream: int, streams: int) 
     return groups[:streams]
 
 
+def group_mesh(group: Sequence[jax.Device]):
+    """The fsdp mesh over one group's devices (the training code's sharding rules place the weights on it)."""
+    from cogstream_jax.sharding import make_mesh
+
+    return make_mesh("1,-1,1", list(group))
+
+
+def place_on(model, group: Sequence[jax.Device]) -> None:
+    """Move `model` (weights and loaded adapters) onto `group` in place: committed to its one device, or
+    fsdp-sharded over its devices (fused attention then runs under shard_map over them)."""
+    from cogstream_jax.model.videollama3 import use_attention
+    from cogstream_jax.sharding import shard_model
+
+    mesh = group_mesh(group)
+    shard_model(model, mesh)
+    if len(group) > 1:
+        use_attention(model, model.attn_impl, mesh=mesh)
+
+
 def place_model(model, group: Sequence[jax.Device]):
-    """A copy of `model` (weights and loaded adapters) on `group`: committed to its one device, or fsdp-sharded
-    over its devices (fused attention then runs under shard_map over them)."""
+    """A copy of `model` on `group` (see `place_on`); `model` stays where it is."""
     from flax import nnx
 
-    from cogstream_jax.model.videollama3 import use_attention
-    from cogstream_jax.sharding import make_mesh, shard_model
-
     graphdef, state = nnx.split(model)
-    placed = nnx.merge(graphdef, state)  # new module objects; shard_model below replaces every array
-    mesh = make_mesh("1,-1,1", list(group))
-    shard_model(placed, mesh)
-    if len(group) > 1:
-        use_attention(placed, placed.attn_impl, mesh=mesh)
+    placed = nnx.merge(graphdef, state)  # new module objects; place_on replaces every array
+    place_on(placed, group)
     return placed
 
 

@@ -103,17 +103,24 @@ class StreamingSession:
     @classmethod
     def from_pretrained(cls, model_path: str, retrieval_adapter: str | None = None, answer_adapter: str | None = None,
                         resize: str = "faithful", max_stream_frames: int = 180, *, dtype: str = "float32",
-                        greedy: bool = False, decode_threads: int | None = None, **options: Any
-                        ) -> "StreamingSession":
+                        greedy: bool = False, decode_threads: int | None = None,
+                        devices: Sequence[Any] | None = None, **options: Any) -> "StreamingSession":
         """`model_path` is a checkpoint folder or the literal `tiny` (random tiny model, bundled tokenizer);
-        `decode_threads` host threads decode and resize video (None: the usable cores, at most 8)."""
+        `decode_threads` host threads decode and resize video (None: the usable cores, at most 8); `devices`:
+        load the weights straight onto these devices (fsdp-sharded when several, inference/parallel.py) instead
+        of the default device."""
         from cogstream_jax.inference.adapters import check_role, load_role_adapters
         from cogstream_jax.inference.loading import load_model_and_processor
+        from cogstream_jax.inference.parallel import group_mesh, place_on
 
         check_role(retrieval_adapter, "retrieval", "--retrieval_adapter")  # fail before loading any weights
         check_role(answer_adapter, "answer", "--answer_adapter")
-        model, processor, sampling = load_model_and_processor(model_path, dtype=dtype, decode_threads=decode_threads)
+        mesh = group_mesh(devices) if devices else None
+        model, processor, sampling = load_model_and_processor(model_path, dtype=dtype, decode_threads=decode_threads,
+                                                              mesh=mesh)
         names = load_role_adapters(model, retrieval_adapter, answer_adapter)
+        if devices:
+            place_on(model, devices)  # the adapters join the weights; fused attention learns the group's mesh
         return cls(model, processor, retrieval_adapter=names[0], answer_adapter=names[1],
                    sampling=sampling.greedy() if greedy else sampling,
                    options=SessionOptions(resize=resize, max_stream_frames=max_stream_frames, **options))
