@@ -248,6 +248,11 @@ def test_killed_cli_run_resumes_without_repeating_answered_requests(fixture_dirs
     assert report["judge"]["cache_hits"] == 5 and report["overall"]["Avg"] == hand_computed_summary()["Avg"]
 
 
+#: `python -c INTERRUPTIBLE module args...`: runs the module as `python -m` would, with Python's own SIGINT handler
+INTERRUPTIBLE = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+
 def test_ctrl_c_stops_promptly_and_keeps_finished_judgements(fixture_dirs, tmp_path):
     out = tmp_path / "out"
     # 1 s per request: the 30 queued after the 4th take 15 s, far more than the test's delay in sending SIGINT
@@ -255,7 +260,9 @@ def test_ctrl_c_stops_promptly_and_keeps_finished_judgements(fixture_dirs, tmp_p
         argv = ["--results_dir", str(fixture_dirs / "res"), "--dataset_dir", str(fixture_dirs / "ds"),
                 "--output_dir", str(out), "--judge", "openai", "--judge_url", server.url, "--judge_model", "scripted",
                 "--judge_concurrency", "2", "--no_plots"]
-        proc = subprocess.Popen([sys.executable, "-m", "evaluate.metrics", *argv], cwd=REPO,
+        # Ctrl-C as a terminal delivers it, whatever this process inherited: a shell that starts jobs in the
+        # background (CI runners, `make test &`) ignores SIGINT, and an ignored SIGINT stays ignored across exec
+        proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, "evaluate.metrics", *argv], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600  # a bound for a stuck run only
         while len(server.requests) < 4 and time.monotonic() < deadline and proc.poll() is None:
