@@ -39,8 +39,8 @@ def reference_dir() -> pathlib.Path:
     return REFERENCE_DIR
 
 
-#: test files by wall time in a `--durations` run on our 2-core machine, longest first; the suite runs
-#: them first so that `pytest -n 2 --dist loadfile` (make test) never leaves one long file for the end
+#: test files by wall time in a `--durations` run on our 2-core machine, longest first: `make test`'s workers
+#: (`-n 2 --dist loadfile`) take them in this order, so no long file is left running alone at the end
 LONGEST_FIRST = (
     "test_compile_check.py", "test_train_stage2_multihost.py", "test_train_remat.py", "test_train_multihost.py",
     "test_train_stage2_buckets.py", "test_train_cli.py", "test_train_learning.py", "test_train_sharding.py",
@@ -50,7 +50,23 @@ LONGEST_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(session, config, items) -> None:
-    """Long files first (stable: the files' own test order is kept)."""
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's file scheduler hands out the files with the most tests first; ours, the longest first."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+    class LongestFileFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "_ranked", False):
+                order = lambda item: rank.get(item[0].rsplit("/", 1)[-1], len(rank))  # noqa: E731
+                ranked = sorted(self.workqueue.items(), key=order)
+                self.workqueue.clear()
+                self.workqueue.update(ranked)
+                self._ranked = True
+            super()._assign_work_unit(node)
+
+    return LongestFileFirst(config, log)
