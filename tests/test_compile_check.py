@@ -202,3 +202,18 @@ def test_every_tpu_name_maps_to_a_libtpu_topology_with_its_device_count():
             continue
         devices = compile_only_devices(target)  # raises unless libtpu describes it with target.devices devices
         assert devices[0].device_kind == kinds[target.generation.name], name
+
+
+def test_gpu_targets_without_the_cudnn_library_are_a_clear_error():
+    """Tracing cuDNN attention needs the cuDNN library even to compile only; without it: one line naming the fix."""
+    from jax._src.lib import cuda_versions
+
+    from cogstream_jax.errors import ConfigError
+
+    try:
+        if cuda_versions is not None and cuda_versions.cudnn_get_version() > 0:
+            pytest.skip("this host has cuDNN")
+    except RuntimeError:
+        pass
+    with pytest.raises(ConfigError, match=r"--topology h100-8: cuDNN attention cannot be compiled here.*--attn_impl xla"):
+        cli.check_cudnn_library("h100-8")

@@ -121,6 +121,20 @@ def save_compiled(folder: str, reports) -> None:
     atomic_write_json(out / "index.json", index)
 
 
+def check_cudnn_library(topology: str) -> None:
+    """Tracing cuDNN attention asks the cuDNN library for its version; a GPU host has it (jax[cuda12] installs it),
+    a CPU host compiling for a GPU needs the wheel too."""
+    from jax._src.lib import cuda_versions
+
+    try:
+        available = cuda_versions is not None and cuda_versions.cudnn_get_version() > 0
+    except RuntimeError:
+        available = False
+    if not available:
+        raise ConfigError(f"--topology {topology}: cuDNN attention cannot be compiled here: the cuDNN library is not "
+                          "installed (pip install --no-deps 'nvidia-cudnn-cu12>=9.8,<10'), or pass --attn_impl xla")
+
+
 def run(args: argparse.Namespace) -> int:
     from cogstream_jax.compilecheck import hardware, jobs, report
     from cogstream_jax.compilecheck.devices import compile_only_devices
@@ -135,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = make_mesh(args.mesh, compile_only_devices(target))
     mesh_shape = {k: int(v) for k, v in mesh.shape.items()}
     attention = resolve_attn_impl(shape.attn_impl, target.platform, shape.compute_dtype or shape.dtype)
+    if attention == "cudnn":
+        check_cudnn_library(args.topology)
     print(f"{args.job} on {target.name}: {target.devices} devices ({target.generation.device_is}), "
           f"mesh {mesh_shape}, attention {attention}", file=sys.stderr)
     start = time.perf_counter()
