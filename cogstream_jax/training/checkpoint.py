@@ -1,13 +1,16 @@
 """Resumable training checkpoints with orbax: LoRA params, optimiser state, step, RNG and the grain iterator.
 
 Items of one step directory: `state` (every TrainState leaf, stored flat as `leaf_00000`... so odd pytree keys
-never reach orbax), `meta` (JSON: leaf paths for validation, run fingerprint, metrics) and `data` (grain
-iterator state, one file per process). Saves are asynchronous; `keep_last` old steps are kept. Restores go
-onto abstract targets that carry the CURRENT mesh's shardings, so a checkpoint written on one mesh restores on
-any other (topology-agnostic).
+never reach orbax), `meta` (JSON: leaf paths for validation, run fingerprint, metrics) and `data` (the data
+iterator's state, one file: every process of both stages reads the whole global batch, so the state is the same
+on all of them). Saves are asynchronous; `keep_last` old steps are kept. Restores go onto abstract targets that
+carry the CURRENT mesh's shardings, so a checkpoint written on one mesh, device count or process count restores on
+any other.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 from typing import Any
@@ -67,6 +70,46 @@ def _flat(tree: Any) -> dict[str, Any]:
     return {f"leaf_{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
+class SharedIteratorHandler(grain.checkpoint.CheckpointHandler):
+    """grain's iterator handler with one state file for all processes (grain writes one per process, named by the
+    process count, so a run saved by 2 processes could not resume in 1). Process 0 writes it; any process count
+    reads it; checkpoints written per process restore from their first file."""
+
+    FILE = "iterator.json"
+
+    def save(self, directory, item=None, args=None):
+        item = item or args.item
+        if jax.process_index() == 0:
+            state = item.get_state()
+            (directory / self.FILE).write_text(json.dumps(state, indent=4) if isinstance(state, dict)
+                                               else state.decode())
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        path = directory / self.FILE
+        if not path.exists():
+            legacy = sorted(directory.glob("process_*-of-*.json"))
+            if not legacy:
+                raise ValueError(f"{path} does not exist")
+            path = legacy[0]
+        text = path.read_text()
+        item.set_state(json.loads(text) if isinstance(item, grain.DatasetIterator) else text.encode())
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(SharedIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(SharedIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class TrainCheckpointer:
     """`CheckpointManager` over `directory` (created on first save)."""
 
@@ -77,7 +120,7 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler()})
+                           "data": SharedIteratorHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -88,7 +131,7 @@ class TrainCheckpointer:
         items = {"state": ocp.args.StandardSave(_flat(state)),
                  "meta": ocp.args.JsonSave({"leaf_paths": _leaf_paths(state), **(meta or {})})}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = IteratorSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         return step
 
@@ -119,7 +162,7 @@ class TrainCheckpointer:
                     for i, (x, s) in enumerate(zip(leaves, sh_leaves))}
         items = {"state": ocp.args.StandardRestore(abstract)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = IteratorRestore(data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
