@@ -215,5 +215,6 @@ def test_gpu_targets_without_the_cudnn_library_are_a_clear_error():
             pytest.skip("this host has cuDNN")
     except RuntimeError:
         pass
-    with pytest.raises(ConfigError, match=r"--topology h100-8: cuDNN attention cannot be compiled here.*--attn_impl xla"):
+    message = r"--topology h100-8: cuDNN attention cannot be compiled here.*--attn_impl xla"
+    with pytest.raises(ConfigError, match=message):
         cli.check_cudnn_library("h100-8")

@@ -3,7 +3,6 @@ restore onto another mesh, SIGTERM -> checkpoint -> resume, and clear one-line e
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -15,19 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from xla_env import xla_flags
+from multihost_helpers import _env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "cogstream_jax" / "assets" / "sample"
 FAST = ["--model_path", "tiny", "--QA_path", str(SAMPLE), "--global_batch_size", "2", "--max_length", "576",
         "--dtype", "float32", "--num_train_epochs", "1", "--no_progress", "--seed", "0"]
-
-
-def _env(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = xla_flags(devices)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def stage1(out: pathlib.Path, *extra: str, devices: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -106,7 +98,7 @@ def test_checkpoint_restores_onto_another_mesh(runs):
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     out = tmp_path / "term"
     cmd = [sys.executable, "-m", "train.stage1", *FAST, "--output_dir", str(out), "--max_steps", "50"]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 500
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):

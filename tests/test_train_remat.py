@@ -5,7 +5,6 @@ same holds through both CLIs (loss, gradient norm and final adapter of `--remat 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -28,7 +27,7 @@ from cogstream_jax.training.losses import allowed_mask
 from cogstream_jax.training.setup import build_setup
 from cogstream_jax.training.step import StepOptions
 from train_helpers import ALLOWED, random_rows, random_video_batch, small_vocab_config
-from xla_env import xla_flags
+from multihost_helpers import _env as subprocess_env
 
 POLICIES = [p for p in REMAT_CHOICES if p != "none"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -131,8 +130,7 @@ def test_remat_setting_is_checked_and_defaults_on():
 
 # ------------------------------------------------------------------------------------------ through the CLIs
 def _cli(module: str, out: pathlib.Path, args: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(1)
     return subprocess.Popen([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

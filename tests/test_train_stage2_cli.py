@@ -4,14 +4,13 @@ count and padding overhead, the adapter directory with the projector targets."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from xla_env import xla_flags
+from multihost_helpers import _env as subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "cogstream_jax" / "assets" / "sample"
@@ -20,8 +19,7 @@ ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "
 
 
 def _run(out: pathlib.Path, *extra: str, devices: int = 1) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(devices)
     return subprocess.run([sys.executable, "-m", "train.stage2", *ARGS, "--output-dir", str(out), *extra], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=900)
 

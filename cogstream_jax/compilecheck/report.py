@@ -40,7 +40,8 @@ class ProgramReport:
         return {**extra, "name": self.name, "label": self.label, "per_chip_bytes": self.per_chip_bytes,
                 "argument_bytes": self.argument_bytes, "temp_bytes": self.temp_bytes,
                 "output_bytes": self.output_bytes, "flops_per_chip": self.flops_per_chip,
-                "flops_method": self.flops_method, "examples_per_step": self.examples_per_step, "compile_s": round(self.compile_s, 2)}
+                "flops_method": self.flops_method, "examples_per_step": self.examples_per_step,
+                "compile_s": round(self.compile_s, 2)}
 
 
 @contextlib.contextmanager

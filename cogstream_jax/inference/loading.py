@@ -37,9 +37,11 @@ def weight_bytes(model_path: str, dtype: str = "float32") -> int:
     from cogstream_jax.config import ModelConfig, tiny
     from cogstream_jax.weights.loader import abstract_model, resolve_dtype
 
-    if model_path != TINY:
+    if model_path == TINY:
+        config = tiny()
+    else:
         _check_folder(model_path)
-    config = tiny() if model_path == TINY else ModelConfig.from_hf_config(model_path)
+        config = ModelConfig.from_hf_config(model_path)
     param_dtype = resolve_dtype(dtype)
     return tree_bytes(nnx.state(abstract_model(config, param_dtype, param_dtype)))
 

@@ -80,8 +80,8 @@ class SharedIteratorHandler(grain.checkpoint.CheckpointHandler):
     def save(self, directory, item=None, args=None):
         item = item or args.item
         if jax.process_index() == 0:
-            state = item.get_state()
-            (directory / self.FILE).write_text(json.dumps(state, indent=4) if isinstance(state, dict)
+            state = item.get_state()  # a dict for grain dataset iterators, bytes for the others (as grain stores them)
+            (directory / self.FILE).write_text(json.dumps(state, indent=4) if isinstance(item, grain.DatasetIterator)
                                                else state.decode())
 
     def restore(self, directory, item=None, args=None):
