@@ -20,7 +20,7 @@ from cogstream_jax.errors import ConfigError
 
 
 #: URL schemes `as_path` accepts (fsspec/epath backends; orbax's TensorStore checkpoints support gs://)
-URL_SCHEMES = ("gs", "s3", "memory")
+URL_SCHEMES = ("gs", "s3")
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 
 
@@ -44,16 +44,33 @@ def as_path(path: Any) -> Any:
         raise ConfigError(f"{text}: unsupported URL scheme {scheme!r} (supported: "
                           f"{', '.join(s + '://' for s in URL_SCHEMES)})")
     bucket = rest.split("/", 1)[0]
-    if scheme != "memory" and (not bucket or not re.fullmatch(r"[A-Za-z0-9._-]+", bucket)):
+    if not bucket or not re.fullmatch(r"[A-Za-z0-9._-]+", bucket):
         raise ConfigError(f"{text}: malformed URL (no valid bucket name after {scheme}://)")
     from etils import epath
 
     return epath.Path(text.rstrip("/") if len(rest) > len(bucket) + 1 else text)
 
 
-def check_writable(folder: Any) -> None:
+def as_given(path: Any) -> Any:
+    """`as_path`, except that a local path stays as the user gave it (relative stays relative, so reports and
+    messages name inputs as given); URLs are validated the same way."""
+    checked = as_path(path)
+    return checked if is_url(checked) else Path(path)
+
+
+def check_orbax_folder(folder: Any) -> None:
+    """orbax-checkpoint 0.12 writes arrays through TensorStore with gs:// as its only object store (an s3:// path
+    fails its absolute-path check only when the first checkpoint is saved): refuse s3:// before any work."""
+    if is_url(folder) and str(folder).lower().startswith("s3://"):
+        raise ConfigError(f"{folder}: orbax checkpoints cannot be written to s3:// (orbax-checkpoint 0.12 supports "
+                          "gs:// and local or mounted folders)")
+
+
+def check_writable(folder: Any, orbax: bool = False) -> None:
     """Create `folder` and write/delete a probe file there: an unwritable folder or bucket is a ConfigError now,
-    not a failure at the first checkpoint."""
+    not a failure at the first checkpoint. `orbax`: the folder will hold orbax checkpoints."""
+    if orbax:
+        check_orbax_folder(folder)
     path = as_path(folder)
     probe = path / f".cogstream-write-probe-{os.getpid()}"
     try:
@@ -102,11 +119,12 @@ def read_config_json(source: Any, filename: str) -> tuple[dict, str]:
 
     if isinstance(source, dict):
         return source, filename.rsplit(".", 1)[0]
-    path = os.fspath(source)
-    if os.path.isdir(path):
+    path = str(as_path(source)) if is_url(source) else os.fspath(source)
+    folder = as_path(path).is_dir() if is_url(path) else os.path.isdir(path)
+    if folder:
         path = os.path.join(path, filename)
     try:
-        with open(path) as f:
+        with (as_path(path).open("r") if is_url(path) else open(path)) as f:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: {filename} not found") from None

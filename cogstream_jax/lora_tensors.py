@@ -162,10 +162,12 @@ def from_model(model, name: str) -> AdapterTensors:
 
 
 def read_adapter_dir(directory: str | os.PathLike) -> AdapterTensors:
-    """Our adapter directory (adapter_meta.json + orbax `lora/`) -> host tensors, without building a model."""
+    """Our adapter directory (adapter_meta.json + orbax `lora/`) -> host tensors, without building a model.
+    A URL (gs://...) stays a URL: pathlib's absolute() would make it a local `gs:/bucket` folder."""
     from cogstream_jax import adapter_io
+    from cogstream_jax.io_utils import as_path
 
-    directory = pathlib.Path(directory).absolute()
+    directory = as_path(directory)
     meta, tensors = adapter_io.read_adapter_tensors(directory)
     check_rank(tensors, meta.spec.r, str(directory / adapter_io.META_FILE), "r")
     return AdapterTensors(meta.spec, tensors, meta.base_fingerprint, str(directory))

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cogstream_jax.io_utils import atomic_write_json, read_config_json
+from cogstream_jax import remote
+from cogstream_jax.io_utils import as_path, atomic_write_bytes, atomic_write_json, read_config_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import ConfigError, WeightError
 from cogstream_jax.lora_tensors import AdapterTensors, abstract_for, check_against_config
@@ -63,7 +63,7 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
         raise ConfigError(f"layout={layout!r}: expected 'original' or 'native'")
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"dtype={dtype!r}: expected one of {sorted(OUTPUT_DTYPES)}")
-    if os.path.abspath(model_path) == os.path.abspath(output_dir):
+    if remote.absolute(model_path) == remote.absolute(output_dir):
         raise ConfigError(f"--output_dir {output_dir}: must differ from --model_path")
     _refuse_orbax(model_path)
     config = ModelConfig.from_hf_config(model_path)
@@ -88,7 +88,7 @@ def export_merged(model_path: str | os.PathLike, adapter: AdapterTensors, output
             tensor = merged_weight(tensor, *pair, adapter.spec.scale)
         return tensor.astype(spec.dtype, copy=False)
 
-    os.makedirs(output_dir, exist_ok=True)
+    as_path(output_dir).mkdir(parents=True, exist_ok=True)
     signature = _signature(checkpoint, adapter, layout, specs, max_shard_bytes)
 
     def keep(path: str, shard: list[TensorSpec]) -> bool:
@@ -115,8 +115,8 @@ def _signature(checkpoint: Checkpoint, adapter: AdapterTensors, layout: str, spe
     digest = hashlib.sha256(json.dumps([layout, max_shard_bytes, adapter.spec.scale,
                                         [(s.name, s.shape, str(s.dtype)) for s in specs]]).encode())
     for file in checkpoint.files:
-        stat = os.stat(file)
-        digest.update(f"{os.path.basename(file)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        size, mtime = remote.size_and_mtime(file)
+        digest.update(f"{os.path.basename(file)}:{size}:{mtime!r}".encode())
     for name, (a, b) in sorted(adapter.tensors.items()):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(a).tobytes())
@@ -127,7 +127,7 @@ def _signature(checkpoint: Checkpoint, adapter: AdapterTensors, layout: str, spe
 def _complete(path: str, shard: list[TensorSpec], signature: str) -> bool:
     from cogstream_jax.peft_io import safetensors_metadata
 
-    if not os.path.isfile(path):
+    if not remote.isfile(path):
         return False
     try:
         header = read_header(path)
@@ -149,20 +149,18 @@ def _adapted_pair(adapter: AdapterTensors, entry: TensorEntry) -> tuple[np.ndarr
 def _refuse_orbax(model_path: str) -> None:
     from cogstream_jax.weights.orbax_io import is_orbax_folder
 
-    if os.path.isdir(model_path) and is_orbax_folder(model_path):
+    if remote.isdir(model_path) and is_orbax_folder(model_path):
         raise WeightError(f"{model_path}: --model_path is an orbax folder; merged export streams safetensors, so "
                           "first run `python -m convert.orbax_to_hf --model_path ... --output_dir BASE`")
 
 
 def _copy_side_files(model_path: str, output_dir: str) -> None:
     """Tokenizer / processor files of the base, so the merged folder is usable on its own."""
-    for name in sorted(os.listdir(model_path)):
+    for name in remote.listdir(model_path):
         src = os.path.join(model_path, name)
-        if (os.path.isfile(src) and name.endswith(_SIDE_FILE_SUFFIXES) and name not in _NOT_COPIED
-                and not name.endswith(".safetensors")):
-            tmp = os.path.join(output_dir, f".{name}.tmp{os.getpid()}")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, os.path.join(output_dir, name))
+        if (name.endswith(_SIDE_FILE_SUFFIXES) and name not in _NOT_COPIED and not name.endswith(".safetensors")
+                and remote.isfile(src)):
+            atomic_write_bytes(os.path.join(output_dir, name), as_path(src).read_bytes())
 
 
 def export_merged_from_dir(model_path: str | os.PathLike, adapter_dir: str | os.PathLike,

@@ -12,7 +12,8 @@ weights for modules its `target_modules` do not match, so reading checks both: e
 the config targets, every target must exist, and the rank must agree with the config. We write
 `target_modules` as the full module paths (never leaf names such as `q_proj`, which would also wrap the vision
 tower's projections). The base fingerprint travels in the safetensors metadata, so an adapter written here refuses
-a different base when it comes back.
+a different base when it comes back. Folders may be object-store URLs (gs://bucket/...), read and written there
+(each file one upload).
 """
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax import remote
+from cogstream_jax.io_utils import as_given, atomic_write_json
 from cogstream_jax.adapter_io import read_json_object
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.lora import AdapterError, LoraSpec, add_adapter, adapter_names, delete_adapter, set_adapter_tensors
 from cogstream_jax.lora_tensors import (AdapterTensors, check_against_config, check_rank, from_model, layout_of,
                                         module_in_layout, modules_by_name, ordered)
 from cogstream_jax.weights.keys import Layout
-from cogstream_jax.weights.safetensors_io import Checkpoint, TensorSpec, read_tensor, write_file
+from cogstream_jax.weights.safetensors_io import Checkpoint, TensorSpec, write_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,7 +51,7 @@ _UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "layer_replication",
 # ---------------------------------------------------------------------------------------------- folder lookup
 def adapter_folder(directory: str | os.PathLike, adapter_name: str | None = None) -> pathlib.Path:
     """The folder holding one adapter: `<dir>/<adapter_name>/` in peft's multi-adapter save layout, else `<dir>`."""
-    directory = pathlib.Path(directory)
+    directory = as_given(directory)
     if not directory.is_dir():
         raise AdapterError(f"{directory}: PEFT adapter folder does not exist")
     if adapter_name and (directory / adapter_name / CONFIG_FILE).is_file():
@@ -95,7 +97,7 @@ def read_peft_adapter(directory: str | os.PathLike, adapter_name: str | None = N
         other = " (adapter_model.bin is not read: re-save it with safe_serialization=True)" \
             if (folder / "adapter_model.bin").is_file() else ""
         raise AdapterError(f"{weights}: missing adapter weights{other}")
-    tensors = _collect_pairs(Checkpoint(weights), str(weights))
+    tensors = _collect_pairs(Checkpoint(os.fspath(weights)), str(weights))
     layout = layout_of(tensors, str(weights))  # also rejects a file mixing both layouts
     _check_targets_cover(raw["target_modules"], list(tensors), str(folder / CONFIG_FILE))
     if config is not None:
@@ -117,18 +119,17 @@ def read_peft_adapter(directory: str | os.PathLike, adapter_name: str | None = N
 
 
 def _collect_pairs(checkpoint: Checkpoint, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{module in the file's layout: (A [in, r], B [r, out])} from PEFT keys, strictly."""
+    """{module in the file's layout: (A [in, r], B [r, out])} from PEFT keys, strictly. The names are checked
+    before any tensor is read, and the tensors come through one open file (one stream from an object store)."""
     found: dict[str, dict[str, np.ndarray]] = {}
-    bad = []
-    for key, info in checkpoint.tensors.items():
-        match = _KEY_RE.match(key)
-        if match is None:
-            bad.append(key)
-            continue
-        found.setdefault(match["module"], {})[match["ab"]] = read_tensor(info).T  # PEFT [r, in] / [out, r]
+    bad = [key for key in checkpoint.tensors if _KEY_RE.match(key) is None]
     if bad:
         hint = f" (PEFT keys start with '{KEY_PREFIX}' and end in '.lora_A.weight' / '.lora_B.weight')"
         raise AdapterError(f"{source}: {len(bad)} key(s) are not LoRA A/B weights: {', '.join(bad[:4])}{hint}")
+    arrays = dict(checkpoint.iter_tensors())
+    for key in checkpoint.tensors:  # header order, as before
+        match = _KEY_RE.match(key)
+        found.setdefault(match["module"], {})[match["ab"]] = arrays.pop(key).T  # PEFT [r, in] / [out, r]
     if not found:
         raise AdapterError(f"{source}: no LoRA tensors")
     half = [m for m, pair in found.items() if set(pair) != {"A", "B"}]
@@ -173,7 +174,7 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors header (read_header validates the rest)."""
     import struct
 
-    with open(path, "rb") as f:
+    with remote.open_file(os.fspath(path), "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     meta = header.get("__metadata__") or {}
@@ -197,10 +198,10 @@ def write_peft_adapter(adapter: AdapterTensors, output_dir: str | os.PathLike, l
                        base_model_name_or_path: str | None = None) -> pathlib.Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` (each file atomically) for `layout`. An earlier
     config goes first and the new one comes last, so an interrupted overwrite leaves a folder PEFT refuses
-    rather than new weights read with an old scale."""
+    rather than new weights read with an old scale. A URL `output_dir` gets each file as one upload."""
     if layout not in ("original", "native"):
         raise AdapterError(f"layout={layout!r}: expected 'original' or 'native'")
-    output_dir = pathlib.Path(output_dir)
+    output_dir = as_given(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     modules = {module_in_layout(name, layout): pair for name, pair in adapter.tensors.items()}
     arrays: dict[str, np.ndarray] = {}
@@ -212,9 +213,9 @@ def write_peft_adapter(adapter: AdapterTensors, output_dir: str | os.PathLike, l
     if adapter.base_fingerprint:
         metadata[FINGERPRINT_METADATA] = adapter.base_fingerprint
     (output_dir / CONFIG_FILE).unlink(missing_ok=True)
-    write_file(str(output_dir / WEIGHTS_FILE), specs, lambda spec: arrays[spec.name], metadata)
+    write_file(os.fspath(output_dir / WEIGHTS_FILE), specs, lambda spec: arrays[spec.name], metadata)
     base = base_model_name_or_path if base_model_name_or_path is not None else DEFAULT_BASE_NAME[layout]
-    atomic_write_json(str(output_dir / CONFIG_FILE), peft_config_json(adapter.spec, list(modules), base))
+    atomic_write_json(os.fspath(output_dir / CONFIG_FILE), peft_config_json(adapter.spec, list(modules), base))
     return output_dir
 
 
@@ -252,7 +253,7 @@ def read_any_adapter(directory: str | os.PathLike, adapter_name: str | None = No
     from cogstream_jax.adapter_io import META_FILE
     from cogstream_jax.lora_tensors import read_adapter_dir
 
-    if not (pathlib.Path(directory) / META_FILE).is_file():
+    if not (as_given(directory) / META_FILE).is_file():
         return read_peft_adapter(directory, adapter_name, config, base)
     adapter = read_adapter_dir(directory)
     if config is not None:

@@ -8,11 +8,12 @@ parameters; `load_pretrained(output_dir)` restores them directly into any device
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from cogstream_jax import remote
 from cogstream_jax.cli_utils import add_flag, run_cli
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.io_utils import check_orbax_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +30,11 @@ def convert(model_path: str, output_dir: str, dtype: str = "bfloat16") -> None:
     from cogstream_jax.weights.loader import load_pretrained
     from cogstream_jax.weights.orbax_io import save_orbax
 
-    if os.path.abspath(model_path) == os.path.abspath(output_dir):
+    if remote.absolute(model_path) == remote.absolute(output_dir):
         raise ConfigError(f"--output_dir {output_dir}: must differ from --model_path")
+    check_orbax_folder(output_dir)
     model = load_pretrained(model_path, dtype=dtype)
-    save_orbax(model, output_dir, source=os.path.abspath(model_path), copy_aux_from=model_path)
+    save_orbax(model, output_dir, source=remote.absolute(model_path), copy_aux_from=model_path)
     print(f"wrote {output_dir} ({dtype}) from {model_path}", file=sys.stderr)
 
 

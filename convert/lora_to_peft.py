@@ -6,6 +6,7 @@ Writes `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight` [r
 and `adapter_config.json` whose `target_modules` are the full module paths of the chosen layout: `original` for
 the VideoLLaMA3 / CogStream model (`model.layers.{i}.self_attn.q_proj`, `model.mm_projector.readout.0`),
 `native` for transformers' `VideoLlama3ForConditionalGeneration` (`model.language_model.layers...`).
+Either folder may be an object-store URL (gs://bucket/...).
 """
 from __future__ import annotations
 
@@ -34,11 +35,10 @@ def convert(adapter_dir: str, output_dir: str, layout: str, base_name: str | Non
     from cogstream_jax.lora_tensors import AdapterTensors, check_against_config, ordered, read_adapter_dir
     from cogstream_jax.peft_io import write_peft_adapter
 
-    import os
-
+    from cogstream_jax import remote
     from cogstream_jax.errors import ConfigError
 
-    if os.path.abspath(adapter_dir) == os.path.abspath(output_dir):
+    if remote.absolute(adapter_dir) == remote.absolute(output_dir):  # URLs compare as URLs, not under the cwd
         raise ConfigError(f"--output_dir {output_dir}: must differ from --adapter_dir")
     adapter = read_adapter_dir(adapter_dir)
     config = None

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
+from cogstream_jax import remote
 from cogstream_jax.cli_utils import add_flag, run_cli
 from cogstream_jax.errors import ConfigError
 
@@ -42,7 +42,7 @@ def stored_dtype(model_path: str) -> str:
     """The single parameter dtype recorded in an orbax folder, else float32."""
     from cogstream_jax.weights.orbax_io import is_orbax_folder, read_meta
 
-    if os.path.isdir(model_path) and is_orbax_folder(model_path):
+    if remote.isdir(model_path) and is_orbax_folder(model_path):
         dtypes = read_meta(model_path).get("param_dtypes") or []
         if len(dtypes) == 1 and dtypes[0] in ("bfloat16", "float32"):
             return dtypes[0]
@@ -53,7 +53,7 @@ def export(model_path: str, output_dir: str, layout: str, dtype: str | None, max
     from cogstream_jax.weights.export import save_pretrained
     from cogstream_jax.weights.loader import load_pretrained
 
-    if os.path.abspath(model_path) == os.path.abspath(output_dir):
+    if remote.absolute(model_path) == remote.absolute(output_dir):
         raise ConfigError(f"--output_dir {output_dir}: must differ from --model_path")
     max_bytes = parse_size(max_shard_size)
     dtype = dtype or stored_dtype(model_path)

@@ -5,7 +5,7 @@
 `--adapter_dir` holds `adapter_config.json` + `adapter_model.safetensors`, or is peft's multi-adapter save layout
 (one sub-folder per adapter; `--adapter_name` picks it). The adapter is checked against the base model: `--model_path`
 (a checkpoint folder), else the folder its `base_model_name_or_path` names when that exists here, else the bundled
-VideoLLaMA3-7B config that CogStream's adapters are made for.
+VideoLLaMA3-7B config that CogStream's adapters are made for. Folders may be object-store URLs (gs://bucket/...).
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import argparse
 import os
 import sys
 
+from cogstream_jax import remote
 from cogstream_jax.cli_utils import add_flag, run_cli
+from cogstream_jax.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,9 +42,18 @@ def base_config(model_path: str | None, adapter_dir: str, adapter_name: str):
         named = json.loads((folder / CONFIG_FILE).read_text()).get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
         named = None
-    if isinstance(named, str) and os.path.isfile(os.path.join(named, "config.json")):
+    if isinstance(named, str) and _has_config(named):
         return ModelConfig.from_hf_config(named), named
     return videollama3_7b(), "VideoLLaMA3-7B by default; pass --model_path for another base"
+
+
+def _has_config(folder: str) -> bool:
+    """Whether `folder` (a local path or a gs:// URL) holds config.json; a hub id or an unsupported URL scheme
+    is simply not a folder here."""
+    try:
+        return remote.isfile(os.path.join(folder, "config.json"))
+    except ConfigError:
+        return False
 
 
 def convert(adapter_dir: str, adapter_name: str, output_dir: str, model_path: str | None) -> None:
@@ -56,7 +67,7 @@ def convert(adapter_dir: str, adapter_name: str, output_dir: str, model_path: st
     config, base = base_config(model_path, adapter_dir, adapter_name)
     adapter = read_peft_adapter(adapter_dir, adapter_name, config, base=f"the base model ({base})")
     write_adapter_dir(adapter, adapter_name, output_dir, config.fingerprint(),
-                      f"cogstream_jax {__version__} (convert.peft_to_lora from {os.path.abspath(adapter_dir)})")
+                      f"cogstream_jax {__version__} (convert.peft_to_lora from {remote.absolute(adapter_dir)})")
     print(f"wrote {output_dir}: adapter {adapter_name!r}, {len(adapter.tensors)} modules", file=sys.stderr)
 
 

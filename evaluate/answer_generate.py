@@ -10,13 +10,13 @@ the videos are split without duplicates over the processes of a multi-process JA
 workers named by `--num_processes/--process_index`; inside a process, each group of `--devices_per_stream` local
 devices evaluates one stream at a time (inference/parallel.py). The official `--lora_adapter_1_path` /
 `--lora_adapter_2_path` are accepted: each adapter's role is read from its content (the answer adapter targets
-the projector), because the official script loads them swapped (protocol 7 #3).
+the projector), because the official script loads them swapped (protocol 7 #3). Every folder (model, adapters,
+videos, queries, results) may be an object-store URL (gs://bucket/...); results are then written there.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from cogstream_jax.cli_utils import add_flag as _add
 from cogstream_jax.cli_utils import run_cli
@@ -30,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(parser, "answer_adapter", default=None, help="answer (stage 2, full_module) adapter folder")
     _add(parser, "lora_adapter_1_path", default=None, help="official flag; role detected from content")
     _add(parser, "lora_adapter_2_path", default=None, help="official flag; role detected from content")
-    _add(parser, "video_dir", required=True, type=Path, help="event_segments folder ({video}/{video}_segment_n.mp4)")
-    _add(parser, "query_dir", required=True, type=Path, help="QA_Dataset folder ({video}.json)")
-    _add(parser, "save_dir", required=True, type=Path, help="where {video}.json results go")
+    # folders stay strings here (made paths in _run): a URL such as gs://bucket/run must not become gs:/bucket/run,
+    # and a malformed one is a one-line error there, not a traceback from an argparse type hook
+    _add(parser, "video_dir", required=True, help="event_segments folder ({video}/{video}_segment_n.mp4), or a URL")
+    _add(parser, "query_dir", required=True, help="QA_Dataset folder ({video}.json), or a URL")
+    _add(parser, "save_dir", required=True, help="where {video}.json results go (a folder or a gs:// URL)")
     _add(parser, "mode", default="FCC", choices=["FCC", "AC", "NC", "gt"], help="history selection mode (FCC)")
     _add(parser, "chains", default="first", choices=["first", "all"], help="evaluate chain 0 (official) or all")
     _add(parser, "limit", default=None, type=int, help="evaluate at most N videos (after the process split)")
@@ -84,7 +86,9 @@ def _run(args: argparse.Namespace) -> int:
     from cogstream_jax.inference.evaluation import check_settings, find_jobs, run_evaluation, shard
     from cogstream_jax.inference.parallel import replicate_session
     from cogstream_jax.inference.session import StreamingSession
+    from cogstream_jax.io_utils import as_path
 
+    video_dir, query_dir, save_dir = as_path(args.video_dir), as_path(args.query_dir), as_path(args.save_dir)
     retrieval_dir, answer_dir = args.retrieval_adapter, args.answer_adapter
     if args.lora_adapter_1_path or args.lora_adapter_2_path:
         if retrieval_dir or answer_dir:
@@ -103,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         import jax
 
         args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    jobs = shard(find_jobs(args.video_dir, args.query_dir, warn=lambda m: print(m, file=sys.stderr)), index, count)
+    jobs = shard(find_jobs(video_dir, query_dir, warn=lambda m: print(m, file=sys.stderr)), index, count)
     jobs = jobs[: args.limit] if args.limit is not None else jobs
     # what changes the result files (not: paths of the data, worker split, threads, prefix reuse, --limit)
     settings = {
@@ -112,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         "mode": args.mode, "chains": args.chains, "max_questions": args.max_questions, "greedy": args.greedy,
         "max_new_tokens": args.max_new_tokens, "resize": args.resize, "max_stream_frames": args.max_stream_frames,
         "embed_with": args.embed_with, "seed": args.seed, "dtype": args.dtype}
-    check_settings(args.save_dir, settings)  # before loading any weights
+    check_settings(save_dir, settings)  # before loading any weights
     groups = stream_groups(args.model_path, args.dtype, args.streams, args.devices_per_stream, len(jobs))
     session = StreamingSession.from_pretrained(
         args.model_path, retrieval_adapter=retrieval_dir, answer_adapter=answer_dir, resize=args.resize,
@@ -121,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, embed_with=args.embed_with, seed=args.seed,
         reuse_prefix=not args.no_reuse_prefix, devices=groups[0] if groups else None)
     sessions = [session] + [replicate_session(session, g) for g in (groups or [])[1:]]
-    stats = run_evaluation(sessions, jobs, args.save_dir, chains=args.chains, max_questions=args.max_questions,
+    stats = run_evaluation(sessions, jobs, save_dir, chains=args.chains, max_questions=args.max_questions,
                            progress=not args.no_progress, settings=settings, groups=groups)
     wait_for_all_processes("eval")
     print(f"done: {stats['videos']} videos ({stats['skipped']} already finished), {stats['questions']} questions, "

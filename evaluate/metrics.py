@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from cogstream_jax.cli_utils import EXIT_USER_ERROR, add_flag, run_cli
 from cogstream_jax.errors import UserError
@@ -22,9 +21,10 @@ from cogstream_jax.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluate.metrics", description=__doc__.split("\n\n")[0])
-    add_flag(parser, "results_dir", required=True, type=Path, help="folder of {video}.json result files")
-    add_flag(parser, "dataset_dir", required=True, type=Path, help="split folder holding VQA_Dataset/ (labels)")
-    add_flag(parser, "output_dir", required=True, type=Path, help="where report.json, report.md and PNGs go")
+    # folders stay strings (score_results makes them paths): a gs:// URL must not become a local gs:/ folder
+    add_flag(parser, "results_dir", required=True, help="folder (or gs:// URL) of {video}.json result files")
+    add_flag(parser, "dataset_dir", required=True, help="split folder holding VQA_Dataset/ (labels)")
+    add_flag(parser, "output_dir", required=True, help="where report.json, report.md and PNGs go")
     add_flag(parser, "judge", default="offline", choices=["offline", "openai", "local"],
              help="offline: text-similarity proxy (default); openai: OpenAI-compatible server; local: our JAX model")
     add_flag(parser, "judge_url", default=None, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "judge_concurrency", default=4, type=int, help="parallel judge requests (default 4)")
     add_flag(parser, "judge_timeout", default=60.0, type=float, help="seconds per judge request (default 60)")
     add_flag(parser, "judge_retries", default=3, type=int, help="retries per judgement after the first try (default 3)")
-    add_flag(parser, "cache_dir", default=None, type=Path, help="judgement cache (default <output_dir>/judge_cache)")
+    add_flag(parser, "cache_dir", default=None, help="judgement cache (default <output_dir>/judge_cache)")
     add_flag(parser, "model_path", default=None, help="model for --judge local")
     add_flag(parser, "no_plots", action="store_true", help="skip the PNG figures")
     add_flag(parser, "allow_partial_chains", action="store_true",

@@ -44,9 +44,9 @@ def reference_dir() -> pathlib.Path:
 LONGEST_FIRST = (
     "test_compile_check.py", "test_train_stage2_multihost.py", "test_train_remat.py", "test_train_multihost.py",
     "test_train_stage2_buckets.py", "test_train_cli.py", "test_train_learning.py", "test_train_sharding.py",
-    "test_train_stage2_cli.py", "test_train_step.py", "test_scan_layers.py", "test_eval_devices.py",
+    "test_train_stage2_cli.py", "test_remote_paths.py", "test_train_step.py", "test_scan_layers.py", "test_eval_devices.py",
     "test_eval_answer_generate.py", "test_distributed_startup.py", "test_fused_attention.py", "test_demo.py",
-    "test_attention_and_decoding.py", "test_lora.py", "test_inference_events.py",
+    "test_attention_and_decoding.py", "test_lora.py", "test_inference_events.py", "test_remote_eval.py",
 )
 
 

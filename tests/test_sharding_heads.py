@@ -16,7 +16,7 @@ from cogstream_jax import lora
 from cogstream_jax.config import tiny
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.model.videollama3 import VideoLlama3
-from cogstream_jax.sharding import constrain_rows, logical_to_spec, make_mesh, state_shardings
+from cogstream_jax.sharding import constrain_rows, logical_to_spec, make_mesh
 from cogstream_jax.training import run_common
 from cogstream_jax.training.optim import stage2_optim
 from cogstream_jax.training.setup import abstract_setup

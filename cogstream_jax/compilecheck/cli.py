@@ -37,11 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", required=True, help=f"accelerator type: {', '.join(TARGETS)}")
     p.add_argument("--job", required=True, help=f"one of {', '.join(JOBS)}")
     p.add_argument("--model_path", required=True,
-                   help="a preset (videollama3_7b, tiny, bench) or a checkpoint folder (only config.json is read)")
+                   help="a preset (videollama3_7b, tiny, bench) or a checkpoint folder or gs:// URL (only config.json "
+                        "is read)")
     p.add_argument("--mesh", default=DEFAULT_MESH, help="data,fsdp,tensor over the target's devices (default: the "
                                                         f"training jobs' {DEFAULT_MESH}, FSDP over all devices)")
     p.add_argument("--json", action="store_true", help="one JSON line last")
-    p.add_argument("--save_compiled", default=None, help="folder for the serialised executables")
+    p.add_argument("--save_compiled", default=None, help="folder (or gs:// URL) for the serialised executables")
     g = p.add_argument_group("the job's own flags")
     g.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
     g.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
@@ -65,16 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_config(path: str):
+    """A preset's config, or config.json of a checkpoint folder (a gs:// URL is read there, never as a local
+    `gs:/bucket` folder)."""
     from cogstream_jax.config import PRESETS, ModelConfig
+    from cogstream_jax.io_utils import as_path, is_url, read_config_json
 
     if path in PRESETS:
         return PRESETS[path]()
-    folder = pathlib.Path(path)
+    folder = as_path(path)
     if not folder.is_dir():
         raise ConfigError(f"--model_path {path}: neither a preset ({', '.join(PRESETS)}) nor a folder")
     if not (folder / "config.json").is_file():
         raise ConfigError(f"--model_path {path}: no config.json in the folder")
-    return ModelConfig.from_hf_config(folder)
+    config, source = read_config_json(str(folder) if is_url(folder) else pathlib.Path(path), "config.json")
+    return ModelConfig.from_hf_config(config, source=source)
 
 
 def job_shape(args: argparse.Namespace):
@@ -101,22 +106,21 @@ def job_shape(args: argparse.Namespace):
 
 
 def save_compiled(folder: str, reports) -> None:
-    """Serialise each executable (jax.experimental.serialize_executable) beside a small index."""
+    """Serialise each executable (jax.experimental.serialize_executable) beside a small index; each file is
+    written atomically (a local rename, or one upload to a gs:// URL)."""
     import pickle
 
     from jax.experimental import serialize_executable
 
-    from cogstream_jax.io_utils import atomic_write_json
+    from cogstream_jax.io_utils import as_path, atomic_write_bytes, atomic_write_json
 
-    out = pathlib.Path(folder)
+    out = as_path(folder)
     out.mkdir(parents=True, exist_ok=True)
     index = []
     for i, r in enumerate(reports):
         payload, in_tree, out_tree = serialize_executable.serialize(r.executable)
         path = out / f"{i:02d}_{r.name}.pkl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps((payload, in_tree, out_tree)))
-        tmp.replace(path)
+        atomic_write_bytes(path, pickle.dumps((payload, in_tree, out_tree)))
         index.append({"name": r.name, "label": r.label, "file": path.name})
     atomic_write_json(out / "index.json", index)
 
@@ -142,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     from cogstream_jax.sharding import make_mesh
 
     target = hardware.target(args.topology)
+    if args.save_compiled:
+        from cogstream_jax.io_utils import as_path
+
+        as_path(args.save_compiled)  # a malformed URL is an error now, not after minutes of compiling
     if args.job not in jobs.JOBS:
         raise ConfigError(f"--job {args.job!r}: choose one of {', '.join(jobs.JOBS)}")
     config = model_config(args.model_path)

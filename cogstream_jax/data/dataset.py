@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from cogstream_jax import remote
 from cogstream_jax.data.records import Chain, parse_chains, parse_vqa_labels
 from cogstream_jax.errors import DataError, VideoError
 from cogstream_jax.io_utils import as_path
@@ -122,7 +123,7 @@ def probe_duration(path: Path) -> float:
     import av
 
     try:
-        with av.open(str(path)) as container:
+        with av.open(remote.local_file(str(path))) as container:
             if container.duration is None:
                 raise VideoError(f"{path}: container has no duration (field format.duration)")
             return container.duration / 1_000_000

@@ -20,6 +20,7 @@ from typing import Sequence
 import av
 import numpy as np
 
+from cogstream_jax import remote
 from cogstream_jax.data.threads import balanced_groups, thread_map
 
 H264_IDR, H264_NON_IDR = 5, 1
@@ -111,7 +112,7 @@ def _decode_runs(path: str, index: DecodeIndex, targets: dict[int, int], runs: S
     frames: dict[int, np.ndarray] = {}
     seek_pts = dict(zip(index.idr_positions, index.idr_pts))
     position = {pts: k for k, pts in enumerate(index.decode_pts)}
-    with av.open(path) as container:
+    with av.open(remote.local_file(path)) as container:
         stream = container.streams.video[0]
         codec = stream.codec_context
         length_size = nal_length_size(codec.extradata) if codec.name == "h264" and skip_disposable else None

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import tempfile
 from fractions import Fraction
 from typing import Iterable
 
 import av
 import numpy as np
+
+from cogstream_jax.io_utils import atomic_write_bytes, is_url
 
 # libx264 settings that make the output a function of the input frames and the encode arguments alone:
 #
@@ -46,7 +50,8 @@ def write_mp4(
     the machine or on what the process did before, so generated datasets are reproducible (see X264_OPTIONS).
     """
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}.mp4"
+    remote = is_url(path)  # an object store: encode into a local temp file, then upload it as one object
+    tmp = tempfile.mkstemp(suffix=".mp4")[1] if remote else f"{path}.tmp-{os.getpid()}.mp4"
     rate = Fraction(fps).limit_denominator(1001)
     container = av.open(tmp, mode="w")
     try:
@@ -70,5 +75,11 @@ def write_mp4(
             container.mux(packet)
     finally:
         container.close()
-    os.replace(tmp, path)
+    if remote:
+        try:
+            atomic_write_bytes(path, pathlib.Path(tmp).read_bytes())
+        finally:
+            os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
     return path

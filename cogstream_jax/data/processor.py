@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import os
-import pathlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -17,6 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from cogstream_jax import remote
+from cogstream_jax.io_utils import as_path
 from cogstream_jax.data.image import (
     IMAGE_MERGE_SIZE,
     VIDEO_MERGE_SIZE,
@@ -95,8 +96,8 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> "Processor":
-        """Tokenizer files plus `preprocessor_config.json` / `processor_config.json` from a local folder."""
-        directory = pathlib.Path(directory)
+        """Tokenizer files plus `preprocessor_config.json` / `processor_config.json` from a folder (local or URL)."""
+        directory = as_path(directory)
         return cls(load_tokenizer(directory), load_settings(directory), **kwargs)
 
     # ---------------------------------------------------------------- pieces
@@ -129,8 +130,8 @@ class Processor:
         """Decode one planned clip (memoised when the processor was built with `cache_frames=True`)."""
         if self._frame_cache is None:
             return decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
-        stat = os.stat(plan.path)
-        key = (plan.path, stat.st_mtime_ns, stat.st_size, plan.trim_time, plan.frame_indices)
+        size, mtime = remote.size_and_mtime(plan.path)
+        key = (plan.path, mtime, size, plan.trim_time, plan.frame_indices)
         with self._frame_cache_lock:
             clip = self._frame_cache.get(key)
             if clip is not None:
@@ -151,10 +152,10 @@ class Processor:
         from_pil = isinstance(source, (str, os.PathLike, Image.Image))
         if isinstance(source, (str, os.PathLike)):
             image_path = os.fspath(source)
-            if not os.path.isfile(image_path):
+            if not remote.isfile(image_path):
                 raise VideoError(f"{image_path}: image file does not exist ({where}.image)")
             try:
-                with Image.open(image_path) as opened:
+                with Image.open(remote.local_file(image_path)) as opened:
                     source = opened.convert("RGB")
             except (OSError, ValueError) as exc:
                 raise VideoError(f"{image_path}: cannot be read as an image ({exc})") from None

@@ -14,6 +14,9 @@ from cogstream_jax.errors import ConfigError
 # A Qwen2 tokenizer folder needs its config plus either tokenizer.json or the vocab.json + merges.txt pair.
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+#: every file the tokenizer may read (copied to a local folder when the checkpoint folder is a URL)
+TOKENIZER_FILES = (TOKENIZER_CONFIG, "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json", "chat_template.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def _triple(data: dict[str, Any], key: str, default: tuple[float, float, float],
     return tuple(float(v) for v in value)
 
 
-def load_settings(directory: pathlib.Path) -> ProcessorSettings:
+def load_settings(directory) -> ProcessorSettings:
     """Settings from the folder's JSON files; absent files give the VideoLLaMA3 defaults."""
     pre_path = directory / "preprocessor_config.json"
     proc_path = directory / "processor_config.json"
@@ -82,12 +85,16 @@ def load_settings(directory: pathlib.Path) -> ProcessorSettings:
     )
 
 
-def load_tokenizer(directory: pathlib.Path):
+def load_tokenizer(directory):
     """The Qwen2 tokenizer of a VideoLLaMA3 folder, from local files only.
 
     `Qwen2Tokenizer` is named directly: `AutoTokenizer` would read the checkpoint's config.json, whose custom
     `videollama3_qwen2` type makes transformers warn (or, without `trust_remote_code=False`, prompt).
     """
+    from cogstream_jax import remote
+    from cogstream_jax.io_utils import as_path
+
+    directory = as_path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: tokenizer folder does not exist")
     if not (directory / TOKENIZER_CONFIG).is_file():
@@ -102,6 +109,7 @@ def load_tokenizer(directory: pathlib.Path):
     try:
         with warnings.catch_warnings():  # transformers warns about the checkpoint's config.json, not the tokenizer
             warnings.simplefilter("ignore", FutureWarning)
-            return Qwen2Tokenizer.from_pretrained(str(directory), local_files_only=True)
+            local = remote.local_folder(str(directory), TOKENIZER_FILES)  # transformers reads local files only
+            return Qwen2Tokenizer.from_pretrained(local, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{directory}: the tokenizer files cannot be loaded ({exc})") from None

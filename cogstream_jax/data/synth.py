@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax.io_utils import as_path, atomic_write_json
 from cogstream_jax.cli_utils import ArgumentParser, run_cli
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR
 from cogstream_jax.data.mp4_writer import write_mp4
@@ -124,7 +124,7 @@ def generate_dataset(
         raise UserError("--videos/--long_videos: need at least one video and no negative counts")
     if chains < 1:
         raise UserError("--chains: need at least one chain per video")
-    root = Path(output_dir)
+    root = as_path(output_dir)
     for sub in (QA_DIR, VQA_DIR, SEGMENTS_DIR):
         (root / sub).mkdir(parents=True, exist_ok=True)
     for i in range(videos):

@@ -18,6 +18,7 @@ from typing import Sequence
 import av
 import numpy as np
 
+from cogstream_jax import remote
 from cogstream_jax.data.frame_selection import (
     AV_TIME_BASE,
     fps_selection,
@@ -75,12 +76,12 @@ class VideoClip:
 
 
 def _open(path: str):
-    if not os.path.isfile(path):
+    if not remote.isfile(path):
         raise VideoError(f"{path}: video file does not exist")
-    if os.path.getsize(path) == 0:
+    if remote.getsize(path) == 0:
         raise VideoError(f"{path}: video file is empty (0 bytes)")
     try:
-        return av.open(path)
+        return av.open(remote.local_file(path))
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise VideoError(f"{path}: cannot be read as a video ({exc.__class__.__name__}: {exc})") from None
 
@@ -166,7 +167,7 @@ def _decode_decord(probe: VideoProbe, wanted: Sequence[int], threads: int = 1) -
     except ImportError:  # pragma: no cover - decord is a pinned dependency
         raise VideoError(f"{probe.path}: decoder 'decord' requested but decord is not installed") from None
     try:
-        reader = decord.VideoReader(probe.path, ctx=decord.cpu(0), num_threads=threads)
+        reader = decord.VideoReader(remote.local_file(probe.path), ctx=decord.cpu(0), num_threads=threads)
         if len(reader) != len(probe.pts):
             raise VideoError(f"{probe.path}: decord counts {len(reader)} frames, the demuxer {len(probe.pts)}")
         batch = reader.get_batch(list(wanted)).asnumpy()

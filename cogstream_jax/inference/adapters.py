@@ -5,7 +5,7 @@ adapter (`language_module`, stage 1) targets only LLM layers. The official evalu
 `--lora_adapter_1_path` as full_module and `--lora_adapter_2_path` as language_module, the swap of protocol 7 #3;
 we look at what each folder contains instead of trusting the flag order, and stop on a mismatch. Both our adapter
 folders (`adapter_meta.json`) and PyTorch PEFT folders (`adapter_config.json`, e.g. the released CogReasoner
-adapters) load.
+adapters) load, from local folders or object-store URLs (gs://bucket/...).
 """
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ import os
 from typing import Literal
 
 from cogstream_jax.adapter_io import META_FILE, load_adapter, read_adapter_meta
+from cogstream_jax.io_utils import as_path
 from cogstream_jax.lora import FULL_MODULE, LANGUAGE_MODULE, AdapterError
 
 Role = Literal["answer", "retrieval"]
 ROLE_NAMES = {"answer": FULL_MODULE, "retrieval": LANGUAGE_MODULE}
 
 
+def _is_ours(directory: str) -> bool:
+    """Our format (adapter_meta.json) rather than PEFT's; through as_path, so a gs:// folder is looked up there."""
+    return (as_path(directory) / META_FILE).is_file()
+
+
 def _targets(directory: str) -> str:
     """The adapter's target modules as one string, from our adapter_meta.json or a PEFT adapter_config.json."""
-    if os.path.isfile(os.path.join(directory, META_FILE)) or not os.path.isdir(directory):
+    if _is_ours(directory) or not as_path(directory).is_dir():
         return " ".join(read_adapter_meta(directory).spec.target_modules)
     from cogstream_jax.peft_io import adapter_folder, read_peft_config
 
@@ -67,7 +73,7 @@ def load_role_adapters(model, retrieval_dir: str | None, answer_dir: str | None)
 
 
 def _load(model, directory: str, name: str) -> str:
-    if os.path.isfile(os.path.join(directory, META_FILE)):
+    if _is_ours(directory):
         return load_adapter(model, directory, name=name)
     from cogstream_jax.peft_io import load_peft_adapter
 

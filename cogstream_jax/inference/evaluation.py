@@ -4,7 +4,8 @@ Per video (only chain 0 unless `chains="all"`): group the chain's QAs by Event_T
 the sorted segment files (protocol 1.4), add segment k before the first QA of group k, ask every QA in order,
 save `{save_dir}/{video}.json` = {"video_name", "Data": [[per-QA dicts]]} (the official keys, indent 4, UTF-8)
 atomically. A QA that fails with a user error (e.g. prompt over the context limit) is saved with an `error`
-field and an empty prediction; it stays in the conversation so later indices keep their meaning.
+field and an empty prediction; it stays in the conversation so later indices keep their meaning. The folders may
+be object-store URLs (gs://bucket/...): they are handled as `as_path` paths (epath), each file one upload.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 from cogstream_jax.data.dataset import list_segments, read_json, zip_mapping
 from cogstream_jax.data.records import Chain, QARecord, parse_chains
 from cogstream_jax.errors import DataError, UserError
-from cogstream_jax.io_utils import atomic_write_text
+from cogstream_jax.io_utils import as_path, atomic_write_text
 from cogstream_jax.inference.session import StreamingSession
 from cogstream_jax.run_settings import as_json, describe_changes
 
@@ -33,6 +34,7 @@ class VideoJob:
 
 def find_jobs(video_dir: Path, query_dir: Path, warn: Callable[[str], None] = print) -> list[VideoJob]:
     """Every `query_dir/*.json` whose segment folder exists (the official rule; others are warned about)."""
+    video_dir, query_dir = as_path(video_dir), as_path(query_dir)
     if not query_dir.is_dir():
         raise DataError(f"{query_dir}: --query_dir does not exist")
     if not video_dir.is_dir():
@@ -69,6 +71,7 @@ SETTINGS_FILE = ".cogstream_eval_settings"
 def check_settings(save_dir: Path, settings: dict | None) -> None:
     """A rerun skips finished videos, so it must be the same run: with result files present, refuse settings
     that differ from those recorded with them, naming them."""
+    save_dir = as_path(save_dir)
     path = save_dir / SETTINGS_FILE
     if settings is None or not path.is_file() or not any(save_dir.glob("*.json")):
         return
@@ -156,6 +159,7 @@ def run_evaluation(session: StreamingSession | Sequence[StreamingSession], jobs:
     from cogstream_jax.inference.parallel import run_workers
 
     sessions = [session] if isinstance(session, StreamingSession) else list(session)
+    save_dir = as_path(save_dir)
     check_settings(save_dir, settings)
     save_dir.mkdir(parents=True, exist_ok=True)
     jobs = list(jobs)

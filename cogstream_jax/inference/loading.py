@@ -1,8 +1,10 @@
-"""Model + processor + sampling defaults for inference, from a checkpoint folder or the literal `tiny`."""
+"""Model + processor + sampling defaults for inference, from a checkpoint folder (local or an object-store URL
+such as gs://bucket/model: file checks go through `remote`, which keeps URLs as URLs) or the literal `tiny`."""
 from __future__ import annotations
 
 import os
 
+from cogstream_jax import remote
 from cogstream_jax.data.processor import Processor
 from cogstream_jax.errors import WeightError
 from cogstream_jax.model.sampling import SamplingConfig
@@ -25,7 +27,7 @@ def tiny_model(seed: int = 0, dtype: str = "float32"):
 
 
 def _check_folder(model_path: str) -> None:
-    if not os.path.isdir(model_path):
+    if not remote.isdir(model_path):
         raise WeightError(f"{model_path}: model folder not found (or pass the literal 'tiny')")
 
 
@@ -64,10 +66,10 @@ def load_model_and_processor(model_path: str, dtype: str = "float32", decode_thr
         from cogstream_jax.weights.loader import load_pretrained
 
         model = load_pretrained(model_path, dtype=dtype, mesh=mesh)
-        has_tokenizer = all(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES)
+        has_tokenizer = all(remote.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES)
         directory = model_path if has_tokenizer else bundled_model_dir()
     # the checkpoint's own generation_config.json wins even when its tokenizer files are missing
     candidates = [os.path.join(d, "generation_config.json") for d in (model_path, directory) if d != TINY]
-    generation = next((c for c in candidates if os.path.isfile(c)), None)
+    generation = next((c for c in candidates if remote.isfile(c)), None)
     sampling = SamplingConfig.from_generation_config(generation or bundled_model_dir())
     return model, Processor.from_pretrained(directory, threads=decode_threads), sampling

@@ -1,7 +1,8 @@
 """On-disk cache of judgements, keyed by a hash of the judge identity and the exact prompt messages.
 
 One small JSON file per judgement, written atomically, so an interrupted run loses at most the calls in
-flight, concurrent workers never corrupt each other, and a rerun with the same judge costs nothing.
+flight, concurrent workers never corrupt each other, and a rerun with the same judge costs nothing. The cache
+may live in an object store (gs://...): each entry is then one object, written with one upload.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax.io_utils import as_given, atomic_write_json
 
 
 def judgement_key(judge_identity: str, messages: list[dict[str, str]]) -> str:
@@ -21,7 +22,7 @@ class JudgeCache:
     """`get`/`put` of score dicts under `root/<key[:2]>/<key>.json`; a corrupt entry counts as missing."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = as_given(root)
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"

@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from typing import Callable, Protocol
 
+from cogstream_jax import remote
 from cogstream_jax.errors import ConfigError, UserError
 from cogstream_jax.scoring.judge_prompts import JudgeRequest
 from cogstream_jax.scoring.nlp_metrics import rouge_l, token_f1, words
@@ -215,7 +216,7 @@ class LocalJudge:
         if not model_path:
             raise ConfigError("--judge local needs --model_path")
         self._chat = loader(model_path)
-        self.identity = f"local:{os.path.abspath(model_path)}"
+        self.identity = f"local:{remote.absolute(model_path)}"  # a gs:// model stays a URL
 
     def judge(self, request: JudgeRequest) -> Scores:
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cogstream_jax.errors import DataError
+from cogstream_jax.io_utils import as_given
 
 # The 11 classes in the paper's column order (protocol 3.4 / 3.5), with the table header of each.
 CAPABILITIES: tuple[tuple[str, str], ...] = (
@@ -111,7 +112,7 @@ def _parse_item(item: Any, position: int, where: str) -> QALabel:
 
 def vqa_dir(dataset_dir: Path) -> Path:
     """The VQA_Dataset folder of a split directory; a clear error when the user points elsewhere."""
-    folder = Path(dataset_dir) / "VQA_Dataset"
+    folder = as_given(dataset_dir) / "VQA_Dataset"
     if not folder.is_dir():
         raise DataError(f"--dataset_dir {dataset_dir}: has no VQA_Dataset folder (the labelled chains, protocol 1.3)")
     return folder

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cogstream_jax.errors import DataError
+from cogstream_jax.io_utils import as_given
 from cogstream_jax.scoring.aggregate import ScoredQA, summarize
 from cogstream_jax.scoring.join import QARecord, join_results
 from cogstream_jax.scoring.judge_cache import JudgeCache
@@ -97,7 +98,9 @@ def build_report(records: list[QARecord], scored: list[ScoredQA], outcome: Judgi
 def score_results(results_dir: Path, dataset_dir: Path, output_dir: Path, judge: Judge, cache_dir: Path | None = None,
                   concurrency: int = 4, progress: bool = False, plots: bool = True,
                   allow_partial: bool = False) -> ScoringRun:
-    """Score every result file; bad files are listed in the report and the rest is still scored."""
+    """Score every result file; bad files are listed in the report and the rest is still scored. Any folder may
+    be a URL (gs://...): the report, figures and judge cache are then written there."""
+    results_dir, dataset_dir, output_dir = as_given(results_dir), as_given(dataset_dir), as_given(output_dir)
     vqa_dir(dataset_dir)
     videos, skipped_files = load_results_dir(results_dir)
     joined = join_results(videos, skipped_files, dataset_dir, allow_partial)
@@ -107,11 +110,11 @@ def score_results(results_dir: Path, dataset_dir: Path, output_dir: Path, judge:
         raise DataError(f"--results_dir {results_dir}: no result file could be scored ({len(skipped)} skipped; "
                         f"first: {first})")
     records = list(joined.records)
-    cache = JudgeCache(Path(cache_dir) if cache_dir else Path(output_dir) / "judge_cache")
+    cache = JudgeCache(as_given(cache_dir) if cache_dir else output_dir / "judge_cache")
     scored, outcome = judge_records(records, judge, cache, concurrency, progress)
     inputs = {"results_dir": str(results_dir), "dataset_dir": str(dataset_dir),
               "result_files": len(videos) + len(skipped_files), "videos_scored": len({r.video for r in records}),
               "qas_scored": len(records), "qas_with_inference_error": sum(r.qa.error is not None for r in records)}
     report = build_report(records, scored, outcome, judge, inputs, skipped, list(joined.question_mismatches))
-    write_report(Path(output_dir), report, plots=plots)
-    return ScoringRun(report=report, output_dir=Path(output_dir))
+    write_report(output_dir, report, plots=plots)
+    return ScoringRun(report=report, output_dir=output_dir)

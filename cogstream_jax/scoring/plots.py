@@ -13,8 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cogstream_jax.io_utils import as_given, atomic_write_bytes  # noqa: E402
 from cogstream_jax.scoring import METRICS  # noqa: E402
-from cogstream_jax.io_utils import atomic_write_bytes  # noqa: E402
 from cogstream_jax.scoring.labels import CAPABILITIES  # noqa: E402
 from cogstream_jax.scoring.paper_results import PAPER_ROWS  # noqa: E402
 
@@ -28,6 +28,7 @@ def expected_pixel_size(name: str) -> tuple[int, int]:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """Render to memory, then one atomic write: a local temp file renamed, or one upload to a URL."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     plt.close(fig)
@@ -85,7 +86,7 @@ def retrieval_figure(path: Path, report: dict[str, Any]) -> Path:
 
 
 def write_plots(output_dir: Path, report: dict[str, Any]) -> list[Path]:
-    output_dir = Path(output_dir)
+    output_dir = as_given(output_dir)
     return [capability_figure(output_dir / "capabilities.png", report),
             metric_figure(output_dir / "metrics.png", report),
             retrieval_figure(output_dir / "retrieval.png", report)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from cogstream_jax.io_utils import as_given, atomic_write_json, atomic_write_text
 from cogstream_jax.scoring import METRICS
-from cogstream_jax.io_utils import atomic_write_json, atomic_write_text
 from cogstream_jax.scoring.labels import CAPABILITIES, LEVEL_NAMES
 from cogstream_jax.scoring.paper_results import PAPER_ROWS
 
@@ -101,7 +101,7 @@ def render_markdown(report: dict[str, Any], plots: bool = True) -> str:
 
 def write_report(output_dir: Path, report: dict[str, Any], plots: bool = True) -> list[Path]:
     """Write report.json, report.md and (optionally) the PNG figures; returns the written paths."""
-    output_dir = Path(output_dir)
+    output_dir = as_given(output_dir)
     written = [output_dir / "report.json", output_dir / "report.md"]
     atomic_write_json(written[0], report)
     atomic_write_text(written[1], render_markdown(report, plots=plots))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cogstream_jax.errors import DataError
+from cogstream_jax.io_utils import as_given
 
 REQUIRED_QA_FIELDS = ("qa_id", "question", "answer", "prediction", "predicted_coi", "predicted_visual", "coi")
 
@@ -106,7 +107,7 @@ def _parse_qa(raw: Any, position: int, where: str) -> QAResult:
 
 def load_result_file(path: Path) -> VideoResult:
     """Parse and validate one result file; raise DataError naming the file and field on any problem."""
-    path = Path(path)
+    path = as_given(path)
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -148,7 +149,7 @@ def _is_scoring_report(path: Path) -> bool:
 
 def load_results_dir(results_dir: Path) -> tuple[list[VideoResult], list[SkippedFile]]:
     """Load every `*.json` in `results_dir` (sorted); bad files are returned as SkippedFile, not raised."""
-    results_dir = Path(results_dir)
+    results_dir = as_given(results_dir)
     if not results_dir.is_dir():
         raise DataError(f"--results_dir {results_dir}: not a directory")
     files = sorted(results_dir.glob("*.json"))

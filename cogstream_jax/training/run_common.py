@@ -102,7 +102,7 @@ def start(args: argparse.Namespace) -> None:
         raise ConfigError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     check_resume(checkpoint_dir(args.output_dir), args.resume)
     if is_primary():
-        check_writable(args.output_dir)
+        check_writable(args.output_dir, orbax=True)
 
 
 def given(value: Any, default: Any) -> Any:
@@ -126,7 +126,7 @@ def load_model(args: argparse.Namespace, mesh) -> tuple[nnx.Module, pathlib.Path
     from cogstream_jax.weights.loader import load_pretrained
 
     model = load_pretrained(args.model_path, dtype=args.dtype, mesh=mesh, compute_dtype=args.compute_dtype)
-    folder = pathlib.Path(args.model_path)
+    folder = as_path(args.model_path)
     if not all((folder / m).is_file() for m in TOKENIZER_MARKERS):
         print(f"note: {folder} has no tokenizer files; using the bundled VideoLLaMA3 tokenizer", file=sys.stderr)
         folder = bundled_model_dir()

@@ -33,6 +33,7 @@ from cogstream_jax import lora
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR, load_dataset
 from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
 from cogstream_jax.data.processor import Processor
+from cogstream_jax.io_utils import as_path, is_url
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import run_common
@@ -45,15 +46,18 @@ from cogstream_jax.training.stage2_device import Stage2Device, project
 from cogstream_jax.training.step import StepOptions, add_grads_jit, data_parallel_size
 
 
-def dataset_root(query_dir: str, video_dir: str) -> pathlib.Path:
+def dataset_root(query_dir: str, video_dir: str):
     """The dataset root holding QA_Dataset/ and event_segments/; linked together in a temp folder if the two
-    flags do not point at siblings with the standard names."""
-    query, video = pathlib.Path(query_dir).absolute(), pathlib.Path(video_dir).absolute()
+    flags do not point at siblings with the standard names (URLs must be siblings: links cannot point there)."""
+    query, video = as_path(query_dir), as_path(video_dir)
     for flag, path in (("--query_dir", query), ("--video_dir", video)):
         if not path.is_dir():
             raise ConfigError(f"{flag} {path}: folder not found")
-    if query.name == QA_DIR and video == query.parent / SEGMENTS_DIR:
+    if query.name == QA_DIR and str(video) == str(query.parent / SEGMENTS_DIR):
         return query.parent
+    if is_url(query) or is_url(video):
+        raise ConfigError(f"--query_dir {query} and --video_dir {video}: on an object store they must be the "
+                          f"{QA_DIR}/ and {SEGMENTS_DIR}/ folders of one dataset folder")
     root = pathlib.Path(tempfile.mkdtemp(prefix="cogstream-stage2-"))
     os.symlink(query, root / QA_DIR)
     os.symlink(video, root / SEGMENTS_DIR)

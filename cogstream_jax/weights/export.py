@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax import remote
+from cogstream_jax.io_utils import as_path, atomic_write_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.weights.assign import export_hf_tensors, param_leaves
@@ -48,8 +49,8 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, layout: Layou
     if dtype is not None and dtype not in _DTYPE_NAMES:
         raise ConfigError(f"dtype={dtype!r}: expected one of {sorted(_DTYPE_NAMES)}")
     np_dtype = None if dtype is None else np.dtype(_DTYPE_NAMES[dtype])
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = remote.absolute(out_dir)
+    as_path(out_dir).mkdir(parents=True, exist_ok=True)
     specs = export_specs(model, layout, np_dtype)
     tensors = export_hf_tensors(model, layout)
 

@@ -70,10 +70,11 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = "float32", mesh: Mesh 
     `compute_dtype`: activation dtype (defaults to `dtype`; softmax, norms and logits stay fp32 regardless).
     `mesh`: place each parameter with the `NamedSharding` of its logical axes under `rules`.
     """
+    from cogstream_jax import remote
     from cogstream_jax.weights import orbax_io
 
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not remote.isdir(path):
         raise WeightError(f"{path}: checkpoint folder not found")
     param_dtype = resolve_dtype(dtype)
     compute = resolve_dtype(compute_dtype, "compute_dtype") if compute_dtype is not None else param_dtype

@@ -10,7 +10,6 @@ Layout of the folder:
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Mapping
 
 import jax
@@ -18,7 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax import remote
+from cogstream_jax.io_utils import as_path, atomic_write_bytes, atomic_write_json
 from cogstream_jax.config import ModelConfig
 from cogstream_jax.errors import WeightError
 from cogstream_jax.sharding import DEFAULT_RULES, variable_sharding
@@ -45,7 +45,7 @@ def _checkpointer():
 
 
 def is_orbax_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, META_NAME))
+    return remote.isfile(os.path.join(path, META_NAME))
 
 
 def read_meta(path: str) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def read_meta(path: str) -> dict[str, Any]:
 
     meta_path = os.path.join(path, META_NAME)
     try:
-        with open(meta_path) as f:
+        with remote.open_file(meta_path, "r") as f:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise WeightError(f"{meta_path}: not valid JSON ({e})") from None
@@ -74,20 +74,19 @@ def save_orbax(model: nnx.Module, out_dir: str | os.PathLike, *, source: str | N
     """Write `model`'s parameters (as they are: dtype and sharding) into our orbax folder format."""
     import orbax.checkpoint as ocp
 
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = remote.absolute(out_dir)
+    as_path(out_dir).mkdir(parents=True, exist_ok=True)
     meta_path = os.path.join(out_dir, META_NAME)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
+    as_path(meta_path).unlink(missing_ok=True)
     flat = {key: var.get_value() for key, var in _flat_params(nnx.state(model, nnx.Param)).items()}
-    _checkpointer().save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.StandardSave(flat), force=True)
+    _checkpointer().save(as_path(out_dir) / PARAMS_DIR, args=ocp.args.StandardSave(flat), force=True)
     config: ModelConfig = model.config
     atomic_write_json(os.path.join(out_dir, "config.json"), config.to_hf_config("native"))
     if copy_aux_from:
         for name in AUX_FILES:
             src = os.path.join(copy_aux_from, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(out_dir, name))
+            if remote.isfile(src):
+                atomic_write_bytes(os.path.join(out_dir, name), as_path(src).read_bytes())
     dtypes = sorted({str(np.dtype(v.dtype)) for v in flat.values()})
     atomic_write_json(meta_path, {
         "format": FORMAT,
@@ -111,7 +110,7 @@ def restore_params(path: str, config: ModelConfig, state: nnx.State, mesh: Mesh 
         raise WeightError(f"{os.path.join(path, 'config.json')}: does not match the config the parameters were "
                           f"saved with (fingerprint {config.fingerprint()} vs {meta.get('config_fingerprint')} in "
                           f"{META_NAME})")
-    params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    params_dir = as_path(path) / PARAMS_DIR
     checkpointer = _checkpointer()
     try:
         stored = dict(checkpointer.metadata(params_dir).item_metadata.tree)

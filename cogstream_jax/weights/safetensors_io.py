@@ -7,7 +7,8 @@ We parse the format ourselves (an 8-byte little-endian header length, a JSON hea
   memory-mapped pages that would count towards RSS;
 - truncated files and inconsistent headers are detected before any byte is read, with the file and tensor named.
 Writing is the inverse: the header is computed from shapes alone, then the tensors are produced and written one
-by one into a temp file that replaces the target atomically.
+by one into a temp file that replaces the target atomically (on an object store: one streamed upload, which
+readers see whole or not at all). Paths may be URLs (`gs://...`, see cogstream_jax.remote).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import re
 import struct
 from typing import Callable, Iterable, Iterator, Sequence
@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
-from cogstream_jax.io_utils import atomic_write_json
+from cogstream_jax import remote
+from cogstream_jax.io_utils import as_path, atomic_write_json, is_url
 from cogstream_jax.errors import WeightError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,8 +63,8 @@ class TensorInfo:
 def read_header(path: str) -> dict[str, TensorInfo]:
     """Parse and validate one file's header (no tensor data is read)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = remote.getsize(path)
+        with remote.open_file(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise WeightError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -103,7 +104,7 @@ def read_tensor(info: TensorInfo, handle=None) -> np.ndarray:
     """One tensor as a fresh numpy array (bf16 as `ml_dtypes.bfloat16`)."""
     out = np.empty(info.shape, info.dtype)
     own = handle is None
-    f = open(info.file, "rb") if own else handle
+    f = remote.open_file(info.file, "rb") if own else handle
     try:
         f.seek(info.start)
         got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
@@ -127,7 +128,7 @@ class Checkpoint:
         self.path = path
         self.files = _checkpoint_files(path)
         self.tensors: dict[str, TensorInfo] = {}
-        index = _read_index(path) if os.path.isdir(path) else None
+        index = _read_index(path) if remote.isdir(path) else None
         for file in self.files:
             for name, info in read_header(file).items():
                 if name in self.tensors:
@@ -149,17 +150,17 @@ class Checkpoint:
         """(name, array) pairs file by file in on-disk order; each array is the only one held by this reader."""
         for file in self.files:
             infos = sorted((i for i in self.tensors.values() if i.file == file), key=lambda i: i.start)
-            with open(file, "rb") as f:
+            with remote.open_file(file, "rb") as f:
                 for info in infos:
                     yield info.name, read_tensor(info, f)
 
 
 def _read_index(folder: str) -> dict[str, str] | None:
     index_path = os.path.join(folder, INDEX_NAME)
-    if not os.path.exists(index_path):
+    if not remote.exists(index_path):
         return None
     try:
-        with open(index_path) as f:
+        with remote.open_file(index_path, "r") as f:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise WeightError(f"{index_path}: malformed index (need a 'weight_map' object): {e}") from None
@@ -169,21 +170,21 @@ def _read_index(folder: str) -> dict[str, str] | None:
 
 
 def _checkpoint_files(path: str) -> list[str]:
-    if os.path.isfile(path):
+    if remote.isfile(path):
         return [path]
-    if not os.path.isdir(path):
+    if not remote.isdir(path):
         raise WeightError(f"{path}: no such checkpoint file or folder")
     index = _read_index(path)
     if index is not None:
         files = []
         for shard in dict.fromkeys(index.values()):
             file = os.path.join(path, shard)
-            if not os.path.isfile(file):
+            if not remote.isfile(file):
                 raise WeightError(f"{file}: shard named in {os.path.join(path, INDEX_NAME)} is missing")
             files.append(file)
         return files
     single = os.path.join(path, SINGLE_NAME)
-    if os.path.isfile(single):
+    if remote.isfile(single):
         return [single]
     raise WeightError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
@@ -222,21 +223,29 @@ def _header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str] | None) 
 def write_file(path: str, specs: Sequence[TensorSpec], produce: Producer,
                metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file atomically, asking `produce` for each tensor in turn."""
+    if is_url(path):  # one upload, committed when the stream closes without an error
+        with as_path(path).open("wb") as f:
+            _write_tensors(f, specs, produce, metadata)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(_header_bytes(specs, metadata))
-            for spec in specs:
-                array = np.ascontiguousarray(produce(spec))
-                if array.shape != tuple(spec.shape) or array.dtype != np.dtype(spec.dtype):
-                    raise ValueError(f"tensor {spec.name!r}: produced {array.shape} {array.dtype}, "
-                                     f"declared {spec.shape} {spec.dtype}")
-                f.write(memoryview(array.reshape(-1).view(np.uint8)))
-                del array
+            _write_tensors(f, specs, produce, metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_tensors(f, specs: Sequence[TensorSpec], produce: Producer, metadata: dict[str, str] | None) -> None:
+    f.write(_header_bytes(specs, metadata))
+    for spec in specs:
+        array = np.ascontiguousarray(produce(spec))
+        if array.shape != tuple(spec.shape) or array.dtype != np.dtype(spec.dtype):
+            raise ValueError(f"tensor {spec.name!r}: produced {array.shape} {array.dtype}, "
+                             f"declared {spec.shape} {spec.dtype}")
+        f.write(memoryview(array.reshape(-1).view(np.uint8)))
+        del array
 
 
 def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
@@ -272,9 +281,9 @@ def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], pro
     Returns the file names.
     """
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
+    as_path(folder).mkdir(parents=True, exist_ok=True)
     for marker in (INDEX_NAME, CONFIG_NAME):
-        pathlib.Path(folder, marker).unlink(missing_ok=True)
+        (as_path(folder) / marker).unlink(missing_ok=True)
     specs = list(specs)
     shards = plan_shards(specs, max_shard_bytes)
     names = _shard_names(len(shards))
@@ -287,9 +296,9 @@ def write_checkpoint(folder: str | os.PathLike, specs: Iterable[TensorSpec], pro
         weight_map = {spec.name: name for name, shard in zip(names, shards) for spec in shard}
         atomic_write_json(index_path, {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                                        "weight_map": weight_map})
-    for stale in os.listdir(folder):
+    for stale in remote.listdir(folder):
         stale_shard = _SHARD_RE.match(stale) or stale == SINGLE_NAME
         leftover = _TEMP_RE.match(stale) is not None
         if (stale_shard and stale not in names) or leftover:  # (an earlier index went first)
-            os.remove(os.path.join(folder, stale))
+            (as_path(folder) / stale).unlink()
     return names
