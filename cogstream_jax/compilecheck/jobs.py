@@ -4,7 +4,8 @@ stage1: the accumulating step (`TrainSetup.accumulating_step`) on a full global 
 stage2: the bucketed gradient (`stage2_device.Stage2Device.grad`: data x fsdp QAs of the largest QA shape,
         `stage2_buckets.synthetic_qa` packed by the same `pack_call` as real QAs) and the frozen vision tower's
         chunk program.
-eval:   the segment encoder's vision pass, the answer prefill at the largest prompt bucket and the decode loop
+eval:   the segment encoder's vision pass, the answer prefill at the largest prompt bucket (into an empty cache,
+        as a stream's first question runs, and after a kept prefix, as later ones do) and the decode loop
         (`inference.segments`, `model.generate`), with both adapters loaded and the answer adapter active.
 """
 from __future__ import annotations
@@ -154,7 +155,7 @@ def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
 def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:
     from cogstream_jax.inference import segments
     from cogstream_jax.inference.prefix_cache import MIN_CAPACITY
-    from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, prefill
+    from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, prefill, prefill_empty_cache
     from cogstream_jax.model.qwen2 import KVCache
     from cogstream_jax.model.sampling import SamplingConfig
 
@@ -184,10 +185,10 @@ def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Prog
     key = sds((2,), jnp.uint32)
     ids = sds((1, prompt), jnp.int32)
 
-    def lower_prefill():
-        return prefill.lower(graphdef, state, ids, None, sds((rows, config.text.hidden_size), compute), None, ids,
-                             ids, sds((1, 1), jnp.int32), cache, sds((1, vocab), jnp.bool_), None, key,
-                             layout=None, num_kept=rows, sampling=sampling)
+    def lower_prefill(fill):
+        return lambda: fill.lower(graphdef, state, ids, None, sds((rows, config.text.hidden_size), compute), None,
+                                  ids, ids, sds((1, 1), jnp.int32), cache, sds((1, vocab), jnp.bool_), None, key,
+                                  layout=None, num_kept=rows, sampling=sampling)
 
     def lower_decode():
         return decode_loop.lower(graphdef, state, cache, sds((1,), jnp.int32), sds((1,), jnp.int32),
@@ -198,7 +199,10 @@ def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Prog
         np.zeros((layout.num_patches, config.vision.patch_dim), np.float32), layout)]
     return [Program("segment vision encoding", lambda: segments._encode.lower(graphdef, state, *frames,
                                                                               merge=layout.merges[0]), 1),
-            Program("answer prefill (largest prompt bucket)", lower_prefill, 1),
+            Program("answer prefill into an empty cache (largest prompt bucket; fused attention)",
+                    lower_prefill(prefill_empty_cache), 1),
+            Program("answer prefill after a kept prefix (largest prompt bucket; XLA attention over the cache)",
+                    lower_prefill(prefill), 1),
             Program(f"answer decode loop ({shape.max_new_tokens} tokens)", lower_decode, 1)]
 
 

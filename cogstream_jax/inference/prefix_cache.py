@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from cogstream_jax.errors import InputError
-from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, generate, prefill, sampling_masks
+from cogstream_jax.model.generate import (DEFAULT_EOS, bucket_length, decode_loop, generate, prefill,
+                                          prefill_empty_cache, sampling_masks)
 from cogstream_jax.model.sampling import GREEDY, SamplingConfig
 from cogstream_jax.model.qwen2 import KVCache
 
@@ -107,9 +108,11 @@ def generate_with_prefix(model, prefix: PrefixCache | None, input_ids, *, max_ne
     cache = _kept_prefix(cache, config.text, kept, reused + padded + max_new_tokens, model.dtype)
     graphdef, state = nnx.split(model)
     positions = jnp.asarray(reused + np.arange(padded, dtype=np.int32)[None])
-    first, cache, seen = prefill(graphdef, state, jnp.asarray(ids), None, features, None, jnp.asarray(mask),
-                                 positions, jnp.full((1, 1), new - 1, jnp.int32), cache, jnp.asarray(seen), allowed,
-                                 key, layout=None, num_kept=num_kept, sampling=sampling)
+    # nothing kept: the prompt attends to itself only, which the fused kernels run (splash / cuDNN)
+    fill = prefill_empty_cache if not kept else prefill
+    first, cache, seen = fill(graphdef, state, jnp.asarray(ids), None, features, None, jnp.asarray(mask), positions,
+                              jnp.full((1, 1), new - 1, jnp.int32), cache, jnp.asarray(seen), allowed, key,
+                              layout=None, num_kept=num_kept, sampling=sampling)
     tokens, cache, fed = decode_loop(graphdef, state, cache, first, jnp.full((1,), length, jnp.int32), seen,
                                      allowed, key, jnp.asarray(tuple(eos_token_ids), jnp.int32), jnp.int32(pad),
                                      max_new_tokens=max_new_tokens, sampling=sampling)

@@ -100,12 +100,11 @@ def generate(model, input_ids, *, max_new_tokens: int, pixel_values=None, grid_s
     key = jax.random.PRNGKey(0) if key is None else key
     graphdef, state = nnx.split(model)
     cache = KVCache.init(model.config.text, b, length + max_new_tokens, cache_dtype or model.dtype)
-    first, cache, seen = prefill(graphdef, state, jnp.asarray(input_ids),
-                                 None if pixel_values is None else jnp.asarray(pixel_values), features,
-                                 None if compression_mask is None else jnp.asarray(compression_mask, bool),
-                                 jnp.asarray(mask), jnp.asarray(generation_positions(mask)),
-                                 jnp.full((b, 1), length - 1, jnp.int32), cache, jnp.asarray(seen), allowed, key,
-                                 layout=layout, num_kept=num_kept, sampling=sampling, fresh=True)
+    first, cache, seen = prefill_empty_cache(
+        graphdef, state, jnp.asarray(input_ids), None if pixel_values is None else jnp.asarray(pixel_values),
+        features, None if compression_mask is None else jnp.asarray(compression_mask, bool), jnp.asarray(mask),
+        jnp.asarray(generation_positions(mask)), jnp.full((b, 1), length - 1, jnp.int32), cache, jnp.asarray(seen),
+        allowed, key, layout=layout, num_kept=num_kept, sampling=sampling)
     next_pos = jnp.asarray(mask.sum(-1), jnp.int32)
     out, _, _ = decode_loop(graphdef, state, cache, first, next_pos, seen, allowed, key,
                             jnp.asarray(tuple(eos_token_ids), jnp.int32), jnp.int32(pad),
@@ -137,10 +136,8 @@ def greedy_generate(model, input_ids, *, max_new_tokens: int, **kwargs) -> np.nd
     return generate(model, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "num_kept", "sampling", "fresh"),
-                   donate_argnames=("cache",))
-def prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask, positions,
-            last, cache, seen, allowed, key, *, layout, num_kept, sampling, fresh=False):
+def _prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask,
+             positions, last, cache, seen, allowed, key, *, layout, num_kept, sampling, fresh):
     """Write the prompt's K/V into `cache` (at its index) and pick the first token from the logits at `last`
     [B, 1] (the last real prompt position). `fresh`: the cache is empty, so the prompt attends to itself only
     (self-attention: the fused kernels of `attention.attend`)."""
@@ -150,6 +147,29 @@ def prefill(graphdef, state, input_ids, pixel_values, visual_features, compressi
                         positions=positions, cache=cache, cache_is_empty=fresh, logits_positions=last)
     first = choose_tokens(out.logits[:, -1], seen, sampling, jax.random.fold_in(key, 0), allowed)
     return first, out.cache, mark_seen(seen, first)
+
+
+_PREFILL_STATIC = dict(static_argnames=("graphdef", "layout", "num_kept", "sampling"), donate_argnames=("cache",))
+
+
+@functools.partial(jax.jit, **_PREFILL_STATIC)
+def prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask, positions,
+            last, cache, seen, allowed, key, *, layout, num_kept, sampling):
+    """The prompt after what `cache` already holds (a kept prefix, or nothing): attention against the cache,
+    which takes the XLA path (an offset causal mask over the cache slots)."""
+    return _prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask,
+                    positions, last, cache, seen, allowed, key, layout=layout, num_kept=num_kept, sampling=sampling,
+                    fresh=False)
+
+
+@functools.partial(jax.jit, **_PREFILL_STATIC)
+def prefill_empty_cache(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask,
+                        positions, last, cache, seen, allowed, key, *, layout, num_kept, sampling):
+    """The prompt into an empty cache: self-attention over the prompt alone, so the fused kernels (splash on TPU,
+    cuDNN on GPU) run it. Its own jitted function, so compile logs and compile-check name the two apart."""
+    return _prefill(graphdef, state, input_ids, pixel_values, visual_features, compression_mask, attention_mask,
+                    positions, last, cache, seen, allowed, key, layout=layout, num_kept=num_kept, sampling=sampling,
+                    fresh=True)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"), donate_argnames=("cache",))
