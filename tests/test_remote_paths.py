@@ -145,6 +145,27 @@ def test_stage2_reads_model_and_dataset_from_gs(gcs, tmp_path):
     assert meta.name == "full_module" and tensors
 
 
+def test_local_copies_of_remote_files_stay_within_the_cache_bound(gcs, monkeypatch):
+    """Videos read by URL are downloaded for PyAV/decord; the copies are bounded (least recently used out)."""
+    import os
+
+    from cogstream_jax import remote
+    from cogstream_jax.io_utils import as_path
+
+    monkeypatch.setattr(remote, "_CACHE_BYTES", 2500)
+    urls = [f"gs://{BUCKET}/cache/file{i}.bin" for i in range(3)]
+    for i, url in enumerate(urls):
+        as_path(url).write_bytes(bytes([i]) * 1000)
+    first = remote.local_file(urls[0])
+    assert open(first, "rb").read() == bytes([0]) * 1000
+    assert remote.local_file(urls[0]) == first  # a second read is served from the copy
+    second = remote.local_file(urls[1])
+    remote.local_file(urls[0])  # now the most recently used
+    remote.local_file(urls[2])  # 3000 bytes > 2500: the least recently used copy (file1) goes
+    assert os.path.exists(first) and not os.path.exists(second)
+    assert open(remote.local_file(urls[1]), "rb").read() == bytes([1]) * 1000  # fetched again when needed
+
+
 def test_dataset_listing_from_gs(gcs):
     """load_dataset reads QA files and lists segments through epath (the same records as from disk)."""
     from cogstream_jax.data.dataset import load_dataset
