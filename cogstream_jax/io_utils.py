@@ -119,12 +119,11 @@ def read_config_json(source: Any, filename: str) -> tuple[dict, str]:
 
     if isinstance(source, dict):
         return source, filename.rsplit(".", 1)[0]
-    path = str(as_path(source)) if is_url(source) else os.fspath(source)
-    folder = as_path(path).is_dir() if is_url(path) else os.path.isdir(path)
-    if folder:
+    path = os.fspath(source)
+    if as_path(path).is_dir():  # a local path or a URL (as_path keeps gs:// a URL)
         path = os.path.join(path, filename)
     try:
-        with (as_path(path).open("r") if is_url(path) else open(path)) as f:
+        with as_path(path).open("r") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: {filename} not found") from None

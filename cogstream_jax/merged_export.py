@@ -116,7 +116,7 @@ def _signature(checkpoint: Checkpoint, adapter: AdapterTensors, layout: str, spe
                                         [(s.name, s.shape, str(s.dtype)) for s in specs]]).encode())
     for file in checkpoint.files:
         size, mtime = remote.size_and_mtime(file)
-        digest.update(f"{os.path.basename(file)}:{size}:{mtime!r}".encode())
+        digest.update(f"{os.path.basename(file)}:{size}:{mtime}".encode())
     for name, (a, b) in sorted(adapter.tensors.items()):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(a).tobytes())

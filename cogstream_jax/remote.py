@@ -42,13 +42,14 @@ def getsize(path) -> int:
     return int(as_path(path).stat().length) if is_url(path) else os.path.getsize(path)
 
 
-def size_and_mtime(path) -> tuple[int, float]:
-    """(bytes, modification time in seconds): what tells two versions of a file apart."""
+def size_and_mtime(path) -> tuple[int, int]:
+    """(bytes, modification time in ns): what tells two versions of a file apart (os.stat's st_mtime_ns locally,
+    so keys and signatures made from it before URLs were supported stay the same)."""
     if is_url(path):
         stat = as_path(path).stat()
-        return int(stat.length), float(stat.mtime or 0)
+        return int(stat.length), int((stat.mtime or 0) * 1e9)
     stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns / 1e9
+    return stat.st_size, stat.st_mtime_ns
 
 
 def listdir(path) -> list[str]:

@@ -15,7 +15,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices come from 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import pathlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Sequence  # noqa: E402
@@ -69,7 +68,7 @@ def model_config(path: str):
     """A preset's config, or config.json of a checkpoint folder (a gs:// URL is read there, never as a local
     `gs:/bucket` folder)."""
     from cogstream_jax.config import PRESETS, ModelConfig
-    from cogstream_jax.io_utils import as_path, is_url, read_config_json
+    from cogstream_jax.io_utils import as_path
 
     if path in PRESETS:
         return PRESETS[path]()
@@ -78,8 +77,7 @@ def model_config(path: str):
         raise ConfigError(f"--model_path {path}: neither a preset ({', '.join(PRESETS)}) nor a folder")
     if not (folder / "config.json").is_file():
         raise ConfigError(f"--model_path {path}: no config.json in the folder")
-    config, source = read_config_json(str(folder) if is_url(folder) else pathlib.Path(path), "config.json")
-    return ModelConfig.from_hf_config(config, source=source)
+    return ModelConfig.from_hf_config(path)
 
 
 def job_shape(args: argparse.Namespace):

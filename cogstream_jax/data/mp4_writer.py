@@ -51,7 +51,11 @@ def write_mp4(
     """
     path = os.fspath(path)
     remote = is_url(path)  # an object store: encode into a local temp file, then upload it as one object
-    tmp = tempfile.mkstemp(suffix=".mp4")[1] if remote else f"{path}.tmp-{os.getpid()}.mp4"
+    if remote:
+        fd, tmp = tempfile.mkstemp(suffix=".mp4")
+        os.close(fd)  # PyAV opens the file by name
+    else:
+        tmp = f"{path}.tmp-{os.getpid()}.mp4"
     rate = Fraction(fps).limit_denominator(1001)
     container = av.open(tmp, mode="w")
     try:
