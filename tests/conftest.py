@@ -27,6 +27,8 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+pytest_plugins = ("gcs_server",)  # the `gcs` fixture (a local Cloud Storage emulator) for the object-store tests
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REFERENCE_DIR = SHARED / "reference" / "videollama3-7b"

