@@ -30,6 +30,7 @@ from cogstream_jax.multihost import to_host
 
 COSINE_THRESHOLD = 0.45
 QUESTION_MAX_TOKENS = 128
+ROW_MULTIPLE = 4  # event-scoring rows (events + question) are padded to a multiple of this
 EMBED_CHOICES = ("full_module", "answer", "retrieval", "base")
 
 
@@ -104,11 +105,22 @@ def _pooled(graphdef, state, ids, features, mask):
 
 
 def pooled_hidden(model, ids: np.ndarray, mask: np.ndarray, features: jax.Array | None) -> np.ndarray:
-    """Mean of the final-norm hidden states over each row's real tokens: [rows, D]."""
+    """Mean of the final-norm hidden states over each row's real tokens: [rows, D].
+
+    Rows are padded to a multiple of `ROW_MULTIPLE` (one pad token each, dropped from the result) and the features
+    to a `bucket_length` (slots take them in order, so rows past the last slot are never read): the event count
+    and the stream's frame count change from question to question, and must not each compile a program."""
     graphdef, state = nnx.split(model)
+    rows = ids.shape[0]
+    padded = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
+    ids = np.concatenate([ids, np.zeros((padded - rows, ids.shape[1]), ids.dtype)])
+    mask = np.concatenate([mask, np.zeros((padded - rows, mask.shape[1]), mask.dtype)])
+    mask[rows:, 0] = 1
     if features is None:
         features = jnp.zeros((1, model.config.text.hidden_size), model.dtype)
-    return to_host(_pooled(graphdef, state, jnp.asarray(ids), jnp.asarray(features), jnp.asarray(mask)))
+    features = jnp.asarray(features)
+    features = jnp.pad(features, ((0, bucket_length(features.shape[0]) - features.shape[0]), (0, 0)))
+    return to_host(_pooled(graphdef, state, jnp.asarray(ids), features, jnp.asarray(mask)))[:rows]
 
 
 def cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.ndarray:

@@ -7,8 +7,9 @@ frames as the stream grows) and kept visual tokens all vary. Jitting on the exac
 - tokens per QA (`L`, gradient program): `TOKEN_BUCKETS` = 256, 512, 768, 1024, 1536, 2048, 3072, 4096, ...
   32768 (multiples of `attention.BLOCK`, so splash takes them; steps of 1.5x above 1024; short text-only QAs
   share the 256 bucket rather than adding programs);
-- visual inputs per QA (`U`, gradient program): `L`; the token ladder above it only when event compression pools
-  more frame tokens than tokens are kept;
+- visual inputs per QA (`U`, gradient program): `2 L` (`INPUTS_PER_TOKEN`), so that a QA whose event compression
+  pools more frame tokens than it keeps shares its length's program; the token ladder above `2 L` only when even
+  that is too few. The extra rows only pass the projector (about 0.2% of a 7B model's per-token work);
 - supervised positions (`A`, gradient program): `ANSWER_BUCKETS` = 64, 256, 1024, 4096;
 - patches per frame (`P`, vision program): `PATCH_BUCKETS` = 16, 24, 36, 56, 84, 128, 192, 288, 432, 648, 972,
   1460, 2188, 3284, 4096 (about 1.5x apart, multiples of merge^2 = 4);
@@ -43,6 +44,7 @@ from cogstream_jax.training.stage2_batches import render_teacher_forced
 TOKEN_BUCKETS = tuple(pad_to_block(n) for n in (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288,
                                                 16384, 24576, 32768))
 ANSWER_BUCKETS = (64, 256, 1024, 4096)
+INPUTS_PER_TOKEN = 2  # visual-input rows per token row: room for the frame tokens event compression pools
 FRAMES_PER_DEVICE = 16
 assert all(b % BLOCK == 0 for b in TOKEN_BUCKETS)
 
@@ -223,7 +225,8 @@ def pack_call(qas: Sequence[FinalQA | None], qa_indices: Sequence[int], token_ro
     real = [q for q in qas if q is not None]
     length = bucket(max([q.num_tokens for q in real] + [min_tokens, 1]), TOKEN_BUCKETS)
     inputs = max([q.num_inputs for q in real] + [1])
-    u = length if length is not None and inputs <= length else bucket(inputs, TOKEN_BUCKETS)
+    u = INPUTS_PER_TOKEN * length if length is not None and inputs <= INPUTS_PER_TOKEN * length \
+        else bucket(inputs, TOKEN_BUCKETS)
     answers = bucket(max([q.answer_tokens for q in real] + [1]), ANSWER_BUCKETS)
     if length is None or u is None or answers is None:
         raise OversizedQA(f"{', '.join(q.name for q in real)}: over the largest stage-2 bucket")
