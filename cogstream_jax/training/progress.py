@@ -19,6 +19,10 @@ from cogstream_jax.io_utils import as_path, atomic_write_text, is_url
 
 
 def _tensorboard_writer(directory: pathlib.Path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:  # checked first: importing torch alone takes seconds
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
     except Exception:
