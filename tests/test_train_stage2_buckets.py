@@ -83,14 +83,14 @@ def test_padding_into_a_larger_bucket_changes_nothing():
     setup = _setup(mesh)
     _randomise_adapter(setup)
     device = Stage2Device(setup)
-    for qa in (qas[1], qas[2]):
-        g0, l0, c0, call0 = _grad_call(device, setup, [qa], [3], row_weight=0.25)
-        g1, l1, c1, call1 = _grad_call(device, setup, [qa], [3], row_weight=0.25, min_tokens=call0.bucket[0] + 1,
-                                       min_patches=256)
-        assert call1.bucket[0] > call0.bucket[0]
-        assert c0[0] == c1[0] == qa.answer_tokens
-        assert abs(l0[0] - l1[0]) <= 1e-5 * abs(l0[0]), (l0, l1)
-        assert _max_diff(g0, g1) <= 1e-5 * _max_abs(g0)
+    qa = qas[1]  # two clips: padded tokens, visual inputs, answer positions and patches per frame
+    g0, l0, c0, call0 = _grad_call(device, setup, [qa], [3], row_weight=0.25)
+    g1, l1, c1, call1 = _grad_call(device, setup, [qa], [3], row_weight=0.25, min_tokens=call0.bucket[0] + 1,
+                                   min_patches=256)
+    assert call1.bucket[0] > call0.bucket[0] and call1.bucket[1] > call0.bucket[1]
+    assert c0[0] == c1[0] == qa.answer_tokens
+    assert abs(l0[0] - l1[0]) <= 1e-5 * abs(l0[0]), (l0, l1)
+    assert _max_diff(g0, g1) <= 1e-5 * _max_abs(g0)
 
 
 def test_bucketed_step_equals_the_static_layout_step():
@@ -112,38 +112,43 @@ def test_bucketed_step_equals_the_static_layout_step():
     assert _max_diff(jax.device_get(g_old), g_new) <= 1e-5 * _max_abs(g_new)
 
 
+@pytest.fixture(scope="module")
+def one_by_one():
+    """The four QAs accumulated one by one on one device (shared by both meshes): summed gradients, per-QA losses
+    and answer counts, the buckets they took, and the LoRA params after one AdamW update with those gradients."""
+    one = _setup(make_mesh("1,1,1", devices=jax.devices()[:1]))
+    _randomise_adapter(one)
+    device = Stage2Device(one)
+    total, losses, counts, buckets = None, [], [], set()
+    for i, qa in enumerate(_samples()):
+        g, loss, count, c = _grad_call(device, one, [qa], [i], row_weight=0.25)
+        total = g if total is None else jax.tree.map(np.add, total, g)
+        losses.append(loss[0])
+        counts.append(count[0])
+        buckets.add(c.bucket)
+    updated, _ = one.apply()(one.state, jax.device_put(total, one.state_sharding.params))
+    return total, losses, counts, buckets, jax.device_get(updated.params)
+
+
 @pytest.mark.parametrize("mesh_spec", ["4,1,1", "2,2,2"])
-def test_one_data_parallel_call_equals_the_qas_one_by_one(mesh_spec):
+def test_one_data_parallel_call_equals_the_qas_one_by_one(mesh_spec, one_by_one):
     """Four different QAs (three buckets, one text-only) in one call on 8 fake devices == accumulated one by one
     on one device: per-QA losses, summed gradients, and the LoRA params after one AdamW update (eps 1e-3: with
     the default 1e-8 Adam's first step is lr * g / |g|, which turns fp32 rounding of near-zero gradients into
     lr-sized differences)."""
     qas = _samples()
     devices = jax.devices()
-    dp_mesh = make_mesh(mesh_spec, devices=devices[:8] if mesh_spec == "2,2,2" else devices[:4])
-    one_mesh = make_mesh("1,1,1", devices=devices[:1])
-    dp, one = _setup(dp_mesh), _setup(one_mesh)
+    dp = _setup(make_mesh(mesh_spec, devices=devices[:8] if mesh_spec == "2,2,2" else devices[:4]))
     _randomise_adapter(dp)
-    _randomise_adapter(one)
-    dp_device, one_device = Stage2Device(dp), Stage2Device(one)
-
-    g_dp, l_dp, c_dp, call = _grad_call(dp_device, dp, qas, [0, 1, 2, 3], row_weight=0.25)
-    total, losses, buckets = None, [], set()
-    for i, qa in enumerate(qas):
-        g, loss, count, c = _grad_call(one_device, one, [qa], [i], row_weight=0.25)
-        total = g if total is None else jax.tree.map(np.add, total, g)
-        losses.append(loss[0])
-        buckets.add(c.bucket)
-        assert count[0] == c_dp[i] == qa.answer_tokens
+    total, losses, counts, buckets, updated = one_by_one
+    g_dp, l_dp, c_dp, _ = _grad_call(Stage2Device(dp), dp, qas, [0, 1, 2, 3], row_weight=0.25)
+    assert list(c_dp) == counts == [qa.answer_tokens for qa in qas]
     assert len(buckets) >= 3  # mixed buckets, padded to the largest in the call
     np.testing.assert_allclose(l_dp, losses, rtol=1e-5)
     assert _max_diff(g_dp, total) <= 1e-5 * _max_abs(total)
 
-    apply_dp, apply_one = dp.apply(), one.apply()
-    s_dp, _ = apply_dp(dp.state, jax.device_put(g_dp, dp.state_sharding.params))
-    s_one, _ = apply_one(one.state, jax.device_put(total, one.state_sharding.params))
-    assert _max_diff(jax.device_get(s_dp.params), jax.device_get(s_one.params)) <= 1e-5 * _max_abs(
-        jax.device_get(s_one.params))
+    s_dp, _ = dp.apply()(dp.state, jax.device_put(g_dp, dp.state_sharding.params))
+    assert _max_diff(jax.device_get(s_dp.params), updated) <= 1e-5 * _max_abs(updated)
 
 
 def test_bucket_ladders():
