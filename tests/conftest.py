@@ -47,11 +47,12 @@ def reference_dir() -> pathlib.Path:
 #: test files by wall time in a `--durations` run on our 2-core machine, longest first: `make test`'s workers
 #: (`-n 2 --dist loadfile`) take them in this order, so no long file is left running alone at the end
 LONGEST_FIRST = (
-    "test_compile_check.py", "test_train_stage2_multihost.py", "test_train_remat.py", "test_train_multihost.py",
-    "test_train_stage2_buckets.py", "test_train_cli.py", "test_train_learning.py", "test_train_sharding.py",
-    "test_train_stage2_cli.py", "test_remote_paths.py", "test_train_step.py", "test_scan_layers.py", "test_eval_devices.py",
-    "test_eval_answer_generate.py", "test_distributed_startup.py", "test_fused_attention.py", "test_demo.py",
-    "test_attention_and_decoding.py", "test_lora.py", "test_inference_events.py", "test_remote_eval.py",
+    "test_compile_check.py", "test_remote_paths.py", "test_train_cli.py", "test_train_remat.py",
+    "test_train_learning.py", "test_train_stage2_multihost.py", "test_train_multihost.py",
+    "test_train_stage2_buckets.py", "test_eval_answer_generate.py", "test_demo.py", "test_eval_devices.py",
+    "test_train_sharding.py", "test_distributed_startup.py", "test_train_step.py", "test_scan_layers.py",
+    "test_fused_attention.py", "test_inference_events.py", "test_attention_and_decoding.py", "test_lora.py",
+    "test_remote_eval.py", "test_inference_prefix_cache.py",
 )
 
 
