@@ -266,7 +266,9 @@ def run(args: argparse.Namespace) -> int:
     device = Stage2Device(setup)
     apply_fn = setup.apply()
     log, own_log = _compile_log()
-    towers = (nnx.state(model.vision_encoder), nnx.state(model.language_model))
+    # the towers' own weights: with the adapters' LoRA-shaped arrays too, the optimiser update would count
+    tower_weights = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+    towers = (nnx.state(model.vision_encoder, tower_weights), nnx.state(model.language_model, tower_weights))
     stream = QAStream(lambda: stage2_dataset(dataset, data_config), processor, depth=args.prefetch_qas,
                       events=events)
     limit = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
