@@ -27,6 +27,8 @@ import optax  # noqa: E402
 from bench.common import emit, machine  # noqa: E402
 from bench.gpu_7b import CompileCounter, peak_bytes, random_model  # noqa: E402
 from cogstream_jax import config as configs, lora  # noqa: E402
+from cogstream_jax.compilecheck.jobs import Program  # noqa: E402
+from cogstream_jax.compilecheck.report import compile_program  # noqa: E402
 from cogstream_jax.model.attention import pad_to_block  # noqa: E402
 from cogstream_jax.model.videollama3 import use_attention  # noqa: E402
 from cogstream_jax.model.vision import VisualLayout  # noqa: E402
@@ -108,6 +110,15 @@ def main(argv=None) -> int:
     timed_compiles = compiles.count - init_compiles - first_compiles
     tokens = int(batch["input_ids"].shape[1])
     peak = peak_bytes()
+    # compile-check's figure for the same program: its memory analysis, as `cogstream compile-check` reads it
+    before = compiles.count
+    predicted = compile_program(Program("stage-2 QA gradient", lambda: grad_fn.lower(
+        setup.state, setup.frozen, batch, layout=layout, num_kept=kept), 1))
+    check_compiles = compiles.count - before
+    print(f"compile-check's reading of the grad program on this device: {predicted.per_chip_bytes / 2**30:.2f} GiB "
+          f"(args {predicted.argument_bytes / 2**30:.2f} + temps {predicted.temp_bytes / 2**30:.2f} GiB), "
+          f"{predicted.flops_per_chip / 1e12:.1f} TFLOP; {check_compiles} extra compile(s), "
+          f"{predicted.compile_s:.1f} s", flush=True)
     print(f"{args.config} stage-2 step, attention {impl}, remat {args.remat}: {tokens} tokens ({kept} visual kept "
           f"of {layout.num_tokens}, {args.frames} frames); init {init_s:.1f} s; first step {first_s:.1f} s "
           f"({first_compiles} compiles); step {step_s:.3f} s = {tokens / step_s:.0f} tokens/s; compiles in timed "
@@ -118,7 +129,11 @@ def main(argv=None) -> int:
          tokens=tokens, visual_tokens_kept=kept, frames=args.frames, step_s=[round(t, 4) for t in times],
          tokens_per_s=round(tokens / step_s, 1), first_step_s=round(first_s, 2), compiles_first_step=first_compiles,
          compiles_timed=timed_compiles, loss=loss, grad_norm=grad_norm,
-         peak_gib=None if peak is None else round(peak / 2**30, 3), config=args.config, stack=versions,
+         peak_gib=None if peak is None else round(peak / 2**30, 3),
+         compile_check_grad_gib=round(predicted.per_chip_bytes / 2**30, 3),
+         compile_check_grad_tflop=round(predicted.flops_per_chip / 1e12, 2),
+         compile_check_extra_compiles=check_compiles,
+         achieved_tflops=round(predicted.flops_per_chip / 1e12 / step_s, 1), config=args.config, stack=versions,
          machine=machine())
     return 0 if ok else 1
 
