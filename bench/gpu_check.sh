@@ -29,7 +29,7 @@ stage() {  # stage NAME SECONDS ARGS...
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit}s, at $(( $(date +%s) - start ))s)"
-  timeout --kill-after=5 "$limit" "$PY" "$@" 2>&1 | grep -v -E "^(WARNING|I0000|W0000)" | tee "$LOGS/$name.log"
+  timeout -s INT --kill-after=10 "$limit" "$PY" "$@" 2>&1 | grep -v -E "^(WARNING|I0000|W0000)" | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
   tail -n 1 "$LOGS/$name.log" | grep '^{' > "$LOGS/$name.json" || true
   [ "$rc" -eq 0 ] || { echo "!! $name exited with $rc"; failed=$((failed + 1)); }
@@ -40,9 +40,9 @@ if [ "${SMOKE:-0}" = 1 ]; then  # the plumbing on a CPU host: tiny shapes, the X
   stage gpu_7b 300 bench/gpu_7b.py --config tiny --frames 4 --new_tokens 8 --repeats 1
   stage gpu_stage2 300 bench/gpu_stage2.py --config tiny --frames 2 --repeats 1
 else
-  stage gpu_attention 70 bench/gpu_attention.py --length 16384
+  stage gpu_attention 65 bench/gpu_attention.py --length 16384
   stage gpu_7b 115 bench/gpu_7b.py --frames 180 --new_tokens 128 --repeats 3
-  stage gpu_stage2 100 bench/gpu_stage2.py --frames 180 --repeats 3
+  stage gpu_stage2 115 bench/gpu_stage2.py --frames 180 --repeats 3
 fi
 echo "== done in $(( $(date +%s) - start ))s, $failed stage(s) failed; logs and JSON in $LOGS"
 exit "$failed"
