@@ -166,10 +166,11 @@ def run(args: argparse.Namespace) -> int:
         for program in programs:
             reports.append(report.compile_program(program))
             print(report.describe(reports[-1], target), file=sys.stderr)
-        if shape.scan_layers and args.job in jobs.SCANNED_JOBS and not any(r.error for r in reports):
+        if jobs.has_loops(args.job, shape, mesh) and not any(r.error for r in reports):
             from cogstream_jax.compilecheck.flops import unrolled_flops
 
-            print("layers run as a scan, whose body XLA counts once: FLOPs from 1- and 2-layer unrolled compiles",
+            print("the job runs loops (layer scan, micro-batch accumulation) whose body XLA counts once: FLOPs from "
+                  "1- and 2-layer compiles with every loop unrolled",
                   file=sys.stderr)
             counts = unrolled_flops(jobs.BUILDERS[args.job], config, shape, mesh, report.program_flops)
             for r, flops in zip(reports, counts):

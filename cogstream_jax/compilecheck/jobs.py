@@ -42,6 +42,7 @@ class JobShape:
     attn_impl: str = "auto"  # resolved for the target's platform (splash on TPU, cuDNN on GPU for bf16)
     remat: str | None = None  # None: the job's default
     scan_layers: bool = True  # decoder layers as one scan (the training default)
+    unroll_micro_batches: bool = False  # stage 1's accumulation loop unrolled (FLOP counting only)
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
@@ -87,7 +88,7 @@ def _abstract(tree, sharding) -> Any:
 
 def _options(shape: JobShape) -> StepOptions:
     remat = {} if shape.remat is None else {"remat": shape.remat}
-    return StepOptions(scan_layers=shape.scan_layers, **remat)
+    return StepOptions(scan_layers=shape.scan_layers, unroll_micro_batches=shape.unroll_micro_batches, **remat)
 
 
 def _lora_spec(spec_fn, config: ModelConfig, shape: JobShape) -> lora.LoraSpec:
@@ -204,6 +205,20 @@ def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Prog
             Program("answer prefill after a kept prefix (largest prompt bucket; XLA attention over the cache)",
                     lower_prefill(prefill), 1),
             Program(f"answer decode loop ({shape.max_new_tokens} tokens)", lower_decode, 1)]
+
+
+def has_loops(job: str, shape: JobShape, mesh: Mesh) -> bool:
+    """Whether the job's programs run loops whose body XLA's cost analysis counts once: the training layer scan and
+    stage 1's micro-batch accumulation (`global_batch_size` / micro-batch iterations of one step)."""
+    if job not in SCANNED_JOBS:
+        return False
+    if shape.scan_layers:
+        return True
+    if job == "stage1":
+        from cogstream_jax.training.stage1_run import batch_geometry
+
+        return batch_geometry(shape, mesh)[1] > 1
+    return False
 
 
 BUILDERS = {"stage1": stage1_programs, "stage2": stage2_programs, "eval": eval_programs}

@@ -50,6 +50,9 @@ class StepOptions:
     dropout_rng: str = "hash"
     # decoder layers as one jax.lax.scan (model/scan_layers.py): one compiled layer body instead of one per layer
     scan_layers: bool = True
+    # every micro-batch of the accumulating step as its own copy of the loop body: only for counting FLOPs (XLA's
+    # cost analysis counts a loop's body once, whatever its trip count; compilecheck/flops.py)
+    unroll_micro_batches: bool = False
 
     def __post_init__(self):
         remat_policy(self.remat)  # unknown policy names fail here, not at the first trace
@@ -137,7 +140,8 @@ def make_accumulating_step(graphdef, tx: optax.GradientTransformation, lr_schedu
             return (grads_acc, loss_acc + loss, count_acc + count), None
 
         init = (_zeros_f32(state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        (grads, loss, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)),
+                                               unroll=n_micro if options.unroll_micro_batches else 1)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         metrics = {"loss": loss / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
