@@ -1,4 +1,4 @@
-"""The stage-1 step splits its work over the devices instead of repeating it: XLA's FLOP count per device, times the
+"""Training steps split their work over the devices instead of repeating it: XLA's FLOP count per device, times the
 device count, is the one-device count on data and fsdp meshes of fake CPU devices (all micro-batches unrolled,
 since XLA counts a loop's body once). The tensor axis repeats a little work on each of its ranks (+10% of the tiny
 model's step at tensor=2, +6% at 4x its width: the share shrinks with the model; not broken down further). And
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cogstream_jax.compilecheck.flops import unrolled_flops
-from cogstream_jax.compilecheck.jobs import JobShape, has_loops, stage1_programs
+from cogstream_jax.compilecheck.jobs import JobShape, has_loops, stage1_programs, stage2_programs
 from cogstream_jax.compilecheck.report import program_flops
 from cogstream_jax.config import tiny
 from cogstream_jax.sharding import make_mesh
@@ -57,3 +57,21 @@ def test_compile_check_counts_every_micro_batch(one_device):
     assert abs(counted - one_device) <= 0.01 * one_device, (counted, one_device)
     (body_once,) = stage1_programs(CONFIG, looped, mesh)
     assert program_flops(body_once) < 0.5 * one_device  # what XLA reports for the loop itself
+
+
+STAGE2 = JobShape(dtype="float32", attn_impl="xla", scan_layers=False, frames=4, grid=(4, 4), kept=10, tokens=128,
+                  answer_tokens=16)
+
+
+def _stage2_flops(mesh_text: str) -> list[tuple[int, float]]:
+    """(examples per call, FLOPs per device) of the vision chunk and the gradient call."""
+    return [(p.examples_per_step, program_flops(p)) for p in stage2_programs(CONFIG, STAGE2, _mesh(mesh_text))]
+
+
+def test_stage2_calls_give_each_device_its_own_qa():
+    """A call over data x fsdp devices carries as many QAs (and frames) as devices, each device the FLOPs of one."""
+    (frames_1, vision_1), (qas_1, grad_1) = _stage2_flops("1,1,1")
+    for mesh_text in ("4,1,1", "1,4,1"):
+        (frames, vision), (qas, grad) = _stage2_flops(mesh_text)
+        assert (frames, qas) == (4 * frames_1, 4 * qas_1)
+        assert abs(vision - vision_1) <= 0.01 * vision_1 and abs(grad - grad_1) <= 0.01 * grad_1, mesh_text
