@@ -218,3 +218,28 @@ def test_gpu_targets_without_the_cudnn_library_are_a_clear_error():
     message = r"--topology h100-8: cuDNN attention cannot be compiled here.*--attn_impl xla"
     with pytest.raises(ConfigError, match=message):
         cli.check_cudnn_library("h100-8")
+
+
+def test_flop_counts_see_through_xla_windowed_einsums():
+    """On an fsdp=8 TPU mesh XLA turns an all-gather beside a matmul into a loop over the shards and counts its body
+    once (half the FLOPs here); compile-check's FLOP-counting compiles turn that off and get the exact count."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from cogstream_jax.compilecheck.devices import compile_only_devices
+    from cogstream_jax.compilecheck.hardware import target
+    from cogstream_jax.compilecheck.jobs import Program
+    from cogstream_jax.compilecheck.report import compile_program, flop_count, has_while_loops
+
+    mesh = Mesh(np.asarray(compile_only_devices(target("v5p-16"))), ("fsdp",))
+    rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+    x = jax.ShapeDtypeStruct((8, 16384, 3584), jnp.bfloat16, sharding=rows)
+    w = jax.ShapeDtypeStruct((3584, 18944), jnp.bfloat16, sharding=rows)
+    matmul = jax.jit(lambda x, w: jnp.einsum("btd,df->btf", x, w), out_shardings=rows)
+    program = Program("fsdp matmul", lambda: matmul.lower(x, w), 8)
+    exact = 2 * 16384 * 3584 * 18944  # per device: one of the 8 rows of x against all of w
+    as_run = compile_program(program)
+    assert has_while_loops(as_run.executable) and as_run.flops_per_chip < 0.75 * exact
+    flops, loops = flop_count(program, "tpu")
+    assert not loops and abs(flops - exact) <= 0.01 * exact
