@@ -46,8 +46,10 @@ def _loss_and_grads(model, scan: bool, remat: str, masks: str, dropout: bool = T
 
 
 #: gradient tolerance (x the largest |g|): fp32 sums reassociate across the scan; under dropout the unrolled loop's
-#: own remat-vs-no-remat gradients differ by ~9e-4 on this model, so the scan is held to the same level there
-@pytest.mark.parametrize("remat, dropout, tolerance", [("full", True, 2e-3), ("none", False, 1e-4)])
+#: own remat-vs-no-remat gradients differ by ~1e-3 on this model, and scan-vs-loop measured 1.3e-3 to 2.3e-3 on an
+#: AMD EPYC host (2e-3 had passed on Intel hosts), so the scan is held to that level there. A layer drawing another
+#: layer's masks moves the loss (checked below) and the gradients by far more
+@pytest.mark.parametrize("remat, dropout, tolerance", [("full", True, 5e-3), ("none", False, 1e-4)])
 def test_scan_equals_loop_loss_and_gradients(model, remat, dropout, tolerance):
     loop_loss, loop_grads = _loss_and_grads(model, False, remat, "hash", dropout)
     scan_loss, scan_grads = _loss_and_grads(model, True, remat, "hash", dropout)
