@@ -109,6 +109,7 @@ def _model_sized_programs(run) -> set[str]:
     from cogstream_jax.model.videollama3 import VideoLlama3
 
     model = nnx.eval_shape(lambda: VideoLlama3(tiny(), rngs=nnx.Rngs(0)))
+    jax.clear_caches()  # programs an earlier test of this process compiled would otherwise be reused, not compiled
     with CompileLog() as log:
         assert run() == 0
     return {p.name for p in log.model_sized(nnx.state(model.vision_encoder), nnx.state(model.language_model))}
