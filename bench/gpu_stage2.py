@@ -133,7 +133,8 @@ def main(argv=None) -> int:
          compile_check_grad_gib=round(predicted.per_chip_bytes / 2**30, 3),
          compile_check_grad_tflop=round(predicted.flops_per_chip / 1e12, 2),
          compile_check_extra_compiles=check_compiles,
-         achieved_tflops=round(predicted.flops_per_chip / 1e12 / step_s, 1), config=args.config, stack=versions,
+         achieved_tflops=round(predicted.flops_per_chip / 1e12 / step_s, 1) if predicted.flops_per_chip else None,
+         config=args.config, stack=versions,
          machine=machine())
     return 0 if ok else 1
 

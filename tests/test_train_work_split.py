@@ -28,9 +28,9 @@ def _mesh(text: str):
     return make_mesh(text, devices=jax.devices()[:size])
 
 
-def _step_flops(mesh_text: str, shape: JobShape = SHAPE) -> tuple[float, int]:
+def _step_flops(mesh_text: str) -> tuple[float, int]:
     mesh = _mesh(mesh_text)
-    (program,) = stage1_programs(CONFIG, shape, mesh)
+    (program,) = stage1_programs(CONFIG, SHAPE, mesh)
     return program_flops(program), mesh.devices.size
 
 
