@@ -42,6 +42,21 @@ def _llm_case(dtype):
     return q, k, v, MaskSpec(causal=True, q_index=slots, kv_index=slots, aligned=True, kv_valid=valid), valid
 
 
+#: three sequences packed into one row of 150 (40 + 70 + 31 tokens, 9 padding): event scoring's packed rows
+PACKED = (40, 70, 31)
+
+
+def _packed_case(dtype):
+    """Causal GQA 7:1, one row holding the sequences of `PACKED` as segments 0, 1, 2, then right padding."""
+    t = 150
+    q, k, v = _qkv(1, t, 7, 1, 32, dtype, seed=5)
+    slots = jnp.arange(t, dtype=jnp.int32)[None]
+    segments = jnp.asarray(np.repeat(np.arange(4), list(PACKED) + [t - sum(PACKED)]))[None]
+    valid = slots < sum(PACKED)
+    return q, k, v, MaskSpec(causal=True, q_index=slots, kv_index=slots, aligned=True, kv_valid=valid,
+                             segments=segments), valid
+
+
 def _vision_case(dtype):
     """Frames as the batch: 3 frames of 7x9 = 63 patches (padded to one 128 block inside), 4 heads, no mask."""
     q, k, v = _qkv(3, 63, 4, 4, 16, dtype, seed=1)
@@ -62,7 +77,8 @@ def _assert_close(ours, ref, tol, what):
     assert err <= tol, f"{what}: max error {err:.3g} (relative to max(1, |ref|)) > {tol}"
 
 
-@pytest.mark.parametrize("case", [_llm_case, _vision_case], ids=["llm_causal_gqa_padded", "vision_frames"])
+@pytest.mark.parametrize("case", [_llm_case, _vision_case, _packed_case],
+                         ids=["llm_causal_gqa_padded", "vision_frames", "packed_segments"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_splash_interpret_equals_dense_forward_and_gradients(case, dtype):
     q, k, v, mask, valid = case(dtype)
@@ -121,6 +137,27 @@ def test_fused_paths_under_shard_map_equal_dense():
     _assert_close(np.asarray(splash)[rows], ref, FP32_TOL, "splash on a mesh")
     cudnn = jax.jit(lambda a, b_, c: _cudnn(a, b_, c, mask, mesh=mesh, implementation="xla"))(q, k, v)
     _assert_close(np.asarray(cudnn)[rows], ref, FP32_TOL, "cuDNN path on a mesh")
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked", "splash", "cudnn"])
+def test_packed_segments_equal_separate_sequences(impl, monkeypatch):
+    """Each segment of a packed row computes what it computes alone (plain causal attention over just its
+    tokens): the reference is independent of the segment masking. jax's cuDNN call takes no segment ids: where
+    cuDNN is the resolved choice (a GPU, simulated here), a packed row takes the XLA path, never the kernel."""
+    from cogstream_jax.model import attention
+
+    q, k, v, mask, _ = _packed_case(jnp.float32)
+    starts = np.cumsum((0,) + PACKED)
+    alone = [attend(q[:, a:b], k[:, a:b], v[:, a:b], MaskSpec(causal=True, q_index=jnp.arange(b - a)[None],
+                                                              kv_index=jnp.arange(b - a)[None], aligned=True),
+                    impl="dense") for a, b in zip(starts[:-1], starts[1:])]
+    kw = dict(chunk_size=32) if impl == "chunked" else dict(interpret=True) if impl == "splash" else {}
+    if impl == "cudnn":
+        monkeypatch.setattr(attention, "resolve_attn_impl", lambda *a, **k: "cudnn")
+        monkeypatch.setattr(attention, "_cudnn", lambda *a, **k: pytest.fail("cuDNN got segment ids"))
+    out = np.asarray(attend(q, k, v, mask, impl=impl, **kw))
+    for a, b, ref in zip(starts[:-1], starts[1:], alone):
+        _assert_close(out[:, a:b], ref, FP32_TOL, f"{impl}: segment of {b - a} tokens")
 
 
 def test_block_padding_rule():

@@ -50,7 +50,7 @@ def test_batched_event_forward_equals_per_event_forwards(tiny):
     features, stamps = _event_stream(t=40, p=4, d=model.config.text.hidden_size, seed=1)
     clusters = time_kmeans(features.reshape(40, 4, -1), np.asarray(stamps, np.float32), 3, jax.random.PRNGKey(1))
     ids, mask, evs, order = events.event_batch(processor.tokenizer, stamps, 4, clusters, "What is the red ball doing?")
-    assert len(evs) == 3 and ids.shape[0] == 4  # 3 events + the question, one padded batch
+    assert len(evs) == 3 and ids.shape[0] == 4  # 3 events + the question, one packed sequence
     frames = jnp.asarray(features.reshape(40, 4, -1)[order].reshape(-1, features.shape[-1]))
     batched = events.pooled_hidden(model, ids, mask, frames)
     start = 0

@@ -2,10 +2,15 @@
 device count, is the one-device count on data and fsdp meshes of fake CPU devices (all micro-batches unrolled,
 since XLA counts a loop's body once). The tensor axis repeats a little work on each of its ranks (+10% of the tiny
 model's step at tensor=2, +6% at 4x its width: the share shrinks with the model; not broken down further). And
-compile-check's stage-1 FLOPs count every micro-batch of the step."""
+compile-check's stage-1 FLOPs count every micro-batch of the step. FLOP counts cannot see a kernel (a custom call) repeated on
+every device, nor rows gathered onto every device: the stage-2 gradient compiled for a TPU topology is read for
+both."""
 from __future__ import annotations
 
+import collections
 import dataclasses
+import os
+import re
 
 import jax
 import numpy as np
@@ -75,3 +80,34 @@ def test_stage2_calls_give_each_device_its_own_qa():
         (frames, vision), (qas, grad) = _stage2_flops(mesh_text)
         assert (frames, qas) == (4 * frames_1, 4 * qas_1)
         assert abs(vision - vision_1) <= 0.01 * vision_1 and abs(grad - grad_1) <= 0.01 * grad_1, mesh_text
+
+
+_COLLECTIVE = re.compile(r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+_SPLASH = re.compile(r"%splash_mha_\w+?(?:\.\d+)? = (.*?) custom-call\(")
+
+
+def _tpu_stage2_grad(devices: int) -> str:
+    """The compiled HLO (per device) of the tiny stage-2 gradient, splash attention, fsdp over `devices` v5e chips."""
+    from cogstream_jax.compilecheck.devices import compile_only_devices
+    from cogstream_jax.compilecheck.hardware import target
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chips = compile_only_devices(target("v5e-4"))[:devices]
+    shape = JobShape(frames=4, grid=(4, 4), kept=10, tokens=200, answer_tokens=16, event_compression=False)
+    _, grad = stage2_programs(tiny(), shape, make_mesh(f"1,{devices},1", chips))
+    return grad.lower().compile().as_text()
+
+
+def test_stage2_rows_stay_on_their_device_on_a_tpu_topology():
+    """4 QAs over 4 v5e chips (fsdp=4): each chip runs the splash kernels on its own QA only (the kernels' per-device
+    shapes are those of one chip holding the only QA), and no collective moves rows of activations (a [4 rows, 256
+    tokens, ...] float array): FSDP gathers weights, never the other chips' QAs. Neither held before the gradient's
+    vmap named the mesh axes its rows are split over: every chip attended for all 4 QAs and XLA gathered their
+    activations (a 7B compile at fsdp=16 held 16 QAs' [16384, 18944] MLP intermediates on every chip)."""
+    one, four = _tpu_stage2_grad(1), _tpu_stage2_grad(4)
+    kernels = [collections.Counter(_SPLASH.findall(hlo)) for hlo in (one, four)]
+    assert kernels[0] and kernels[0].keys() == kernels[1].keys(), kernels
+    moved = [m.group(1) for m in _COLLECTIVE.finditer(four)]
+    assert moved, "fsdp=4 gathers weights"
+    rows_of_activations = [s for s in moved if re.match(r"\(?(bf16|f32)\[4,(1,)?256[,\]]", s)]
+    assert not rows_of_activations, rows_of_activations

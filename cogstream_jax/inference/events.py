@@ -8,8 +8,8 @@ the same way. Events with cosine < 0.45 are unimportant; their frames except the
 cluster become minor frames: token 0 carries the frame's mean feature and only token 0 survives the mask.
 
 The official code runs one forward per event per question; here all event prompts AND the question run as ONE
-right-padded batch (padding sits after every real token, so under causal attention it changes nothing; the
-mean skips it). An event left empty by k-means is skipped (the official code crashes, protocol 7 #9).
+packed sequence, each prompt its own segment (block-diagonal causal attention, positions from 0): the same
+numbers as separate forwards, one program for any event count. An event left empty by k-means is skipped (the official code crashes, protocol 7 #9).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from cogstream_jax.multihost import to_host
 
 COSINE_THRESHOLD = 0.45
 QUESTION_MAX_TOKENS = 128
-ROW_MULTIPLE = 4  # event-scoring rows (events + question) are padded to a multiple of this
+SEGMENT_MULTIPLE = 64  # event-scoring rows (events + question, ceil(T/15) + 1) per program: up to 945 frames
 EMBED_CHOICES = ("full_module", "answer", "retrieval", "base")
 
 
@@ -95,32 +95,50 @@ def event_batch(tokenizer: Any, timestamps: Sequence[float], tokens_per_frame: i
     return ids, mask, events, np.asarray(order, np.int64)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _pooled(graphdef, state, ids, features, mask):
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_segments"))
+def _pooled(graphdef, state, ids, features, valid, positions, segments, num_segments):
     model = nnx.merge(graphdef, state)
-    out = model.forward(ids, visual_features=features, num_kept=features.shape[0], attention_mask=mask,
-                        compute_logits=False)
-    weights = mask.astype(jnp.float32)[..., None]
-    return (out.hidden_states.astype(jnp.float32) * weights).sum(1) / weights.sum(1)
+    out = model.forward(ids, visual_features=features, num_kept=features.shape[0], attention_mask=valid,
+                        positions=positions, segment_ids=segments, compute_logits=False)
+    weights = valid[0].astype(jnp.float32)
+    sums = jax.ops.segment_sum(out.hidden_states[0].astype(jnp.float32) * weights[:, None], segments[0],
+                               num_segments=num_segments)
+    counts = jax.ops.segment_sum(weights, segments[0], num_segments=num_segments)
+    return sums / jnp.maximum(counts, 1.0)[:, None]
 
 
 def pooled_hidden(model, ids: np.ndarray, mask: np.ndarray, features: jax.Array | None) -> np.ndarray:
     """Mean of the final-norm hidden states over each row's real tokens: [rows, D].
 
-    Rows are padded to a multiple of `ROW_MULTIPLE` (one pad token each, dropped from the result) and the features
-    to a `bucket_length` (slots take them in order, so rows past the last slot are never read): the event count
-    and the stream's frame count change from question to question, and must not each compile a program."""
-    graphdef, state = nnx.split(model)
-    rows = ids.shape[0]
-    padded = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
-    ids = np.concatenate([ids, np.zeros((padded - rows, ids.shape[1]), ids.dtype)])
-    mask = np.concatenate([mask, np.zeros((padded - rows, mask.shape[1]), mask.dtype)])
-    mask[rows:, 0] = 1
+    The right-padded rows are packed into ONE sequence (each row its own segment: block-diagonal causal
+    attention, positions from 0), padded to a `bucket_length`, and the features to another (slots take them in
+    order, so features past the last slot are never read). The stream's frame count, the event count and the
+    longest event change from question to question; packed, only the total length keys a program, and the total
+    is about the stream's visual-token budget, so one program usually serves a whole run."""
+    lengths = np.asarray(mask, bool).sum(1)
+    if not all(np.asarray(mask[r, :n], bool).all() for r, n in enumerate(lengths)):
+        raise InputError("event-scoring rows must be right-padded (each row's real tokens first)")
+    rows, total = len(lengths), int(lengths.sum())
+    length = bucket_length(total)
+    packed = np.zeros((1, length), np.int32)
+    positions = np.zeros((1, length), np.int32)
+    segments = np.zeros((1, length), np.int32)
+    start = 0
+    for r, n in enumerate(lengths):
+        packed[0, start:start + n] = ids[r, :n]
+        positions[0, start:start + n] = np.arange(n)
+        segments[0, start:start + n] = r
+        start += n
+    valid = (np.arange(length) < total)[None].astype(np.int32)
+    num_segments = max(SEGMENT_MULTIPLE, -(-rows // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE)
     if features is None:
         features = jnp.zeros((1, model.config.text.hidden_size), model.dtype)
     features = jnp.asarray(features)
     features = jnp.pad(features, ((0, bucket_length(features.shape[0]) - features.shape[0]), (0, 0)))
-    return to_host(_pooled(graphdef, state, jnp.asarray(ids), features, jnp.asarray(mask)))[:rows]
+    graphdef, state = nnx.split(model)
+    out = _pooled(graphdef, state, jnp.asarray(packed), features, jnp.asarray(valid), jnp.asarray(positions),
+                  jnp.asarray(segments), num_segments)
+    return to_host(out)[:rows]
 
 
 def cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-8) -> np.ndarray:

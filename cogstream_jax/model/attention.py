@@ -9,7 +9,8 @@ Implementations (`attn_impl`), all equal to dense softmax attention:
   full block masks, GQA, padding as segment ids, sequences padded to `BLOCK`; under `shard_map` over the mesh
   (batch over data/fsdp, kv heads over tensor). `interpret=True` runs it on any backend (tests on CPU);
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention, bf16/fp16 only) with
-  `is_causal` and sequence lengths for padding; under `shard_map` over the mesh like splash;
+  `is_causal` and sequence lengths for padding; under `shard_map` over the mesh like splash. It takes no segment
+  ids, so packed sequences (`MaskSpec.segments`: event scoring's one packed row) take the xla path;
 - "auto": resolved per target platform by `resolve_attn_impl`: splash on TPU, cuDNN on GPU (bf16/fp16),
   xla elsewhere.
 The fused kernels ("splash", "cudnn") run self-attention: training, prefill into an empty cache, vision frames.
@@ -128,6 +129,8 @@ class MaskSpec:
     q_index [B, T] / kv_index [B, S]: slot indices for the causal rule (key slot <= query slot);
     kv_valid [B, S]: False for padding and for cache slots not yet written. Any field may be None.
     `aligned` promises q_index == kv_index == arange(T): the plain causal case that fused kernels take directly.
+    segments [B, S] (self-attention only, ids >= 0): several sequences packed into one row; a query sees only the
+    keys of its own segment (block-diagonal), so each sequence computes exactly what it would alone.
     """
 
     causal: bool = False
@@ -135,6 +138,7 @@ class MaskSpec:
     kv_index: jax.Array | None = None
     kv_valid: jax.Array | None = None
     aligned: bool = False
+    segments: jax.Array | None = None
 
     def is_self_attention(self, t: int, s: int) -> bool:
         """Queries and keys are the same `t` slots (no cache): what the fused kernels take. Padding (`kv_valid`)
@@ -151,6 +155,11 @@ class MaskSpec:
         if self.kv_valid is not None:
             valid = self.kv_valid[:, None, :]
             mask = valid if mask is None else mask & valid
+        if self.segments is not None:  # self-attention: query slot i is key slot i
+            qs = self.segments if q_index is None else jnp.take_along_axis(
+                self.segments, jnp.clip(q_index, 0, self.segments.shape[1] - 1), axis=1)
+            same = qs[:, :, None] == self.segments[:, None, :]
+            mask = same if mask is None else mask & same
         return None if mask is None else mask[:, None, None, :, :]
 
 
@@ -197,6 +206,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = Non
     mask = mask or MaskSpec()
     platform = platform_of(mesh) if mesh is not None else jax.default_backend()
     impl = resolve_attn_impl(impl, platform, q.dtype, interpret=interpret)
+    if impl == "cudnn" and mask.segments is not None:
+        impl = "xla"  # jax's cuDNN call takes no segment ids (module docstring)
     if impl in FUSED and mask.is_self_attention(t, s):
         if impl == "splash":
             return _splash(q, k, v, mask, mesh=mesh, interpret=interpret)
@@ -213,8 +224,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec | None = Non
     pad = n_chunks * chunk_size - t
     qp = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
     qi = None
-    if mask.causal:
-        qi = jnp.pad(mask.q_index, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max // 2)
+    if mask.causal or mask.segments is not None:
+        q_index = mask.q_index if mask.q_index is not None else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        qi = jnp.pad(q_index, ((0, 0), (0, pad)), constant_values=jnp.iinfo(jnp.int32).max // 2)
         qi = qi.reshape(b, n_chunks, chunk_size).transpose(1, 0, 2)
     qp = qp.reshape(b, n_chunks, chunk_size, kh, h // kh, d).transpose(1, 0, 2, 3, 4, 5)
 
@@ -287,17 +299,19 @@ def _splash_kernel(heads: int, length: int, causal: bool, interpret: bool):
 def _splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec, *, mesh: Mesh | None,
             interpret: bool) -> jax.Array:
     """Self-attention through the splash kernel. Sequences are right-padded to `pad_to_block`; padding (the
-    caller's `kv_valid` and the block padding) is segment 0, tokens segment 1, so no query row is empty (a padded
-    query sees the padded keys) and token rows equal dense attention."""
+    caller's `kv_valid` and the block padding) is segment 0, tokens segment 1 (packed sequences: their
+    `MaskSpec.segments` + 1), so no query row is empty (a padded query sees the padded keys) and token rows equal
+    dense attention."""
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
     b, t, h, d = q.shape
     kh = k.shape[2]
     length = pad_to_block(t)
     segments = None
-    if mask.kv_valid is not None or length != t:
+    if mask.kv_valid is not None or mask.segments is not None or length != t:
         valid = jnp.ones((b, t), bool) if mask.kv_valid is None else mask.kv_valid
-        segments = jnp.pad(valid.astype(jnp.int32), ((0, 0), (0, length - t)))
+        ids = jnp.ones((b, t), jnp.int32) if mask.segments is None else mask.segments.astype(jnp.int32) + 1
+        segments = jnp.pad(jnp.where(valid, ids, 0), ((0, 0), (0, length - t)))
 
     def heads_first(x):  # [B, T, N, D] -> [B, N, length, D]
         return jnp.pad(x, ((0, 0), (0, length - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)

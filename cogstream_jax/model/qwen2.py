@@ -82,6 +82,10 @@ class _Step:
     fresh: bool = False  # the cache was empty: attend over this call's keys only
     mesh: Mesh | None = None  # what the splash kernel is shard_mapped over
     interpret: bool = False  # Pallas interpret mode (splash on CPU, tests)
+    rows_mapped: bool = False  # one row of a vmap over rows split by spmd_axis_name (`sharding.constrain_rows`)
+
+    def pin(self, x: jax.Array, last: str | None = None, units: dict[str, int] | None = None) -> jax.Array:
+        return constrain_rows(x, self.mesh, last, rows_mapped=self.rows_mapped, units=units)
 
 
 class Qwen2Attention(nnx.Module):
@@ -111,7 +115,8 @@ class Qwen2Attention(nnx.Module):
                 k, v = ck[layer].astype(q.dtype), cv[layer].astype(q.dtype)
         out = attend(q, k, v, step.mask, impl=step.impl, chunk_size=step.chunk_size, mesh=step.mesh,
                      interpret=step.interpret)
-        return self.o_proj(out.reshape(b, t, -1)), new_kv
+        out = step.pin(out.reshape(b, t, -1), "q_heads", {"q_heads": self.head_dim})
+        return self.o_proj(out), new_kv
 
 
 class Qwen2MLP(nnx.Module):
@@ -121,8 +126,9 @@ class Qwen2MLP(nnx.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, step: _Step | None = None) -> jax.Array:
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h if step is None else step.pin(h, "mlp"))
 
 
 class Qwen2DecoderLayer(nnx.Module):
@@ -135,7 +141,7 @@ class Qwen2DecoderLayer(nnx.Module):
     def __call__(self, x, step: _Step, kv, index, layer: int = 0):
         h, new_kv = self.self_attn(self.input_layernorm(x), step, kv, index, layer)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+        return x + self.mlp(self.post_attention_layernorm(x), step), new_kv
 
 
 class Qwen2Model(nnx.Module):
@@ -151,8 +157,13 @@ class Qwen2Model(nnx.Module):
     def __call__(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
                  cache: KVCache | None, *, cache_is_empty: bool = False, impl: Impl = "auto",
                  chunk_size: int = 512, remat: bool | str | None = False, mesh: Mesh | None = None,
-                 interpret: bool = False, scan: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 interpret: bool = False, scan: bool = False, segment_ids: jax.Array | None = None,
+                 rows_mapped: bool = False) -> tuple[jax.Array, KVCache | None]:
         """embeds [B, T, D], positions [B, T], attention_mask [B, T] (1 = token) -> (hidden [B, T, D], cache).
+
+        `segment_ids` [B, T] (no cache): sequences packed into one row attend only within their segment (give
+        each its own positions from 0 to match separate rows). `rows_mapped`: this is one row of a
+        `jax.vmap(spmd_axis_name=...)` over rows split across devices (stage 2): activations are pinned per row.
 
         `scan` (static): the layers run as one `jax.lax.scan` (model/scan_layers.py: one compiled layer body).
 
@@ -166,7 +177,9 @@ class Qwen2Model(nnx.Module):
         if cache is None or cache_is_empty:
             slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = MaskSpec(causal=True, q_index=slots, kv_index=slots, aligned=True,
-                            kv_valid=None if attention_mask is None else valid)
+                            kv_valid=None if attention_mask is None else valid, segments=segment_ids)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) need a call without a KV cache")
         if cache is not None and cache_is_empty:
             index = jnp.zeros((), jnp.int32)
             new_valid = jax.lax.dynamic_update_slice(jnp.zeros_like(cache.valid), valid, (0, 0))
@@ -176,7 +189,8 @@ class Qwen2Model(nnx.Module):
             q_slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_slots = jnp.broadcast_to(jnp.arange(cache.length, dtype=jnp.int32), (b, cache.length))
             mask = MaskSpec(causal=True, q_index=q_slots, kv_index=kv_slots, kv_valid=new_valid)
-        step = _Step(cos, sin, mask, impl, chunk_size, fresh=cache_is_empty, mesh=mesh, interpret=interpret)
+        step = _Step(cos, sin, mask, impl, chunk_size, fresh=cache_is_empty, mesh=mesh, interpret=interpret,
+                     rows_mapped=rows_mapped)
         kv = None if cache is None else (cache.k, cache.v)
         policy = remat_policy(remat)
 
@@ -186,7 +200,7 @@ class Qwen2Model(nnx.Module):
                 x, kv = checkpointed(layer, lambda lyr, y, c: lyr(y, step, c, index, i), policy, x, kv)
             else:
                 x, kv = layer(x, step, kv, index, i)
-            return constrain_rows(x, mesh), kv
+            return step.pin(x), kv
 
         x, kv = run_layers(self.layers, run, (embeds, kv), scan=scan)
         x = self.norm(x)

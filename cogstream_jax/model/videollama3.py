@@ -86,10 +86,11 @@ class VideoLlama3(nnx.Module):
                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                 cache: KVCache | None = None, cache_is_empty: bool = False,
                 logits_positions: jax.Array | None = None, compute_logits: bool = True,
-                remat: bool | str = False) -> ModelOutput:
+                remat: bool | str = False, segment_ids: jax.Array | None = None) -> ModelOutput:
         """The whole model as a traceable function (static: layout, num_kept, cache_is_empty, compute_logits,
         remat: False/"none" or a decoder-layer policy name from `qwen2.REMAT_POLICIES`). `cache_is_empty` marks a
-        prefill into a fresh cache (cheaper attention, fused kernels)."""
+        prefill into a fresh cache (cheaper attention, fused kernels). `segment_ids` [B, T]: sequences packed into
+        one row, each attending only to itself (`Qwen2Model`; pass per-sequence `positions`)."""
         if visual_features is None and pixel_values is not None:
             visual_features = self.encode_visual(pixel_values, layout)
         if visual_features is not None and num_kept is None:
@@ -102,7 +103,7 @@ class VideoLlama3(nnx.Module):
         hidden, cache = self.language_model(embeds, positions, attention_mask, cache, cache_is_empty=cache_is_empty,
                                             impl=self.attn_impl, chunk_size=self.attn_chunk_size, remat=remat,
                                             mesh=self.attn_mesh, interpret=self.attn_interpret,
-                                            scan=self.scan_layers)
+                                            scan=self.scan_layers, segment_ids=segment_ids)
         logits = self.logits_at(hidden, logits_positions) if compute_logits else None
         return ModelOutput(logits=logits, cache=cache, hidden_states=hidden)
 

@@ -227,7 +227,7 @@ def _row_sums(graphdef, params, frozen, row: dict[str, jax.Array], features: jax
         hidden, _ = model.language_model(embeds, positions, row["attention_mask"][None], None, cache_is_empty=False,
                                          impl=model.attn_impl, chunk_size=model.attn_chunk_size, remat=options.remat,
                                          mesh=model.attn_mesh, interpret=model.attn_interpret,
-                                         scan=model.scan_layers)
+                                         scan=model.scan_layers, rows_mapped=model.attn_mesh is not None)
         logits = model.logits_at(hidden, row["logits_positions"][None])
     return ce_sums(logits, row["targets"][None], row["weights"][None])
 
@@ -245,7 +245,9 @@ def make_stage2_grad(graphdef, *, options: StepOptions, state_sharding: TrainSta
     Each row is one QA: its own loss (mean over its answer tokens) times `row_weight` (1 / QAs per update, 0 for
     an empty row), summed over rows; its LoRA-dropout key is the update's key folded with `qa_index` (the QA's
     place in the update), so a QA gets the same masks whatever row, device or bucket it lands in. Rows are vmapped
-    one-QA forwards, so padding rows and buckets change nothing but the work.
+    one-QA forwards, so padding rows and buckets change nothing but the work. The vmap names the mesh axes the rows
+    are split over (`spmd_axis_name`): without it the fused attention kernels' `shard_map` inside sees one row and
+    every device would attend for every row, and XLA would gather the rows' activations instead of the weights.
     """
     def grad(state: TrainState, frozen, batch, features):
         key = dropout_key(state, options)
@@ -257,7 +259,7 @@ def make_stage2_grad(graphdef, *, options: StepOptions, state_sharding: TrainSta
                 return total / jnp.maximum(count, 1.0), count
 
             rows = {k: batch[k] for k in STAGE2_KEYS if k != "row_weight"}
-            losses, counts = jax.vmap(one)(rows, features)
+            losses, counts = jax.vmap(one, spmd_axis_name=BATCH_AXES)(rows, features)
             return jnp.sum(losses * batch["row_weight"]), (losses, counts)
 
         (_, (losses, counts)), grads = jax.value_and_grad(total_loss, has_aux=True)(state.params)
