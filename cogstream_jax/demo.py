@@ -113,7 +113,8 @@ def demo(args) -> int:
     _run("stage 2: interleave-reasoning LoRA", "train-stage2",
          ["--model_path", str(orbax), "--video_dir", str(data / "event_segments"),
           "--query_dir", str(data / "QA_Dataset"), "--num_epochs", "1", "--output_dir", str(stage2),
-          "--max_steps", str(args.steps), "--global_batch_qas", "1", "--no_progress"],
+          "--max_steps", str(args.steps), "--global_batch_qas", "1", "--bucket_scan_qas", str(args.steps),
+          "--no_progress"],
          [stage2 / "adapter" / "adapter_meta.json", stage2 / "metrics.jsonl"])
 
     peft1, peft2 = out / "peft" / "retrieval", out / "peft" / "answer"

@@ -119,7 +119,8 @@ def test_stage2_reads_model_and_dataset_from_gs(gcs, tmp_path):
     upload(SAMPLE / "event_segments", f"{data}/event_segments")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    common = ["--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "0", "--max_steps", "1"]
+    common = ["--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "0", "--max_steps", "1",
+              "--bucket_scan_qas", "2"]
     remote = subprocess.run([sys.executable, "-m", "train.stage2", "--model_path", model_url, "--query_dir",
                              f"{data}/QA_Dataset", "--video_dir", f"{data}/event_segments", "--output_dir", run,
                              *common], env={**_env(1), **gcs}, cwd=cwd, capture_output=True, text=True, timeout=900)

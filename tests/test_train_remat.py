@@ -180,7 +180,7 @@ def stage2_cli(tmp_path_factory):
     # one QA per update keeps it to one compiled shape; tensor=8 spans the 8 devices of this process with one row
     args = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
             str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "0",
-            "--global_batch_qas", "1", "--max_steps", "1", "--mesh", "1,1,8"]
+            "--global_batch_qas", "1", "--max_steps", "1", "--mesh", "1,1,8", "--bucket_scan_qas", "1"]
     return _runs(tmp_path_factory.mktemp("remat_stage2"), "train.stage2", args)
 
 

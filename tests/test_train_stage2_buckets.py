@@ -159,6 +159,56 @@ def test_bucket_ladders():
     assert all(p % 4 == 0 for p in sb.PATCH_BUCKETS)
 
 
+def _padding(lengths, ladder) -> int:
+    return sum(sb.bucket(n, ladder) - n for n in lengths)
+
+
+def test_chosen_token_buckets_pad_least():
+    """The dynamic programme equals a brute force over every set of `count` block sizes on random lengths; the
+    chosen sizes extend with the fixed ladder above them; a QA below the first bucket takes it."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        lengths = rng.integers(90, 1900, size=40).tolist()
+        sizes = sorted({sb.pad_to_block(n) for n in lengths})
+        for count in (1, 2, 3, 4):
+            chosen = sb.choose_token_buckets(lengths, count)
+            assert len(chosen) == min(count, len(sizes)) and chosen[-1] == sizes[-1]
+            brute = min(_padding(lengths, c) for c in itertools.combinations(sizes, min(count, len(sizes)))
+                        if c[-1] == sizes[-1])
+            assert _padding(lengths, chosen) == brute, (trial, count)
+        # `longest` (a QA's tokens without event compression): the largest bucket holds it, the rest as before
+        chosen = sb.choose_token_buckets(lengths, 3, longest=2900)
+        brute = min(_padding(lengths, c + (2944,)) for c in itertools.combinations(sizes, 2))
+        assert chosen[-1] == 2944 and _padding(lengths, chosen) == brute
+    ladder = sb.token_ladder((256, 640, 896, 1920))
+    assert ladder[:4] == (256, 640, 896, 1920) and ladder[4:] == tuple(b for b in sb.TOKEN_BUCKETS if b > 1920)
+    with pytest.raises(sb.InputError, match="multiples of 128"):
+        sb.token_ladder((100,))
+
+
+def test_bucket_scan_reads_distinct_qas_up_to_its_limit():
+    """`--token_buckets auto`'s scan: each QA name once, over-large QAs skipped, stops after `limit` names; the
+    bound it returns is the largest second count (a QA's tokens without event compression)."""
+    from cogstream_jax.training import stage2_token_buckets as stb
+
+    import types
+
+    samples = [types.SimpleNamespace(video="v", chain_index=0, qa_index=i) for i in (0, 0, 1, 2)]
+    tokens = {0: (100, 150), 2: (300, 450)}
+
+    def measure(sample):
+        if sample.qa_index == 1:
+            raise sb.OversizedQA("too long")
+        return tokens[sample.qa_index]
+
+    assert stb.scan_lengths(samples, measure, limit=10) == ([100, 300], 450)
+    assert stb.scan_lengths(samples, measure, limit=1) == ([100], 150)
+    assert stb.resolve(None, 2, 10, lambda: samples, measure)[:2] == (128, 512)
+    assert stb.resolve(sb.TOKEN_BUCKETS, 2, 10, lambda: samples, measure) == sb.TOKEN_BUCKETS
+
+
 def test_a_qa_over_the_largest_bucket_is_named():
     qa = _samples()[2]
     big = sb.FinalQA("vid chain 0 QA 7", np.zeros(sb.TOKEN_BUCKETS[-1] + 1, np.int64),

@@ -1,6 +1,6 @@
-"""Stage-2 CLI input checks (tiny random model, bundled sample): a missing video folder and global batches the
-mesh cannot make are one-line errors. Runs end to end (resolved config, resume on another device count, compile
-count, padding, adapter) are in test_train_stage2_multihost.py."""
+"""Stage-2 CLI input checks (tiny random model, bundled sample): a missing video folder, global batches the mesh
+cannot make and token buckets the run cannot use are one-line errors. Runs end to end (resolved config, resume on
+another device count, compile count, padding, adapter) are in test_train_stage2_multihost.py."""
 from __future__ import annotations
 
 import pathlib
@@ -28,8 +28,11 @@ def test_stage2_missing_video_dir_is_a_clear_error(tmp_path, capsys):
     (("--global_batch_qas", "100000", "--mesh", "1,8,1"), "do not fill one update"),
     (("--global_batch_qas", "6", "--mesh", "4,1,2"), "--global_batch_qas 6 is not a multiple of"),
     (("--global_batch_qas", "8", "--mesh", "2,2,2", "--qas_per_device", "3"), "= 12"),
+    (("--token_buckets", "short"), "--token_buckets 'short': expected auto or ladder"),
+    (("--token_buckets", "256,200"), "must be multiples of 128"),
+    (("--token_bucket_count", "0"), "--token_bucket_count (0)"),
 ])
-def test_stage2_global_batch_that_cannot_train_is_refused(extra, message, tmp_path, capsys):
+def test_stage2_flags_that_cannot_train_are_refused(extra, message, tmp_path, capsys):
     from train.stage2 import main
 
     assert main([*ARGS, "--output_dir", str(tmp_path), *extra]) == 2

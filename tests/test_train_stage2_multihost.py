@@ -13,11 +13,12 @@ import json
 
 import pytest
 
+from cogstream_jax.training import stage2_buckets as sb
 from multihost_helpers import SAMPLE, assert_no_temp_leftovers, assert_same_adapters, metrics, run_multi, run_single
 
 ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
         str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "3",
-        "--fps", "3", "--mesh", "1,2,4", "--global_batch_qas", "2", "--logging_steps", "1"]
+        "--fps", "3", "--mesh", "1,2,4", "--global_batch_qas", "2", "--logging_steps", "1", "--bucket_scan_qas", "3"]
 
 
 @pytest.mark.slow
@@ -42,6 +43,10 @@ def test_stage2_two_processes_match_one_process(tmp_path):
     assert config["t_max"] == 1 * 1 * 20 * 4 // 2 and config["videos"] == 3 and config["global_batch_qas"] == 2
     assert config["total_steps"] == config["qas"] // 2 and config["accumulation_steps"] == 2
     assert b[0]["lr"] == pytest.approx(1e-4) and all(m["loss"] > 0 for m in b)
+    # --token_buckets auto (each process scanning the same first QAs): sizes chosen from the scanned QA lengths,
+    # then the fixed ladder above them
+    ladder = config["token_ladder"]
+    assert ladder == sorted(ladder) and all(n % 128 == 0 for n in ladder) and ladder[-1] == sb.TOKEN_BUCKETS[-1]
     # model-sized programs (vision chunk + gradient buckets + event scoring) and padding stay bounded
     assert 2 <= b[0]["model_programs_compiled"] <= 6 and 0 <= b[0]["padding_overhead"] <= 0.5
     meta = json.loads((multi / "adapter" / "adapter_meta.json").read_text())

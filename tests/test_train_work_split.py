@@ -2,9 +2,9 @@
 device count, is the one-device count on data and fsdp meshes of fake CPU devices (all micro-batches unrolled,
 since XLA counts a loop's body once). The tensor axis repeats a little work on each of its ranks (+10% of the tiny
 model's step at tensor=2, +6% at 4x its width: the share shrinks with the model; not broken down further). And
-compile-check's stage-1 FLOPs count every micro-batch of the step. FLOP counts cannot see a kernel (a custom call) repeated on
-every device, nor rows gathered onto every device: the stage-2 gradient compiled for a TPU topology is read for
-both."""
+compile-check's stage-1 FLOPs count every micro-batch of the step. FLOP counts cannot see a kernel (a custom
+call) repeated on every device, nor rows gathered onto every device: the stage-2 gradient compiled for a TPU
+topology is read for both."""
 from __future__ import annotations
 
 import collections

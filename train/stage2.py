@@ -28,6 +28,14 @@ def build_parser():
     p.add_argument("--max_frames", type=int, default=180)
     p.add_argument("--decode_threads", type=int, default=None,
                    help="host threads decoding and resizing video (default: usable cores, at most 8)")
+    p.add_argument("--token_buckets", "--token-buckets", default="auto",
+                   help="gradient programs by QA length: auto (the --token_bucket_count sizes with the least padding "
+                        "for the first --bucket_scan_qas QAs, then the fixed ladder), ladder (256, 512, 768, 1024, "
+                        "1536, 2048, 3072, ...) or token counts like 256,640,1920 (multiples of 128)")
+    p.add_argument("--token_bucket_count", "--token-bucket-count", type=int, default=5,
+                   help="auto: how many sizes to choose (each one gradient program)")
+    p.add_argument("--bucket_scan_qas", "--bucket-scan-qas", type=int, default=512,
+                   help="auto: distinct QAs from the start of the stream prepared once to choose the sizes")
     p.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction,
                    help="question-aware event compression on top of DiffFP (when the module is available)")
     return p

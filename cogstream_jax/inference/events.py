@@ -9,7 +9,8 @@ cluster become minor frames: token 0 carries the frame's mean feature and only t
 
 The official code runs one forward per event per question; here all event prompts AND the question run as ONE
 packed sequence, each prompt its own segment (block-diagonal causal attention, positions from 0): the same
-numbers as separate forwards, one program for any event count. An event left empty by k-means is skipped (the official code crashes, protocol 7 #9).
+numbers as separate forwards, one program for any event count. An event left empty by k-means is skipped (the
+official code crashes, protocol 7 #9).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ frames as the stream grows) and kept visual tokens all vary. Jitting on the exac
 
 - tokens per QA (`L`, gradient program): `TOKEN_BUCKETS` = 256, 512, 768, 1024, 1536, 2048, 3072, 4096, ...
   32768 (multiples of `attention.BLOCK`, so splash takes them; steps of 1.5x above 1024; short text-only QAs
-  share the 256 bucket rather than adding programs);
+  share the 256 bucket rather than adding programs), or buckets chosen from the data (`choose_token_buckets`:
+  the fewest-padding `count` sizes for the QA lengths of a scan, then the fixed ladder above them);
 - visual inputs per QA (`U`, gradient program): `2 L` (`INPUTS_PER_TOKEN`), so that a QA whose event compression
   pools more frame tokens than it keeps shares its length's program; the token ladder above `2 L` only when even
   that is too few. The extra rows only pass the projector (about 0.2% of a 7B model's per-token work);
@@ -47,6 +48,49 @@ ANSWER_BUCKETS = (64, 256, 1024, 4096)
 INPUTS_PER_TOKEN = 2  # visual-input rows per token row: room for the frame tokens event compression pools
 FRAMES_PER_DEVICE = 16
 assert all(b % BLOCK == 0 for b in TOKEN_BUCKETS)
+
+
+def choose_token_buckets(lengths: Sequence[int], count: int, *, longest: int = 0) -> tuple[int, ...]:
+    """At most `count` token buckets (multiples of `BLOCK`, the largest holding the longest QA and `longest`) that
+    minimise the padding of `lengths` (each QA in the smallest bucket that holds it): an exact dynamic programme
+    over the distinct block-padded lengths, O(count x distinct^2)."""
+    if count < 1:
+        raise InputError(f"token bucket count must be >= 1, got {count}")
+    if not len(lengths):
+        return ()
+    padded = np.asarray([pad_to_block(max(int(n), 1)) for n in lengths], np.int64)
+    top = max(int(padded.max()), pad_to_block(longest))
+    sizes, group_of = np.unique(np.append(padded, top), return_inverse=True)
+    group_of = group_of[:-1]  # the top size holds no QA of its own unless one is that long
+    counts = np.bincount(group_of, minlength=len(sizes)).astype(np.int64)
+    sums = np.bincount(group_of, weights=np.asarray(lengths, np.float64), minlength=len(sizes))
+    n_before = np.concatenate([[0], np.cumsum(counts)])
+    s_before = np.concatenate([[0.0], np.cumsum(sums)])
+
+    def pad(i: int, j: int) -> float:  # groups i..j (inclusive) padded to sizes[j]
+        return float(sizes[j] * (n_before[j + 1] - n_before[i]) - (s_before[j + 1] - s_before[i]))
+
+    m = len(sizes)
+    best = [pad(0, j) for j in range(m)]  # one bucket covering groups 0..j
+    choice = [[j] for j in range(m)]
+    for _ in range(1, min(count, m)):
+        new_best, new_choice = list(best), [list(c) for c in choice]
+        for j in range(m):
+            for i in range(j):  # the previous bucket ends at group i
+                cost = best[i] + pad(i + 1, j)
+                if cost < new_best[j]:
+                    new_best[j], new_choice[j] = cost, choice[i] + [j]
+        best, choice = new_best, new_choice
+    return tuple(int(sizes[j]) for j in choice[m - 1])
+
+
+def token_ladder(chosen: Sequence[int]) -> tuple[int, ...]:
+    """Chosen buckets, then the fixed ladder above them (a later, longer QA still finds a bucket)."""
+    chosen = tuple(sorted(int(b) for b in chosen))
+    if any(b % BLOCK for b in chosen):
+        raise InputError(f"token buckets {list(chosen)} must be multiples of {BLOCK}")
+    top = chosen[-1] if chosen else 0
+    return chosen + tuple(b for b in TOKEN_BUCKETS if b > top)
 
 
 class OversizedQA(InputError):
@@ -220,13 +264,14 @@ class Stage2Call:
 
 
 def pack_call(qas: Sequence[FinalQA | None], qa_indices: Sequence[int], token_rows: Sequence[np.ndarray | None], *,
-              row_weight: float, min_tokens: int = 0) -> Stage2Call:
-    """QAs (None = an empty row, weight 0) -> one call's arrays in the common bucket of its rows."""
+              row_weight: float, min_tokens: int = 0, token_buckets: Sequence[int] = TOKEN_BUCKETS) -> Stage2Call:
+    """QAs (None = an empty row, weight 0) -> one call's arrays in the common bucket of its rows (`token_buckets`:
+    the ladder of `L`, ascending)."""
     real = [q for q in qas if q is not None]
-    length = bucket(max([q.num_tokens for q in real] + [min_tokens, 1]), TOKEN_BUCKETS)
+    length = bucket(max([q.num_tokens for q in real] + [min_tokens, 1]), token_buckets)
     inputs = max([q.num_inputs for q in real] + [1])
     u = INPUTS_PER_TOKEN * length if length is not None and inputs <= INPUTS_PER_TOKEN * length \
-        else bucket(inputs, TOKEN_BUCKETS)
+        else bucket(inputs, token_buckets)
     answers = bucket(max([q.answer_tokens for q in real] + [1]), ANSWER_BUCKETS)
     if length is None or u is None or answers is None:
         raise OversizedQA(f"{', '.join(q.name for q in real)}: over the largest stage-2 bucket")

@@ -38,6 +38,7 @@ from cogstream_jax.errors import ConfigError
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import run_common
 from cogstream_jax.training import stage2_buckets as sb
+from cogstream_jax.training import stage2_token_buckets
 from cogstream_jax.training.loop import run_loop
 from cogstream_jax.training.optim import stage2_optim
 from cogstream_jax.training.setup import build_setup
@@ -209,7 +210,8 @@ class QAStream:
 #: stage-2 settings a resumed run may change on top of `run_common.RESUMABLE_CHANGES`: how the global batch is
 #: cut into device calls and how the host feeds them (the QA order and every draw stay the same)
 RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "logging_steps",
-                               "frame_cache_clips"})
+                               "frame_cache_clips", "token_buckets", "token_bucket_count", "bucket_scan_qas",
+                               "token_ladder"})
 
 
 def check_global_batch(global_qas: int, rows: int, dp: int, per_device: int) -> int:
@@ -233,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
     dp = data_parallel_size(mesh)
     rows = dp * args.qas_per_device
     accumulation = check_global_batch(args.global_batch_qas, rows, dp, args.qas_per_device)
+    ladder = stage2_token_buckets.parse(args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
     dataset = load_dataset(dataset_root(args.query_dir, args.video_dir))
     data_config = Stage2Config(seed=args.seed, num_epochs=args.num_epochs, fps=args.fps, max_frames=args.max_frames)
     total_qas = count_qas(dataset, data_config)
@@ -256,23 +259,32 @@ def run(args: argparse.Namespace) -> int:
     setup = build_setup(model, lora.FULL_MODULE, spec, optim, mesh, seed=args.seed,
                         options=StepOptions(remat=args.remat, dropout_rng=args.dropout_rng,
                                             scan_layers=not args.no_scan_layers))
+    log, own_log = _compile_log()  # before the bucket scan: its vision and scoring programs are the run's
+    started = time.perf_counter()
+    try:
+        device = Stage2Device(setup)
+        ladder = stage2_token_buckets.resolve(
+            ladder, args.token_bucket_count, args.bucket_scan_qas, lambda: stage2_dataset(dataset, data_config),
+            lambda sample: _qa_tokens(sample, processor, setup, device, events, args.seed))
+    except BaseException:
+        if own_log:
+            log.__exit__(None, None, None)
+        raise
     config = run_common.resolved_config(args, stage=2, videos=len(dataset.videos), qas=total_qas,
                                         learning_rate=optim.learning_rate, accumulation_steps=accumulation,
                                         qas_per_call=rows, total_steps=total_steps, t_max=optim.total_steps,
                                         event_compression_active=events, quantized_kernels=quantized,
-                                        mesh_shape=dict(mesh.shape))
+                                        mesh_shape=dict(mesh.shape), token_ladder=list(ladder))
     run_common.announce_config(args.output_dir, config)
 
-    device = Stage2Device(setup)
     apply_fn = setup.apply()
-    log, own_log = _compile_log()
     # the towers' own weights: with the adapters' LoRA-shaped arrays too, the optimiser update would count
     tower_weights = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     towers = (nnx.state(model.vision_encoder, tower_weights), nnx.state(model.language_model, tower_weights))
     stream = QAStream(lambda: stage2_dataset(dataset, data_config), processor, depth=args.prefetch_qas,
                       events=events)
     limit = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    stats = {"real": 0, "padded": 0, "host_wait": 0.0, "started": time.perf_counter(), "pending": [], "step": None}
+    stats = {"real": 0, "padded": 0, "host_wait": 0.0, "started": started, "pending": [], "step": None}
 
     def update(state, it):
         if stats["step"] is None:
@@ -296,7 +308,8 @@ def run(args: argparse.Namespace) -> int:
                     qa = sb.finalize_qa(qa, scorer(qa.out, qa.question, feats))
                 finals.append(qa)
             indices = [call_index * rows + r for r in range(rows)]
-            call = sb.pack_call(finals, indices, frames.token_rows, row_weight=1.0 / args.global_batch_qas)
+            call = sb.pack_call(finals, indices, frames.token_rows, row_weight=1.0 / args.global_batch_qas,
+                                token_buckets=ladder)
             inputs = device.inputs(call, flat)
             arrays = {k: device.put(v) for k, v in call.arrays.items()}
             g, loss, _ = device.grad(state, setup.frozen, arrays, inputs)
@@ -338,6 +351,24 @@ def run(args: argparse.Namespace) -> int:
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.FULL_MODULE, args.output_dir)
     return result.exit_code
+
+
+def _qa_tokens(sample, processor, setup, device: Stage2Device, events: bool, seed: int) -> tuple[int, int]:
+    """One QA's tokens as a call of the run would make it, event compression scored with the starting adapter, and
+    its tokens without event compression (the most it can take later in the run) (`--token_buckets auto`)."""
+    qa = sb.prepare_qa(sample, processor)
+    if not needs_scoring(qa, events):
+        tokens = sb.finalize_qa(qa).num_tokens
+        return tokens, tokens
+    frames = sb.pack_frames([qa.layout], [qa.out.pixel_values], frame_chunk=device.frame_chunk)
+    proj_gd, proj_state = nnx.split(setup.model(setup.state).mm_projector)
+    feats = project(proj_gd, proj_state, device.vision(frames), jnp.asarray(frames.token_rows[0]))
+    scorer = event_scorer(setup, setup.state, processor.tokenizer, seed)
+    tokens = sb.finalize_qa(qa, scorer(qa.out, qa.question, feats)).num_tokens
+    try:
+        return tokens, sb.finalize_qa(qa).num_tokens
+    except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket to plan for
+        return tokens, tokens
 
 
 def _pixels(qa):

@@ -1,0 +1,82 @@
+"""Which token buckets a stage-2 run compiles its gradient for (`--token_buckets`).
+
+Each token bucket is one model-sized gradient program (a minute or more to compile for a 7B model on a TPU) and
+every QA pays the padding up to its bucket. On the bundled sample (100 updates) the fixed ladder
+(`stage2_buckets.TOKEN_BUCKETS`, 1.5-2x steps) compiles six gradient programs at 20.2% padding; "auto" (the
+default) five at 17.4%. It prepares the first `--bucket_scan_qas` distinct QAs of the stream once, with the code
+the run uses (decode, resize, rewrite, DiffFP, and event compression scored with the starting adapter through the
+run's own vision and scoring programs), and picks the `--token_bucket_count` sizes with the least padding for
+those lengths. Which frames event compression pools changes with the adapter and the step (a scanned QA of 1792
+tokens took 2894 later in a run), so the largest chosen size holds every scanned QA without event compression;
+the fixed ladder continues above it for any longer QA. Every process computes the same buckets from the same
+stream. Buckets change padding only, never a loss or a gradient, so a resumed run may choose them anew.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+from cogstream_jax.errors import ConfigError, InputError
+from cogstream_jax.training import stage2_buckets as sb
+
+CHOICES = ("auto", "ladder")
+
+
+def scan_lengths(samples: Iterable, measure: Callable[[Any], tuple[int, int]], limit: int) -> tuple[list[int], int]:
+    """Token counts of the first `limit` distinct QAs of `samples` as `measure` makes them (over-large QAs skipped),
+    and the most tokens any of them can take (`measure`'s second count: the QA without event compression, whose
+    minor frames depend on the adapter and the step, so a QA can grow back up to it later in the run)."""
+    seen, lengths, longest = set(), [], 0
+    for sample in samples:
+        name = sb.qa_name(sample)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            tokens, most = measure(sample)
+        except sb.OversizedQA:
+            pass
+        else:
+            lengths.append(tokens)
+            longest = max(longest, most)
+        if len(seen) >= limit:
+            break
+    return lengths, longest
+
+
+def parse(choice: str, count: int, scan_qas: int) -> tuple[int, ...] | None:
+    """`--token_buckets` checked before any work: the ladder it names, or None for "auto"."""
+    if choice == "ladder":
+        return sb.TOKEN_BUCKETS
+    if choice == "auto":
+        if count < 1 or scan_qas < 1:
+            raise ConfigError(f"--token_bucket_count ({count}) and --bucket_scan_qas ({scan_qas}) must be >= 1")
+        return None
+    try:
+        sizes = [int(x) for x in choice.split(",")]
+    except ValueError:
+        raise ConfigError(f"--token_buckets {choice!r}: expected {' or '.join(CHOICES)} or token counts like "
+                          "'256,640,1920'") from None
+    try:
+        return sb.token_ladder(sizes)
+    except InputError as e:
+        raise ConfigError(f"--token_buckets {choice!r}: {e}") from None
+
+
+def resolve(ladder: tuple[int, ...] | None, count: int, scan_qas: int, make_samples: Callable[[], Iterable],
+            measure: Callable[[Any], tuple[int, int]]) -> tuple[int, ...]:
+    """The run's token ladder: `parse`'s, or for "auto" (None) the best `count` sizes for the scanned QAs, the
+    largest holding every scanned QA at its longest."""
+    if ladder is not None:
+        return ladder
+    started = time.perf_counter()
+    lengths, longest = scan_lengths(make_samples(), measure, scan_qas)
+    if not lengths:
+        return sb.TOKEN_BUCKETS
+    chosen = sb.choose_token_buckets(lengths, count, longest=longest)
+    padded = sum(sb.bucket(n, chosen) for n in lengths)
+    print(f"stage-2 token buckets {list(chosen)} chosen from {len(lengths)} QAs in "
+          f"{time.perf_counter() - started:.1f} s ({100 * (padded / sum(lengths) - 1):.1f}% padding on them; the "
+          "fixed ladder above them)", file=sys.stderr)
+    return sb.token_ladder(chosen)
