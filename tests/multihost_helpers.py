@@ -33,12 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_single(module: str, args: Sequence[str], out: pathlib.Path, devices: int = 8) -> None:
-    """`python -m <module> <args> --output_dir <out>` in one process with `devices` fake CPU devices."""
+def run_single(module: str, args: Sequence[str], out: pathlib.Path, devices: int = 8) -> str:
+    """`python -m <module> <args> --output_dir <out>` in one process with `devices` fake CPU devices (its stderr)."""
     done = subprocess.run([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=clean_env(devices),
                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"jax runtime: process 0 of 1, {devices} local / {devices} global cpu devices" in done.stderr
+    return done.stderr
 
 
 JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "COGSTREAM_COORDINATOR",

@@ -190,7 +190,8 @@ def test_chosen_token_buckets_pad_least():
 
 def test_bucket_scan_reads_distinct_qas_up_to_its_limit():
     """`--token_buckets auto`'s scan: each QA name once, over-large QAs skipped, stops after `limit` names; the
-    bound it returns is the largest second count (a QA's tokens without event compression)."""
+    bound it returns is the largest second count (a QA's tokens without event compression). A checkpoint's record
+    of the buckets serves a resumed run with the same flags."""
     from cogstream_jax.training import stage2_token_buckets as stb
 
     import types
@@ -207,6 +208,11 @@ def test_bucket_scan_reads_distinct_qas_up_to_its_limit():
     assert stb.scan_lengths(samples, measure, limit=1) == ([100], 150)
     assert stb.resolve(None, 2, 10, lambda: samples, measure)[:2] == (128, 512)
     assert stb.resolve(sb.TOKEN_BUCKETS, 2, 10, lambda: samples, measure) == sb.TOKEN_BUCKETS
+    # a resumed run takes the ladder its checkpoint recorded under the same flags, without scanning
+    meta = {"token_buckets": stb.checkpoint_record("auto", 2, 10, (128, 512))}
+    assert stb.saved_ladder(meta, "auto", 2, 10) == (128, 512)
+    assert stb.saved_ladder(meta, "auto", 3, 10) is None and stb.saved_ladder({}, "auto", 2, 10) is None
+    assert stb.resolve(None, 2, 10, lambda: pytest.fail("scanned"), measure, saved=(256, 640)) == (256, 640)
 
 
 def test_a_qa_over_the_largest_bucket_is_named():

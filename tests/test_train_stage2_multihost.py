@@ -28,8 +28,10 @@ def test_stage2_two_processes_match_one_process(tmp_path):
     run_multi("train.stage2", [*ARGS, "--max_steps", "1"], multi, via="env")
     assert json.loads((multi / "train_config.json").read_text())["event_compression_active"] is True
     assert_no_temp_leftovers(multi)
+    scanned = json.loads((multi / "train_config.json").read_text())["token_ladder"]
     # 2 processes x 4 devices -> 1 process x 4 devices: data x fsdp 2 -> 1, so 2 calls accumulate per update
-    run_single("train.stage2", [*ARGS, "--max_steps", "2", "--resume", "--mesh", "1,1,4"], multi, devices=4)
+    err = run_single("train.stage2", [*ARGS, "--max_steps", "2", "--resume", "--mesh", "1,1,4"], multi, devices=4)
+    assert "as the resumed checkpoint's run chose them (no scan)" in err  # the buckets, and so the programs
 
     a, b = metrics(single), metrics(multi)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
@@ -43,9 +45,10 @@ def test_stage2_two_processes_match_one_process(tmp_path):
     assert config["t_max"] == 1 * 1 * 20 * 4 // 2 and config["videos"] == 3 and config["global_batch_qas"] == 2
     assert config["total_steps"] == config["qas"] // 2 and config["accumulation_steps"] == 2
     assert b[0]["lr"] == pytest.approx(1e-4) and all(m["loss"] > 0 for m in b)
-    # --token_buckets auto (each process scanning the same first QAs): sizes chosen from the scanned QA lengths,
-    # then the fixed ladder above them
+    # --token_buckets auto (each process scanning the same first QAs, the resumed run reading them from the
+    # checkpoint): sizes chosen from the scanned QA lengths, then the fixed ladder above them
     ladder = config["token_ladder"]
+    assert ladder == scanned
     assert ladder == sorted(ladder) and all(n % 128 == 0 for n in ladder) and ladder[-1] == sb.TOKEN_BUCKETS[-1]
     # model-sized programs (vision chunk + gradient buckets + event scoring) and padding stay bounded
     assert 2 <= b[0]["model_programs_compiled"] <= 6 and 0 <= b[0]["padding_overhead"] <= 0.5

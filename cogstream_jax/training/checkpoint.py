@@ -54,6 +54,18 @@ def check_resume(directory: pathlib.Path, resume: bool) -> None:
                           "or choose another --output_dir")
 
 
+def latest_meta(output_dir: str | os.PathLike) -> dict | None:
+    """The newest checkpoint's metadata (None without one), for settings a run must know before it restores."""
+    directory = checkpoint_dir(output_dir)
+    if not _saved_steps(directory):
+        return None
+    ckpt = TrainCheckpointer(directory, async_save=False)
+    try:
+        return ckpt.read_meta(ckpt.latest_step())
+    finally:
+        ckpt.close()
+
+
 def check_same_run(saved: dict | None, current: dict | None, where: pathlib.Path) -> None:
     """Refuse to resume under settings that change the run (data order, schedule, adapter, precision)."""
     details = describe_changes(saved, current)  # None also for checkpoints written before fingerprints existed

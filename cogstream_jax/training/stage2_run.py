@@ -39,6 +39,7 @@ from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import run_common
 from cogstream_jax.training import stage2_buckets as sb
 from cogstream_jax.training import stage2_token_buckets
+from cogstream_jax.training.checkpoint import check_resume, checkpoint_dir, latest_meta
 from cogstream_jax.training.loop import run_loop
 from cogstream_jax.training.optim import stage2_optim
 from cogstream_jax.training.setup import build_setup
@@ -236,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
     rows = dp * args.qas_per_device
     accumulation = check_global_batch(args.global_batch_qas, rows, dp, args.qas_per_device)
     ladder = stage2_token_buckets.parse(args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
+    check_resume(checkpoint_dir(args.output_dir), args.resume)  # before loading and scanning, not after
+    buckets = (args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
+    saved = stage2_token_buckets.saved_ladder(latest_meta(args.output_dir) if args.resume else None, *buckets)
     dataset = load_dataset(dataset_root(args.query_dir, args.video_dir))
     data_config = Stage2Config(seed=args.seed, num_epochs=args.num_epochs, fps=args.fps, max_frames=args.max_frames)
     total_qas = count_qas(dataset, data_config)
@@ -265,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
         device = Stage2Device(setup)
         ladder = stage2_token_buckets.resolve(
             ladder, args.token_bucket_count, args.bucket_scan_qas, lambda: stage2_dataset(dataset, data_config),
-            lambda sample: _qa_tokens(sample, processor, setup, device, events, args.seed))
+            _bucket_measure(processor, setup, device, events, args.seed), saved)
     except BaseException:
         if own_log:
             log.__exit__(None, None, None)
@@ -342,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
                           resume=args.resume, max_steps=args.max_steps,
                           save_steps=run_common.given(args.save_steps, 30), keep_last=args.keep_last,
                           meta={"stage": 2, "run": run_common.run_fingerprint(
-                              {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})},
+                              {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}),
+                                "token_buckets": stage2_token_buckets.checkpoint_record(*buckets, ladder)},
                           show_progress=not args.no_progress, desc="stage2")
     finally:
         stream.close()
@@ -353,22 +358,28 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _qa_tokens(sample, processor, setup, device: Stage2Device, events: bool, seed: int) -> tuple[int, int]:
-    """One QA's tokens as a call of the run would make it, event compression scored with the starting adapter, and
-    its tokens without event compression (the most it can take later in the run) (`--token_buckets auto`)."""
-    qa = sb.prepare_qa(sample, processor)
-    if not needs_scoring(qa, events):
-        tokens = sb.finalize_qa(qa).num_tokens
-        return tokens, tokens
-    frames = sb.pack_frames([qa.layout], [qa.out.pixel_values], frame_chunk=device.frame_chunk)
-    proj_gd, proj_state = nnx.split(setup.model(setup.state).mm_projector)
-    feats = project(proj_gd, proj_state, device.vision(frames), jnp.asarray(frames.token_rows[0]))
-    scorer = event_scorer(setup, setup.state, processor.tokenizer, seed)
-    tokens = sb.finalize_qa(qa, scorer(qa.out, qa.question, feats)).num_tokens
-    try:
-        return tokens, sb.finalize_qa(qa).num_tokens
-    except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket to plan for
-        return tokens, tokens
+def _bucket_measure(processor, setup, device: Stage2Device, events: bool, seed: int):
+    """`--token_buckets auto`'s measure: sample -> its tokens as a call of the run would make them (event compression
+    scored with the starting adapter) and its tokens without event compression (the most it can take later)."""
+    scoring = {}
+
+    def measure(sample) -> tuple[int, int]:
+        qa = sb.prepare_qa(sample, processor)
+        if not needs_scoring(qa, events):
+            tokens = sb.finalize_qa(qa).num_tokens
+            return tokens, tokens
+        if not scoring:  # built once, on the first QA that needs them
+            scoring["projector"] = nnx.split(setup.model(setup.state).mm_projector)
+            scoring["scorer"] = event_scorer(setup, setup.state, processor.tokenizer, seed)
+        frames = sb.pack_frames([qa.layout], [qa.out.pixel_values], frame_chunk=device.frame_chunk)
+        feats = project(*scoring["projector"], device.vision(frames), jnp.asarray(frames.token_rows[0]))
+        tokens = sb.finalize_qa(qa, scoring["scorer"](qa.out, qa.question, feats)).num_tokens
+        try:
+            return tokens, sb.finalize_qa(qa).num_tokens
+        except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket to plan for
+            return tokens, tokens
+
+    return measure
 
 
 def _pixels(qa):

@@ -9,13 +9,15 @@ run's own vision and scoring programs), and picks the `--token_bucket_count` siz
 those lengths. Which frames event compression pools changes with the adapter and the step (a scanned QA of 1792
 tokens took 2894 later in a run), so the largest chosen size holds every scanned QA without event compression;
 the fixed ladder continues above it for any longer QA. Every process computes the same buckets from the same
-stream. Buckets change padding only, never a loss or a gradient, so a resumed run may choose them anew.
+stream. Checkpoints record them: a resumed run with the same flags takes them without scanning (the same
+programs, which a persistent compilation cache then serves). Buckets change padding only, never a loss or a
+gradient, so a resumed run with other flags may choose anew.
 """
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.training import stage2_buckets as sb
@@ -64,12 +66,30 @@ def parse(choice: str, count: int, scan_qas: int) -> tuple[int, ...] | None:
         raise ConfigError(f"--token_buckets {choice!r}: {e}") from None
 
 
+def checkpoint_record(choice: str, count: int, scan_qas: int, ladder: Sequence[int]) -> dict:
+    """What a checkpoint keeps of the run's buckets (its metadata), so that a resumed run skips the scan."""
+    return {"settings": [choice, count, scan_qas], "ladder": [int(b) for b in ladder]}
+
+
+def saved_ladder(meta: dict | None, choice: str, count: int, scan_qas: int) -> tuple[int, ...] | None:
+    """The ladder a resumed run's checkpoint chose under the same flags (None: none, or other flags)."""
+    record = (meta or {}).get("token_buckets") or {}
+    if record.get("settings") != [choice, count, scan_qas] or not record.get("ladder"):
+        return None
+    return tuple(int(b) for b in record["ladder"])
+
+
 def resolve(ladder: tuple[int, ...] | None, count: int, scan_qas: int, make_samples: Callable[[], Iterable],
-            measure: Callable[[Any], tuple[int, int]]) -> tuple[int, ...]:
-    """The run's token ladder: `parse`'s, or for "auto" (None) the best `count` sizes for the scanned QAs, the
-    largest holding every scanned QA at its longest."""
+            measure: Callable[[Any], tuple[int, int]], saved: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The run's token ladder: `parse`'s, or for "auto" (None) the one `saved` in the checkpoint a run resumes
+    (every process reads the same checkpoint, so all skip the scan or none), else the best `count` sizes for the
+    scanned QAs, the largest holding every scanned QA at its longest."""
     if ladder is not None:
         return ladder
+    if saved:
+        print(f"stage-2 token buckets {list(saved)} as the resumed checkpoint's run chose them (no scan)",
+              file=sys.stderr)
+        return saved
     started = time.perf_counter()
     lengths, longest = scan_lengths(make_samples(), measure, scan_qas)
     if not lengths:
