@@ -97,6 +97,19 @@ def event_scorer(setup, state, tokenizer, seed: int):
     return minor_frames
 
 
+def event_finalizer(setup, state, tokenizer, seed: int):
+    """finalize(qa, flat, token_rows) -> FinalQA: a PreparedQA's event compression scored on its rows of the call's
+    flattened vision output, projected with the current adapter (scorer and projector built once per state)."""
+    scorer = event_scorer(setup, state, tokenizer, seed)
+    proj_gd, proj_state = nnx.split(setup.model(state).mm_projector)
+
+    def finalize(qa: sb.PreparedQA, flat: jax.Array, token_rows: np.ndarray) -> sb.FinalQA:
+        feats = project(proj_gd, proj_state, flat, jnp.asarray(token_rows))
+        return sb.finalize_qa(qa, scorer(qa.out, qa.question, feats))
+
+    return finalize
+
+
 def needs_scoring(qa: sb.PreparedQA, events: bool) -> bool:
     if not events or qa.layout is None:
         return False
@@ -293,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     def update(state, it):
         if stats["step"] is None:
             stats["step"] = int(jax.device_get(state.step))
-        scorer = None
+        finalize = None
         grads, losses, tokens = None, [], 0.0
         for call_index in range(accumulation):
             waited = time.perf_counter()
@@ -305,11 +318,9 @@ def run(args: argparse.Namespace) -> int:
             finals = []
             for r, qa in enumerate(qas):
                 if isinstance(qa, sb.PreparedQA):  # event scoring on the frozen tower's output of this QA
-                    if scorer is None:
-                        scorer = event_scorer(setup, state, processor.tokenizer, args.seed)
-                    proj_gd, proj_state = nnx.split(setup.model(state).mm_projector)
-                    feats = project(proj_gd, proj_state, flat, jnp.asarray(frames.token_rows[r]))
-                    qa = sb.finalize_qa(qa, scorer(qa.out, qa.question, feats))
+                    if finalize is None:
+                        finalize = event_finalizer(setup, state, processor.tokenizer, args.seed)
+                    qa = finalize(qa, flat, frames.token_rows[r])
                 finals.append(qa)
             indices = [call_index * rows + r for r in range(rows)]
             call = sb.pack_call(finals, indices, frames.token_rows, row_weight=1.0 / args.global_batch_qas,
@@ -361,19 +372,17 @@ def run(args: argparse.Namespace) -> int:
 def _bucket_measure(processor, setup, device: Stage2Device, events: bool, seed: int):
     """`--token_buckets auto`'s measure: sample -> its tokens as a call of the run would make them (event compression
     scored with the starting adapter) and its tokens without event compression (the most it can take later)."""
-    scoring = {}
+    finalizer = []  # built on the first QA that needs it
 
     def measure(sample) -> tuple[int, int]:
         qa = sb.prepare_qa(sample, processor)
         if not needs_scoring(qa, events):
             tokens = sb.finalize_qa(qa).num_tokens
             return tokens, tokens
-        if not scoring:  # built once, on the first QA that needs them
-            scoring["projector"] = nnx.split(setup.model(setup.state).mm_projector)
-            scoring["scorer"] = event_scorer(setup, setup.state, processor.tokenizer, seed)
+        if not finalizer:
+            finalizer.append(event_finalizer(setup, setup.state, processor.tokenizer, seed))
         frames = sb.pack_frames([qa.layout], [qa.out.pixel_values], frame_chunk=device.frame_chunk)
-        feats = project(*scoring["projector"], device.vision(frames), jnp.asarray(frames.token_rows[0]))
-        tokens = sb.finalize_qa(qa, scoring["scorer"](qa.out, qa.question, feats)).num_tokens
+        tokens = finalizer[0](qa, device.vision(frames), frames.token_rows[0]).num_tokens
         try:
             return tokens, sb.finalize_qa(qa).num_tokens
         except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket to plan for
