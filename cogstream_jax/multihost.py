@@ -29,8 +29,15 @@ def broadcast_from_primary(value: np.generic) -> np.generic:
 
 def global_max(value: int) -> int:
     """The maximum of an int over all processes (e.g. hosts agreeing on one padded length per batch)."""
+    return int(agree_max(np.asarray([value], np.int64))[0])
+
+
+def agree_max(values: np.ndarray) -> np.ndarray:
+    """The elementwise maximum of an int64 array over all processes: one small all-gather. With each process
+    filling only the rows it owns (zeros elsewhere), every process gets the whole table."""
+    values = np.asarray(values, np.int64)
     if jax.process_count() == 1:
-        return int(value)
+        return values
     from jax.experimental import multihost_utils
 
-    return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+    return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)

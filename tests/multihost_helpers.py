@@ -85,11 +85,12 @@ def launch(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str =
 
 
 def run_multi(module: str, args: Sequence[str], out: pathlib.Path, processes: int = 2, devices: int = 4,
-              via: str = "flags") -> None:
-    """The same training command as `processes` cooperating JAX processes (see `launch`)."""
-    launch([module, *args, "--output_dir", str(out)], processes, devices, via)
+              via: str = "flags") -> list[str]:
+    """The same training command as `processes` cooperating JAX processes (see `launch`); their stderr."""
+    errors = launch([module, *args, "--output_dir", str(out)], processes, devices, via)
     config = json.loads((out / "train_config.json").read_text())
     assert config["jax"] == {"devices": processes * devices, "processes": processes, "backend": "cpu"}
+    return errors
 
 
 def metrics(out: pathlib.Path) -> list[dict]:

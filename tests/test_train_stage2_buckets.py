@@ -14,13 +14,15 @@ from cogstream_jax import config as configs
 from cogstream_jax import lora
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import stage2_buckets as sb
+from cogstream_jax.training import stage2_frames as sf
 from cogstream_jax.training.setup import build_setup
 from cogstream_jax.training.stage2_device import Stage2Device
 from cogstream_jax.training.step import StepOptions
 
 
 @functools.lru_cache(maxsize=None)
-def _samples():
+def _prepared():
+    """Four QAs before DiffFP (and the processor): 1 clip, 2 clips, no visual tokens, another video's grid."""
     from cogstream_jax.data.dataset import load_dataset
     from cogstream_jax.data.pipelines import stage2_episode
     from cogstream_jax.data.processor import Processor
@@ -32,8 +34,12 @@ def _samples():
     a = stage2_episode(videos[0], 0)
     b = stage2_episode(videos[-1], 0)
     text_only = next(s for s in a if not s.is_visual)
-    picks = [a[1], a[5], text_only, b[2]]  # 1 clip, 2 clips, no visual tokens, another video's grid
-    return [sb.finalize_qa(sb.prepare_qa(s, processor)) for s in picks]
+    return [sb.prepare_qa(s, processor) for s in (a[1], a[5], text_only, b[2])], processor
+
+
+@functools.lru_cache(maxsize=None)
+def _samples():
+    return [sb.finalize_qa(qa) for qa in _prepared()[0]]
 
 
 def _setup(mesh, seed=0, dropout=True):
@@ -59,9 +65,15 @@ def _randomise_adapter(setup, seed=1):
 
 
 def _grad_call(device, setup, qas, indices, *, row_weight, min_tokens=0, min_patches=0):
-    frames = sb.pack_frames([q.layout for q in qas], [q.pixel_values for q in qas], frame_chunk=device.frame_chunk,
-                            min_patches=min_patches)
-    call = sb.pack_call(qas, indices, frames.token_rows, row_weight=row_weight, min_tokens=min_tokens)
+    needs = [sf.frame_needs(q.layout) for q in qas]
+    merge, frames = max(m for _, _, m in needs), None
+    if merge:
+        frames = sf.pack_row_frames([q.layout for q in qas], [q.pixel_values for q in qas],
+                                    rows_per_device=len(qas) // device.dp, frames_per_row=max(f for f, _, _ in needs),
+                                    patches=sf.patches_bucket(max(p for _, p, _ in needs), merge, min_patches),
+                                    merge=merge, patch_dim=next(q.pixel_values for q in qas if q.layout).shape[-1])
+    call = sb.pack_call(qas, indices, frames.token_rows if frames else [None] * len(qas), row_weight=row_weight,
+                        min_tokens=min_tokens)
     inputs = device.inputs(call, device.vision(frames))
     arrays = {k: device.put(v) for k, v in call.arrays.items()}
     grads, losses, counts = device.grad(setup.state, setup.frozen, arrays, inputs)
@@ -151,6 +163,46 @@ def test_one_data_parallel_call_equals_the_qas_one_by_one(mesh_spec, one_by_one)
     assert _max_diff(jax.device_get(s_dp.params), updated) <= 1e-5 * _max_abs(updated)
 
 
+@pytest.mark.parametrize("mesh_spec", ["1,1,1", "2,2,1"])
+def test_one_scoring_call_equals_the_streaming_scoring_qa_by_qa(mesh_spec, monkeypatch):
+    """Event scoring of a call's rows in one program (k-means per row on its device, every row's event prompts and
+    question packed, one vmapped LLM call) == `events.compress_events` QA by QA with the same adapter and key:
+    per-event cosines and the final tokens (forced on for these short streams: 2 events each)."""
+    import jax.numpy as jnp
+
+    from cogstream_jax.inference import events
+    from cogstream_jax.training import stage2_calls, stage2_scoring
+    from cogstream_jax.training.stage2_calls import CallMaker
+
+    monkeypatch.setattr(events, "should_compress", lambda n: n > 1)
+    for module in (events, stage2_scoring):
+        monkeypatch.setattr(module, "num_events", lambda n: 2)
+    prepared, processor = _prepared()
+    mesh = make_mesh(mesh_spec, devices=jax.devices()[:1 if mesh_spec == "1,1,1" else 4])
+    setup = _setup(mesh)
+    _randomise_adapter(setup)
+    items = [qa if qa.layout is not None else sb.finalize_qa(qa) for qa in prepared]
+    seen = []
+
+    def spy(row, pooled):
+        seen.append(stage2_scoring.event_scores(row, pooled))
+        return stage2_scoring.minor_frames(row, pooled)
+
+    monkeypatch.setattr(stage2_calls, "minor_frames", spy)
+    finals, _, _, dropped = CallMaker(setup, Stage2Device(setup), processor.tokenizer, rows=4, seed=0).finals(
+        setup.state, items)
+    assert not dropped.any() and len(seen) == 3  # the three visual QAs, scored in one call
+    model = setup.model(setup.state)
+    key = jax.random.fold_in(jax.random.key(0), 0)
+    visual = [(r, qa) for r, qa in enumerate(prepared) if qa.layout is not None]
+    for (r, qa), scores in zip(visual, seen):
+        features = model.encode_visual(jnp.asarray(qa.out.pixel_values), qa.layout)
+        expected = events.compress_events(model, processor.tokenizer, features, qa.out.timestamps, qa.question, key)
+        np.testing.assert_allclose(scores, expected.cosine, atol=1e-5)
+        np.testing.assert_array_equal(finals[r].ids, sb.finalize_qa(qa, expected.minor_frames).ids)
+    np.testing.assert_array_equal(finals[2].ids, items[2].ids)
+
+
 def test_bucket_ladders():
     assert all(b % 128 == 0 for b in sb.TOKEN_BUCKETS)
     assert all(b / a <= 2.0 for a, b in zip(sb.TOKEN_BUCKETS, sb.TOKEN_BUCKETS[1:]))
@@ -199,13 +251,18 @@ def test_bucket_scan_reads_distinct_qas_up_to_its_limit():
     samples = [types.SimpleNamespace(video="v", chain_index=0, qa_index=i) for i in (0, 0, 1, 2)]
     tokens = {0: (100, 150), 2: (300, 450)}
 
-    def measure(sample):
-        if sample.qa_index == 1:
-            raise sb.OversizedQA("too long")
-        return tokens[sample.qa_index]
+    calls = []
+
+    def measure(group):
+        calls.append([s.qa_index for s in group])
+        return [tokens.get(s.qa_index) for s in group]  # QA 1 over-large
 
     assert stb.scan_lengths(samples, measure, limit=10) == ([100, 300], 450)
-    assert stb.scan_lengths(samples, measure, limit=1) == ([100], 150)
+    assert calls == [[0], [1], [2]]
+    calls.clear()
+    assert stb.scan_lengths(samples, measure, limit=10, rows=2) == ([100, 300], 450)
+    assert calls == [[0, 1], [2]]  # a call's worth of distinct QAs at a time, the last one short
+    assert stb.scan_lengths(samples, measure, limit=1, rows=2) == ([100], 150)
     assert stb.resolve(None, 2, 10, lambda: samples, measure)[:2] == (128, 512)
     assert stb.resolve(sb.TOKEN_BUCKETS, 2, 10, lambda: samples, measure) == sb.TOKEN_BUCKETS
     # a resumed run takes the ladder its checkpoint recorded under the same flags, without scanning
@@ -250,9 +307,11 @@ def test_eval_segment_encoding_in_buckets_equals_the_packed_encoder():
 
 
 @pytest.mark.parametrize("depth", [0, 3])
-def test_stream_drops_oversized_qas_by_name_and_resumes_by_position(depth, monkeypatch, capsys):
-    """A QA over the largest bucket is dropped with a warning naming it; the stream's checkpoint state is the
-    number of stream positions consumed, so a restored stream continues with the same QA (any mesh)."""
+def test_stream_skips_oversized_qas_by_name_prepares_own_rows_and_resumes_by_position(depth, monkeypatch, capsys):
+    """A QA over the largest bucket is skipped with a warning naming it, in its place (its row stays empty, so no
+    later QA moves to another row or process); positions this process does not own pass through unprepared; the
+    stream's checkpoint state is the number of stream positions consumed, so a restored stream continues with the
+    same QA (any mesh)."""
     from cogstream_jax.data.dataset import load_dataset
     from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
     from cogstream_jax.data.processor import Processor
@@ -266,15 +325,18 @@ def test_stream_drops_oversized_qas_by_name_and_resumes_by_position(depth, monke
     make = lambda: stage2_dataset(dataset, Stage2Config(seed=0, num_epochs=1))  # noqa: E731
     stream = QAStream(make, processor, depth=depth, events=False)
     got = [next(stream) for _ in range(4)]
-    positions = [p for p, _ in got]
-    assert positions == [0, 1, 2, 3]  # QAs 0-3 fit, QA 4 (~380 tokens) does not
+    assert [p for p, _ in got] == [0, 1, 2, 3] and all(isinstance(q, sb.FinalQA) for _, q in got)
     state = stream.get_state()
-    fifth = next(stream)
-    assert fifth[0] > 4 and stream.dropped and "chain" in stream.dropped[0]
+    fifth = next(stream)  # QAs 0-3 fit, QA 4 (~380 tokens) does not
+    assert fifth[0] == 4 and isinstance(fifth[1], sb.OversizedQA) and "chain" in stream.dropped[0]
     assert "dropped stage-2 QA at stream position 4" in capsys.readouterr().err
     restored = QAStream(make, processor, depth=depth, events=False)
     restored.set_state(state)
     again = next(restored)
-    assert again[0] == fifth[0] and again[1].name == fifth[1].name
-    stream.close()
-    restored.close()
+    assert again[0] == 4 and str(again[1]) == str(fifth[1])
+    odd = QAStream(make, processor, depth=depth, events=False, owns=lambda position: position % 2 == 1)
+    mine = [next(odd) for _ in range(4)]
+    assert [q is None for _, q in mine] == [True, False, True, False]
+    assert mine[1][1].name == got[1][1].name and mine[3][1].name == got[3][1].name
+    for s in (stream, restored, odd):
+        s.close()

@@ -25,7 +25,10 @@ ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "
 def test_stage2_two_processes_match_one_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_single("train.stage2", [*ARGS, "--max_steps", "2"], single)
-    run_multi("train.stage2", [*ARGS, "--max_steps", "1"], multi, via="env")
+    errors = run_multi("train.stage2", [*ARGS, "--max_steps", "1"], multi, via="env")
+    # each process prepared only the QA of its own row: one of the update's two
+    for i, err in enumerate(errors):
+        assert f"stage 2, process {i}: prepared 1 of the 2 QAs read" in err, err[-2000:]
     assert json.loads((multi / "train_config.json").read_text())["event_compression_active"] is True
     assert_no_temp_leftovers(multi)
     scanned = json.loads((multi / "train_config.json").read_text())["token_ladder"]

@@ -256,34 +256,6 @@ def test_stage2_batch_applies_injected_minor_frames():
     assert n_slots == compressed.num_kept
 
 
-def test_stage2_event_scorer_runs_the_streaming_scoring(monkeypatch):
-    """The run's scorer wires the current adapter into inference.events (forced on for a short stream)."""
-    from flax import nnx
-
-    from cogstream_jax import config as configs
-    from cogstream_jax.data.dataset import load_dataset
-    from cogstream_jax.data.pipelines import stage2_episode
-    from cogstream_jax.data.processor import Processor
-    from cogstream_jax.data.synth import sample_dataset_dir
-    from cogstream_jax.inference import events
-    from cogstream_jax.model.videollama3 import VideoLlama3
-    from cogstream_jax.reference_files import bundled_model_dir
-    from cogstream_jax.training.stage2_run import event_scorer
-
-    processor = Processor.from_pretrained(bundled_model_dir())
-    sample = stage2_episode(load_dataset(sample_dataset_dir()).videos[0], 0)[-1]
-    out = processor(conversation=list(sample.conversation))
-    model = VideoLlama3(configs.tiny(), rngs=nnx.Rngs(0))
-    setup = build_setup(model, lora.FULL_MODULE, lora.full_module_spec(model.config), optax.sgd(1.0),
-                        make_mesh("1,1,1", devices=jax.devices()[:1]), seed=0)
-    scorer = event_scorer(setup, setup.state, processor.tokenizer, seed=0)
-    assert scorer(out, sample.question) == ()  # short streams are never compressed (<= 135 frames)
-    monkeypatch.setattr(events, "should_compress", lambda n: True)
-    monkeypatch.setattr(events, "num_events", lambda n: 2)
-    minor = scorer(out, sample.question)
-    assert all(isinstance(f, int) and 0 <= f < out.num_frames for f in minor)
-
-
 @pytest.mark.parametrize("kind", ["rbg", "hash"])
 def test_dropout_rng_is_deterministic_and_active(kind):
     from flax import nnx

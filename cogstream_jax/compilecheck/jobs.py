@@ -141,12 +141,12 @@ def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     device = Stage2Device(setup)
     qa = sb.synthetic_qa(layout, shape.tokens, shape.kept, shape.answer_tokens, patch_dim=config.vision.patch_dim,
                          minor_frames=minor)
-    call, frames = sb.synthetic_call(qa, device.dp, frame_chunk=device.frame_chunk)
+    call, frames = sb.synthetic_call(qa, device.dp, dp=device.dp)
     arrays = _abstract(call.arrays, device.rows)
     rows, inputs = call.sources.shape
     features = jax.ShapeDtypeStruct((rows, inputs, config.vision.hidden_size), device.dtype, sharding=device.rows)
     chunk = [jax.ShapeDtypeStruct((device.frame_chunk,) + a.shape[1:], a.dtype, sharding=device.rows)
-             for a in frames.arrays]
+             for a in frames.chunk(0, 0)]
     return [Program("stage-2 vision tower (one chunk of a call's frames; frozen, once per QA)",
                     lambda: device.lower_vision(*chunk, frames.merge), device.frame_chunk),
             Program(f"stage-2 gradient ({rows} QAs, bucket L={call.bucket[0]} U={call.bucket[1]} "

@@ -96,16 +96,37 @@ def event_batch(tokenizer: Any, timestamps: Sequence[float], tokens_per_frame: i
     return ids, mask, events, np.asarray(order, np.int64)
 
 
+def segment_means(hidden: jax.Array, valid: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
+    """hidden [T, D], valid [T], segments [T] -> fp32 mean over each segment's valid positions [num_segments, D]."""
+    weights = valid.astype(jnp.float32)
+    sums = jax.ops.segment_sum(hidden.astype(jnp.float32) * weights[:, None], segments, num_segments=num_segments)
+    counts = jax.ops.segment_sum(weights, segments, num_segments=num_segments)
+    return sums / jnp.maximum(counts, 1.0)[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_segments"))
 def _pooled(graphdef, state, ids, features, valid, positions, segments, num_segments):
     model = nnx.merge(graphdef, state)
     out = model.forward(ids, visual_features=features, num_kept=features.shape[0], attention_mask=valid,
                         positions=positions, segment_ids=segments, compute_logits=False)
-    weights = valid[0].astype(jnp.float32)
-    sums = jax.ops.segment_sum(out.hidden_states[0].astype(jnp.float32) * weights[:, None], segments[0],
-                               num_segments=num_segments)
-    counts = jax.ops.segment_sum(weights, segments[0], num_segments=num_segments)
-    return sums / jnp.maximum(counts, 1.0)[:, None]
+    return segment_means(out.hidden_states[0], valid[0], segments[0], num_segments)
+
+
+def pack_segments(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded rows [rows, L] -> ONE packed sequence (ids, positions from 0 per row, segment = row index),
+    unpadded: each row's real tokens, row after row."""
+    lengths = np.asarray(mask, bool).sum(1)
+    if not all(np.asarray(mask[r, :n], bool).all() for r, n in enumerate(lengths)):
+        raise InputError("event-scoring rows must be right-padded (each row's real tokens first)")
+    packed = np.concatenate([np.asarray(ids[r, :n], np.int32) for r, n in enumerate(lengths)])
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lengths])
+    segments = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    return packed, positions, segments
+
+
+def segment_count(rows: int) -> int:
+    """Segments a scoring program is compiled for: `rows` rounded up to SEGMENT_MULTIPLE."""
+    return max(SEGMENT_MULTIPLE, -(-rows // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE)
 
 
 def pooled_hidden(model, ids: np.ndarray, mask: np.ndarray, features: jax.Array | None) -> np.ndarray:
@@ -116,29 +137,19 @@ def pooled_hidden(model, ids: np.ndarray, mask: np.ndarray, features: jax.Array 
     order, so features past the last slot are never read). The stream's frame count, the event count and the
     longest event change from question to question; packed, only the total length keys a program, and the total
     is about the stream's visual-token budget, so one program usually serves a whole run."""
-    lengths = np.asarray(mask, bool).sum(1)
-    if not all(np.asarray(mask[r, :n], bool).all() for r, n in enumerate(lengths)):
-        raise InputError("event-scoring rows must be right-padded (each row's real tokens first)")
-    rows, total = len(lengths), int(lengths.sum())
+    packed_ids, packed_positions, packed_segments = pack_segments(ids, mask)
+    rows, total = len(ids), len(packed_ids)
     length = bucket_length(total)
-    packed = np.zeros((1, length), np.int32)
-    positions = np.zeros((1, length), np.int32)
-    segments = np.zeros((1, length), np.int32)
-    start = 0
-    for r, n in enumerate(lengths):
-        packed[0, start:start + n] = ids[r, :n]
-        positions[0, start:start + n] = np.arange(n)
-        segments[0, start:start + n] = r
-        start += n
+    packed, positions, segments = (np.zeros((1, length), np.int32) for _ in range(3))
+    packed[0, :total], positions[0, :total], segments[0, :total] = packed_ids, packed_positions, packed_segments
     valid = (np.arange(length) < total)[None].astype(np.int32)
-    num_segments = max(SEGMENT_MULTIPLE, -(-rows // SEGMENT_MULTIPLE) * SEGMENT_MULTIPLE)
     if features is None:
         features = jnp.zeros((1, model.config.text.hidden_size), model.dtype)
     features = jnp.asarray(features)
     features = jnp.pad(features, ((0, bucket_length(features.shape[0]) - features.shape[0]), (0, 0)))
     graphdef, state = nnx.split(model)
     out = _pooled(graphdef, state, jnp.asarray(packed), features, jnp.asarray(valid), jnp.asarray(positions),
-                  jnp.asarray(segments), num_segments)
+                  jnp.asarray(segments), segment_count(rows))
     return to_host(out)[:rows]
 
 

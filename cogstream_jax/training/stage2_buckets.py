@@ -14,8 +14,8 @@ frames as the stream grows) and kept visual tokens all vary. Jitting on the exac
 - supervised positions (`A`, gradient program): `ANSWER_BUCKETS` = 64, 256, 1024, 4096;
 - patches per frame (`P`, vision program): `PATCH_BUCKETS` = 16, 24, 36, 56, 84, 128, 192, 288, 432, 648, 972,
   1460, 2188, 3284, 4096 (about 1.5x apart, multiples of merge^2 = 4);
-- frames per vision call: `FRAMES_PER_DEVICE` x data-parallel size (the frames of every QA of a call, cut into
-  such chunks, the last one padded with invalid frames).
+- frames per vision call: `stage2_frames.FRAMES_PER_DEVICE` per device (each device's rows' frames, cut into
+  such chunks, the last one padded with invalid frames; `stage2_frames`).
 
 So the gradient program is keyed by (L, U, A) only and the vision program by P only; nothing depends on the
 visual layout (grids, merge order, which tokens DiffFP kept): that travels as index arrays. Padding changes
@@ -23,7 +23,7 @@ nothing (masks: attention mask over padded tokens, weight 0 on padded answer pos
 never referenced, padded patches masked out of the per-frame attention, padded rows weighted 0).
 
 A QA over the largest bucket (more than `TOKEN_BUCKETS[-1]` tokens or `ANSWER_BUCKETS[-1]` answer tokens) is
-dropped with a warning naming it (`OversizedQA`).
+skipped with a warning naming it (`OversizedQA`); its row stays empty.
 """
 from __future__ import annotations
 
@@ -37,16 +37,16 @@ from cogstream_jax.data.pipelines import Stage2Sample
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
 from cogstream_jax.errors import InputError
 from cogstream_jax.model.attention import BLOCK, pad_to_block
-from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket, frame_arrays
+from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket
 from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.training.losses import IGNORE_INDEX, supervised_positions
 from cogstream_jax.training.stage2_batches import render_teacher_forced
+from cogstream_jax.training.stage2_frames import RowFrames, frame_needs, pack_row_frames, patches_bucket
 
 TOKEN_BUCKETS = tuple(pad_to_block(n) for n in (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288,
                                                 16384, 24576, 32768))
 ANSWER_BUCKETS = (64, 256, 1024, 4096)
 INPUTS_PER_TOKEN = 2  # visual-input rows per token row: room for the frame tokens event compression pools
-FRAMES_PER_DEVICE = 16
 assert all(b % BLOCK == 0 for b in TOKEN_BUCKETS)
 
 
@@ -206,51 +206,6 @@ def _tokens_per_frame(layout: VisualLayout) -> list[int]:
 
 
 @dataclasses.dataclass
-class Frames:
-    """The vision input of one call: every frame of its QAs, padded to `patches` per frame and to a multiple of
-    the vision chunk; `token_rows[r]`: row r's visual tokens (original order) as rows of the flattened vision
-    output [F * patches / merge^2] (None for a row without visual input)."""
-
-    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None  # pixels, rows, cols, valid
-    merge: int
-    patches: int
-    token_rows: list[np.ndarray | None]
-
-
-def pack_frames(layouts: Sequence[VisualLayout | None], pixel_values: Sequence[np.ndarray | None], *,
-                frame_chunk: int, min_patches: int = 0) -> Frames:
-    visual = [lay for lay in layouts if lay is not None]
-    merges = {m for lay in visual for m in lay.merges}
-    if len(merges) > 1:
-        raise InputError(f"mixed merge sizes {sorted(merges)} in one stage-2 call")
-    merge = merges.pop() if merges else 1
-    patches = bucket(max([h * w for lay in visual for _, h, w in lay.grids] + [min_patches, 1]), PATCH_BUCKETS)
-    if patches is None:
-        raise OversizedQA(f"frames over {PATCH_BUCKETS[-1]} patches")
-    patches = max(patches, merge * merge)
-    per_frame_out = patches // (merge * merge)
-    blocks, token_rows, offset = [], [], 0
-    for layout, pixels in zip(layouts, pixel_values):
-        if layout is None:
-            token_rows.append(None)
-            continue
-        pix, prow, pcol, valid, tokens = frame_arrays(np.asarray(pixels, np.float32), layout, patches)
-        starts = np.concatenate([[0], np.cumsum(tokens)[:-1]])
-        frame_of = np.repeat(np.arange(len(tokens)), tokens)
-        local = np.arange(sum(tokens)) - starts[frame_of]
-        token_rows.append((offset + frame_of) * per_frame_out + local)
-        blocks.append((pix, prow, pcol, valid))
-        offset += len(tokens)
-    if not blocks:
-        return Frames(None, merge, patches, token_rows)
-    total = -(-offset // frame_chunk) * frame_chunk
-    arrays = tuple(np.concatenate([b[i] for b in blocks]
-                                  + [np.zeros((total - offset,) + blocks[0][i].shape[1:], blocks[0][i].dtype)])
-                   for i in range(4))
-    return Frames(arrays, merge, patches, token_rows)
-
-
-@dataclasses.dataclass
 class Stage2Call:
     """Host arrays of one device call: `arrays` (`step.STAGE2_KEYS`, leading row axis) and `sources` [R, U]: each
     row's visual inputs as rows of the flattened vision output (`Frames`)."""
@@ -264,15 +219,16 @@ class Stage2Call:
 
 
 def pack_call(qas: Sequence[FinalQA | None], qa_indices: Sequence[int], token_rows: Sequence[np.ndarray | None], *,
-              row_weight: float, min_tokens: int = 0, token_buckets: Sequence[int] = TOKEN_BUCKETS) -> Stage2Call:
+              row_weight: float, min_tokens: int = 0, min_inputs: int = 0, min_answers: int = 0,
+              token_buckets: Sequence[int] = TOKEN_BUCKETS) -> Stage2Call:
     """QAs (None = an empty row, weight 0) -> one call's arrays in the common bucket of its rows (`token_buckets`:
-    the ladder of `L`, ascending)."""
+    the ladder of `L`, ascending), or of the `min_*` sizes if larger (rows prepared by other processes)."""
     real = [q for q in qas if q is not None]
     length = bucket(max([q.num_tokens for q in real] + [min_tokens, 1]), token_buckets)
-    inputs = max([q.num_inputs for q in real] + [1])
+    inputs = max([q.num_inputs for q in real] + [min_inputs, 1])
     u = INPUTS_PER_TOKEN * length if length is not None and inputs <= INPUTS_PER_TOKEN * length \
         else bucket(inputs, token_buckets)
-    answers = bucket(max([q.answer_tokens for q in real] + [1]), ANSWER_BUCKETS)
+    answers = bucket(max([q.answer_tokens for q in real] + [min_answers, 1]), ANSWER_BUCKETS)
     if length is None or u is None or answers is None:
         raise OversizedQA(f"{', '.join(q.name for q in real)}: over the largest stage-2 bucket")
     rows = len(qas)
@@ -335,8 +291,11 @@ def synthetic_qa(layout: VisualLayout, tokens: int, kept: int, answer_tokens: in
                    np.concatenate(sources), np.arange(kept), np.concatenate(groups))
 
 
-def synthetic_call(qa: FinalQA, rows: int, *, frame_chunk: int) -> tuple[Stage2Call, Frames]:
-    """`rows` copies of `qa` packed as one call (the vision frames and the gradient arrays)."""
-    frames = pack_frames([qa.layout] * rows, [qa.pixel_values] * rows, frame_chunk=frame_chunk)
+def synthetic_call(qa: FinalQA, rows: int, *, dp: int) -> tuple[Stage2Call, RowFrames]:
+    """`rows` copies of `qa` packed as one call of `rows` rows over `dp` devices (vision frames, gradient arrays)."""
+    frames_per_row, patches, merge = frame_needs(qa.layout)
+    frames = pack_row_frames([qa.layout] * rows, [qa.pixel_values] * rows, rows_per_device=rows // dp,
+                                frames_per_row=frames_per_row, patches=patches_bucket(patches, merge),
+                                merge=merge, patch_dim=qa.pixel_values.shape[-1])
     call = pack_call([qa] * rows, list(range(rows)), frames.token_rows, row_weight=1.0 / rows)
     return call, frames

@@ -1,13 +1,15 @@
 """The device side of a bucketed stage-2 call: the frozen vision tower once per QA, then the gradient.
 
-1. `vision(frames)`: the frames of every QA of the call, cut into chunks of `frame_chunk` frames (split over
-   data x fsdp), through the vision tower (`frame_vision.encode_frames`), concatenated: [F * P / m^2, hidden].
-   The tower is frozen, so this output serves both the question-aware event scoring (which projects it with the
-   current adapter) and the gradient step (which projects it inside the differentiated function).
-2. `gather(features, sources)` -> [R, U, hidden]: each row's visual inputs.
+1. `vision(frames)`: the call's frames laid out by row (`stage2_frames.RowFrames`: each device's rows' frames, cut
+   into chunks of FRAMES_PER_DEVICE per device) through the vision tower (`frame_vision.encode_frames`) ->
+   [dp, N, hidden]: block j is device j's rows' merged frame tokens, on device j. The tower is frozen, so this
+   output serves both the question-aware event scoring (`project_rows`, with the current adapter) and the gradient
+   step (which projects it inside the differentiated function).
+2. `inputs(call, flat)` -> [R, U, hidden]: each row's visual inputs, gathered on the row's own device.
 3. `grad(state, frozen, arrays, inputs)` (`step.make_stage2_grad`).
-Programs: vision keyed by (frames per chunk, patches bucket, merge), gradient by (rows, L, U, A); the gathers
-and projections are small programs that take no tower weights.
+Every host array enters through a callback that builds only the shards of this process's devices, so a process
+never needs (or builds) another process's rows. Programs: vision keyed by (frames per chunk, patches bucket,
+merge), gradient by (rows, L, U, A); the gathers and projections are small programs that take no tower weights.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cogstream_jax.model.frame_vision import encode_frames
-from cogstream_jax.training.stage2_buckets import FRAMES_PER_DEVICE, Frames, Stage2Call
+from cogstream_jax.training.stage2_buckets import Stage2Call
+from cogstream_jax.training.stage2_frames import FRAMES_PER_DEVICE, RowFrames
 from cogstream_jax.training.step import BATCH_AXES, data_parallel_size, make_stage2_grad
 
 
@@ -42,30 +45,48 @@ class Stage2Device:
                                      frozen_sharding=setup.frozen_sharding, mesh=self.mesh)
         self._encode = jax.jit(functools.partial(_encode_chunk, self.vision_graphdef, attn=self.attn, dtype=self.dtype),
                                static_argnums=(5,))
-        # rows over data x fsdp whatever layout the vision output got (a scanned tower's comes out feature-sharded)
+        # each block / row stays on its device whatever layout the tower's output got (a scanned tower's comes out
+        # feature-sharded)
+        self._by_device = jax.jit(_by_device, out_shardings=self.rows)
         self._gather = jax.jit(_gather, out_shardings=self.rows)
+        self._project = jax.jit(_project, static_argnums=(0,), out_shardings=self.rows)
 
     def vision_state(self):
         return self._vision_state
 
+    def own_rows(self, rows: int) -> np.ndarray:
+        """[rows] bool: the rows of a call whose shards live on this process's devices (the QAs it prepares)."""
+        own = np.zeros(rows, bool)
+        for index in self.rows.addressable_devices_indices_map((rows,)).values():
+            own[index[0]] = True
+        return own
+
     def put(self, x: np.ndarray):
-        """A host array (the same on every process) split over the rows: each process fills its own shards, with
-        no cross-process equality check (`jax.device_put` of a host array onto devices of several processes
-        all-gathers it to compare)."""
+        """A host array split over the rows: each process fills its own shards from `x`, whose other rows are
+        never read (and may be left empty); no cross-process equality check (`jax.device_put` of a host array onto
+        devices of several processes all-gathers it to compare)."""
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, self.rows, lambda index: x[index])
 
-    def vision(self, frames: Frames) -> jax.Array | None:
-        """The call's frames -> the flattened vision output [F * P / m^2, hidden] (None without frames)."""
-        if frames.arrays is None:
+    def vision(self, frames: RowFrames | None) -> jax.Array | None:
+        """The call's frames -> the vision output by device block [dp, N, hidden] (None without frames)."""
+        if frames is None:
             return None
-        pixels, rows, cols, valid = frames.arrays
         outs = []
-        for start in range(0, pixels.shape[0], self.frame_chunk):
-            sl = slice(start, start + self.frame_chunk)
-            outs.append(self._encode(self._vision_state, self.put(pixels[sl]), self.put(rows[sl]),
-                                     self.put(cols[sl]), self.put(valid[sl]), frames.merge))
-        return _flatten(outs)
+        for c in range(frames.chunks):
+            parts = {}
+
+            def block(index, i, c=c, parts=parts):
+                j = (index[0].start or 0) // FRAMES_PER_DEVICE
+                if j not in parts:
+                    parts[j] = frames.chunk(j, c)
+                return parts[j][i]
+
+            tails = [(frames.patches, frames.patch_dim)] + [(frames.patches,)] * 3  # pixels, rows, cols, valid
+            arrays = [jax.make_array_from_callback((self.dp * FRAMES_PER_DEVICE,) + tails[i], self.rows,
+                                                   functools.partial(block, i=i)) for i in range(4)]
+            outs.append(self._encode(self._vision_state, *arrays, frames.merge))
+        return self._by_device(outs)
 
     def inputs(self, call: Stage2Call, flat: jax.Array | None) -> jax.Array:
         """The call's per-row visual inputs [R, U, hidden] (zeros for a text-only call)."""
@@ -73,6 +94,21 @@ class Stage2Device:
         if flat is None:
             return self.put(np.zeros((r, u, self.vision_hidden), self.dtype))
         return self._gather(flat, self.put(call.sources))
+
+    def project_rows(self, projector, flat: jax.Array, index: np.ndarray) -> jax.Array:
+        """Each row's visual tokens `index` [R, V] through the projector (current adapter, no dropout): [R, V, D],
+        event scoring's input, on the row's device."""
+        graphdef, state = nnx.split(projector)
+        return self._project(graphdef, state, flat, self.put(index))
+
+    def local_rows(self, x: jax.Array) -> dict[int, jax.Array]:
+        """Row r -> x[r] for the rows held by this process's devices, each on its device (no collective)."""
+        out = {}
+        for shard in x.addressable_shards:
+            start = shard.index[0].start or 0
+            for i in range(shard.data.shape[0]):
+                out.setdefault(start + i, shard.data[i])
+        return out
 
     def lower_grad(self, state, frozen, arrays, inputs):
         return self.grad.lower(state, frozen, arrays, inputs)
@@ -87,16 +123,18 @@ def _encode_chunk(graphdef, state, pixels, rows, cols, valid, merge, *, attn, dt
     return jax.lax.stop_gradient(out)
 
 
-@jax.jit
-def _flatten(outs):
-    return jnp.concatenate([o.reshape(-1, o.shape[-1]) for o in outs], axis=0)
+def _by_device(outs):
+    """Chunks [dp * FRAMES_PER_DEVICE, T, H] -> [dp, chunks * FRAMES_PER_DEVICE * T, H] (block j: device j's)."""
+    dp = outs[0].shape[0] // FRAMES_PER_DEVICE
+    return jnp.concatenate([o.reshape(dp, -1, o.shape[-1]) for o in outs], axis=1)
 
 
 def _gather(flat, sources):
-    return flat[sources]
+    """flat [dp, N, H], sources [R, U] (indices into the row's own block) -> [R, U, H], gathered per device."""
+    blocks = sources.reshape(flat.shape[0], -1, sources.shape[-1])
+    out = jax.vmap(lambda f, s: f[s], spmd_axis_name=BATCH_AXES)(flat, blocks)
+    return out.reshape((-1,) + out.shape[2:])
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def project(graphdef, state, flat, index):
-    """The projector (current adapter, no dropout) on the flat vision output rows `index`: event scoring's input."""
-    return jax.lax.stop_gradient(nnx.merge(graphdef, state)(flat[index]))
+def _project(graphdef, state, flat, index):
+    return jax.lax.stop_gradient(nnx.merge(graphdef, state)(_gather(flat, index)))

@@ -5,12 +5,14 @@ Each device call takes `data x fsdp x --qas_per_device` different QAs (one row e
 fsdp mesh axes) padded into a common bucket (`stage2_buckets`); `accumulation = global / rows` calls make an
 update, whose gradient is the sum over its QAs of (mean answer-token CE) / global (the official DDP average of
 per-rank `loss / 4` sums, up to a constant factor, see docs/fidelity.md). The frozen vision tower runs once per
-QA (`stage2_device`): its output serves the question-aware event scoring and the gradient step. QAs are prepared
-(decode, resize, rewrite, DiffFP) by a background thread ahead of the device (`--prefetch_qas`); device metrics
-are fetched every `--logging_steps` updates. Every process reads the same QA stream and prepares every QA
-(identical host arrays placed onto the global shardings); the QA order and every random draw depend on the
-stream position and the QA's place in its update only, so a run resumes on another mesh shape or device count
-with the same QAs and masks. A trailing group of fewer than `--global_batch_qas` QAs at the very end is dropped.
+QA (`stage2_device`): its output serves the question-aware event scoring (all rows of a call in one program,
+`stage2_scoring`) and the gradient step. QAs are prepared (decode, resize, rewrite, DiffFP) by a background thread
+ahead of the device (`--prefetch_qas`); device metrics are fetched every `--logging_steps` updates. Every process
+reads the same QA stream but prepares only the QAs of the rows its devices hold (`stage2_calls.CallMaker`: small
+all-gathers settle each call's common shapes); the QA order and every random draw depend on the stream position
+and the QA's place in its update only, so a run resumes on another mesh shape or device count with the same QAs
+and masks. A QA over the largest bucket leaves its row empty (a warning names it). A trailing group of fewer than
+`--global_batch_qas` QAs at the very end is dropped.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,8 +35,9 @@ from cogstream_jax import lora
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR, load_dataset
 from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
 from cogstream_jax.data.processor import Processor
-from cogstream_jax.io_utils import as_path, is_url
 from cogstream_jax.errors import ConfigError
+from cogstream_jax.io_utils import as_path, is_url
+from cogstream_jax.multihost import agree_max
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import run_common
 from cogstream_jax.training import stage2_buckets as sb
@@ -44,7 +47,8 @@ from cogstream_jax.training.loop import run_loop
 from cogstream_jax.training.optim import stage2_optim
 from cogstream_jax.training.setup import build_setup
 from cogstream_jax.training.stage2_batches import event_compression_available
-from cogstream_jax.training.stage2_device import Stage2Device, project
+from cogstream_jax.training.stage2_calls import ANSWERS, DROPPED, PRESENT, TOKENS, CallMaker
+from cogstream_jax.training.stage2_device import Stage2Device
 from cogstream_jax.training.step import StepOptions, add_grads_jit, data_parallel_size
 
 
@@ -74,42 +78,6 @@ def count_qas(dataset, config: Stage2Config) -> int:
     return sum(1 for _ in stage2_dataset(dataset, config))
 
 
-def event_scorer(setup, state, tokenizer, seed: int):
-    """Question-aware event scoring with the current adapter (protocol 6.1-6.2), outside the gradient: it only
-    decides which frames are minor; the pooling of those frames happens inside the differentiated step.
-
-    Returns scorer(out, question, features) where `features` are the QA's frozen vision-tower outputs [T*P, D]
-    in token order (the same ones the gradient step uses) or None (the tower is run here)."""
-    from cogstream_jax.inference.events import compress_events, should_compress
-    from cogstream_jax.model.vision import VisualLayout
-
-    model = setup.model(state)
-    key = jax.random.fold_in(jax.random.key(seed), int(jax.device_get(state.step)))
-
-    def minor_frames(out, question: str, features=None):
-        if not should_compress(out.num_frames):
-            return ()
-        if features is None:
-            layout = VisualLayout.from_arrays(out.grid_sizes, out.merge_sizes)
-            features = model.encode_visual(jnp.asarray(out.pixel_values), layout)
-        return compress_events(model, tokenizer, features, out.timestamps, question, key).minor_frames
-
-    return minor_frames
-
-
-def event_finalizer(setup, state, tokenizer, seed: int):
-    """finalize(qa, flat, token_rows) -> FinalQA: a PreparedQA's event compression scored on its rows of the call's
-    flattened vision output, projected with the current adapter (scorer and projector built once per state)."""
-    scorer = event_scorer(setup, state, tokenizer, seed)
-    proj_gd, proj_state = nnx.split(setup.model(state).mm_projector)
-
-    def finalize(qa: sb.PreparedQA, flat: jax.Array, token_rows: np.ndarray) -> sb.FinalQA:
-        feats = project(proj_gd, proj_state, flat, jnp.asarray(token_rows))
-        return sb.finalize_qa(qa, scorer(qa.out, qa.question, feats))
-
-    return finalize
-
-
 def needs_scoring(qa: sb.PreparedQA, events: bool) -> bool:
     if not events or qa.layout is None:
         return False
@@ -118,29 +86,39 @@ def needs_scoring(qa: sb.PreparedQA, events: bool) -> bool:
     return should_compress(qa.num_frames)
 
 
+def prepare_item(sample, processor, events: bool):
+    """A sample's host preparation: a FinalQA, a PreparedQA still to be event-scored, or the OversizedQA error."""
+    try:
+        qa = sb.prepare_qa(sample, processor)
+        if not needs_scoring(qa, events):
+            return sb.finalize_qa(qa)
+        if len(qa.ids) > sb.TOKEN_BUCKETS[-1]:  # DiffFP alone bounds the length (minor frames only drop more)
+            sb.finalize_qa(qa)
+        return qa
+    except sb.OversizedQA as e:
+        return e
+
+
 class QAStream:
     """The stage-2 QA stream with host preparation in a background thread, `depth` QAs ahead.
 
-    Yields (position, PreparedQA or FinalQA); a QA over the largest bucket is skipped with a warning naming it.
-    Checkpointable like a grain iterator (`get_state` / `set_state`): the state is the number of stream
-    positions consumed, the same on any mesh."""
+    Yields (position, item) for every stream position: a PreparedQA or FinalQA where `owns(position)` (the rows of
+    this process's devices), None elsewhere (not prepared here), or the `OversizedQA` of a QA over the largest
+    bucket, which is skipped with a warning naming it (its row stays empty, so positions never shift between
+    processes or meshes). Checkpointable like a grain iterator (`get_state` / `set_state`): the state is the
+    number of stream positions consumed, the same on any mesh."""
 
-    def __init__(self, make_iterator, processor, *, depth: int, events: bool):
+    def __init__(self, make_iterator, processor, *, depth: int, events: bool,
+                 owns: Callable[[int], bool] = lambda position: True):
         self.make_iterator, self.processor, self.depth, self.events = make_iterator, processor, depth, events
-        self.consumed = 0
+        self.owns = owns
+        self.consumed = 0  # stream positions consumed (the checkpoint state)
+        self.read = self.own = 0  # positions read by this process, and those of them prepared here
         self.dropped: list[str] = []
         self._start(0)
 
-    def _prepare(self, sample):
-        try:
-            qa = sb.prepare_qa(sample, self.processor)
-            if not needs_scoring(qa, self.events):
-                return sb.finalize_qa(qa)
-            if len(qa.ids) > sb.TOKEN_BUCKETS[-1]:  # DiffFP alone bounds the length (minor frames only drop more)
-                sb.finalize_qa(qa)
-            return qa
-        except sb.OversizedQA as e:
-            return e
+    def _prepare(self, position: int, sample):
+        return prepare_item(sample, self.processor, self.events) if self.owns(position) else None
 
     def _start(self, skip: int):
         self._stop_worker()
@@ -156,9 +134,9 @@ class QAStream:
         stop, q = self._stop, self._queue
 
         def work():
-            for sample in iterator:
+            for position, sample in enumerate(iterator, start=skip):
                 try:
-                    item = self._prepare(sample)
+                    item = self._prepare(position, sample)
                 except Exception as e:  # handed to the consumer, raised there
                     item = e
                 while not stop.is_set():
@@ -186,23 +164,23 @@ class QAStream:
             self._thread = None
 
     def __next__(self):
-        while True:
-            if self._queue is None:
-                item = self._prepare(next(self._iterator))
-            else:
-                item = self._queue.get()
-                if isinstance(item, StopIteration):
-                    self._queue.put(item)
-                    raise StopIteration
-            position = self.consumed
-            self.consumed += 1
-            if isinstance(item, sb.OversizedQA):
-                print(f"warning: dropped stage-2 QA at stream position {position}: {item}", file=sys.stderr)
-                self.dropped.append(str(item))
-                continue
-            if isinstance(item, Exception):
-                raise item
-            return position, item
+        if self._queue is None:
+            item = self._prepare(self.consumed, next(self._iterator))
+        else:
+            item = self._queue.get()
+            if isinstance(item, StopIteration):
+                self._queue.put(item)
+                raise StopIteration
+        position = self.consumed
+        self.consumed += 1
+        self.read += 1
+        self.own += item is not None
+        if isinstance(item, sb.OversizedQA):
+            print(f"warning: dropped stage-2 QA at stream position {position}: {item}", file=sys.stderr)
+            self.dropped.append(str(item))
+        elif isinstance(item, Exception):
+            raise item
+        return position, item
 
     def __iter__(self):
         return self
@@ -280,9 +258,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         device = Stage2Device(setup)
+        maker = CallMaker(setup, device, processor.tokenizer, rows=rows, seed=args.seed)
         ladder = stage2_token_buckets.resolve(
             ladder, args.token_bucket_count, args.bucket_scan_qas, lambda: stage2_dataset(dataset, data_config),
-            _bucket_measure(processor, setup, device, events, args.seed), saved)
+            _bucket_measure(maker, processor, setup, events), saved, rows=rows)
     except BaseException:
         if own_log:
             log.__exit__(None, None, None)
@@ -298,50 +277,43 @@ def run(args: argparse.Namespace) -> int:
     # the towers' own weights: with the adapters' LoRA-shaped arrays too, the optimiser update would count
     tower_weights = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     towers = (nnx.state(model.vision_encoder, tower_weights), nnx.state(model.language_model, tower_weights))
-    stream = QAStream(lambda: stage2_dataset(dataset, data_config), processor, depth=args.prefetch_qas,
-                      events=events)
+    # --prefetch_qas counts this process's QAs; the positions of other processes' rows pass through unprepared
+    stream = QAStream(lambda: stage2_dataset(dataset, data_config), processor, events=events, owns=maker.owns,
+                      depth=args.prefetch_qas * rows // max(int(maker.own.sum()), 1))
     limit = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    stats = {"real": 0, "padded": 0, "host_wait": 0.0, "started": started, "pending": [], "step": None}
+    stats = {"real": 0, "padded": 0, "dropped": 0, "host_wait": 0.0, "started": started, "pending": [], "step": None}
 
     def update(state, it):
         if stats["step"] is None:
             stats["step"] = int(jax.device_get(state.step))
-        finalize = None
-        grads, losses, tokens = None, [], 0.0
+        grads, losses, present, tokens = None, [], [], 0
         for call_index in range(accumulation):
             waited = time.perf_counter()
-            items = [next(it) for _ in range(rows)]
+            items = [next(it)[1] for _ in range(rows)]
             stats["host_wait"] += time.perf_counter() - waited
-            qas = [qa for _, qa in items]
-            frames = sb.pack_frames([q.layout for q in qas], [_pixels(q) for q in qas], frame_chunk=device.frame_chunk)
-            flat = device.vision(frames)
-            finals = []
-            for r, qa in enumerate(qas):
-                if isinstance(qa, sb.PreparedQA):  # event scoring on the frozen tower's output of this QA
-                    if finalize is None:
-                        finalize = event_finalizer(setup, state, processor.tokenizer, args.seed)
-                    qa = finalize(qa, flat, frames.token_rows[r])
-                finals.append(qa)
-            indices = [call_index * rows + r for r in range(rows)]
-            call = sb.pack_call(finals, indices, frames.token_rows, row_weight=1.0 / args.global_batch_qas,
-                                token_buckets=ladder)
-            inputs = device.inputs(call, flat)
-            arrays = {k: device.put(v) for k, v in call.arrays.items()}
+            finals, frames, flat, dropped = maker.finals(state, items)
+            table = maker.table(finals, dropped)
+            call, arrays, inputs = maker.pack(finals, frames, flat, table, range(call_index * rows, (call_index + 1) * rows),
+                                              row_weight=1.0 / args.global_batch_qas, token_buckets=ladder)
             g, loss, _ = device.grad(state, setup.frozen, arrays, inputs)
             grads = g if grads is None else add_grads_jit(grads, g)
             losses.append(loss)
-            tokens += call.answer_tokens
-            stats["real"] += call.real_tokens
-            stats["padded"] += call.padded_tokens
+            present.append(table[:, PRESENT].astype(bool))
+            tokens += int(table[:, ANSWERS].sum())
+            stats["real"] += int(table[:, TOKENS].sum())
+            stats["padded"] += call.bucket[0] * int(table[:, PRESENT].sum())
+            stats["dropped"] += int(table[:, DROPPED].sum())
         state, metrics = apply_fn(state, grads)
         stats["step"] += 1
-        stats["pending"].append((jnp.mean(jnp.concatenate(losses)), metrics))
-        out = {"tokens": tokens, "qas": float(args.global_batch_qas)}
+        stats["pending"].append((losses, np.concatenate(present), metrics))
+        out = {"tokens": float(tokens), "qas": float(args.global_batch_qas)}
         if stats["step"] % args.logging_steps == 0 or stats["step"] >= limit:
             pending = jax.device_get(stats["pending"])  # one device->host transfer per logging interval
             stats["pending"] = []
-            out.update(loss=float(np.mean([p[0] for p in pending])),
-                       **{k: float(v) for k, v in pending[-1][1].items()})
+            # the mean loss of the QAs trained (an empty row's, a dropped QA's, is not one)
+            update_losses = [np.concatenate(ls)[mask].mean() if mask.any() else np.nan for ls, mask, _ in pending]
+            out.update(loss=float(np.nanmean(update_losses)) if not np.isnan(update_losses).all() else float("nan"),
+                       **{k: float(v) for k, v in pending[-1][2].items()})
             elapsed = time.perf_counter() - stats["started"]
             compiled = log.model_sized(*towers)
             out.update(model_programs_compiled=float(len(compiled)),
@@ -349,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
                        compile_share=float(log.compile_seconds / elapsed) if elapsed > 0 else 0.0,
                        padding_overhead=float(stats["padded"] / max(stats["real"], 1) - 1.0),
                        host_wait_share=float(stats["host_wait"] / elapsed) if elapsed > 0 else 0.0,
-                       dropped_qas=float(len(stream.dropped)))
+                       dropped_qas=float(stats["dropped"]))
         return state, out
 
     try:
@@ -364,37 +336,35 @@ def run(args: argparse.Namespace) -> int:
         stream.close()
         if own_log:
             log.__exit__(None, None, None)
+    print(f"stage 2, process {jax.process_index()}: prepared {stream.own} of the {stream.read} QAs read (the rows "
+          "of its devices)", file=sys.stderr)
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.FULL_MODULE, args.output_dir)
     return result.exit_code
 
 
-def _bucket_measure(processor, setup, device: Stage2Device, events: bool, seed: int):
-    """`--token_buckets auto`'s measure: sample -> its tokens as a call of the run would make them (event compression
-    scored with the starting adapter) and its tokens without event compression (the most it can take later)."""
-    finalizer = []  # built on the first QA that needs it
-
-    def measure(sample) -> tuple[int, int]:
-        qa = sb.prepare_qa(sample, processor)
-        if not needs_scoring(qa, events):
-            tokens = sb.finalize_qa(qa).num_tokens
-            return tokens, tokens
-        if not finalizer:
-            finalizer.append(event_finalizer(setup, setup.state, processor.tokenizer, seed))
-        frames = sb.pack_frames([qa.layout], [qa.out.pixel_values], frame_chunk=device.frame_chunk)
-        tokens = finalizer[0](qa, device.vision(frames), frames.token_rows[0]).num_tokens
-        try:
-            return tokens, sb.finalize_qa(qa).num_tokens
-        except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket to plan for
-            return tokens, tokens
+def _bucket_measure(maker: CallMaker, processor, setup, events: bool):
+    """`--token_buckets auto`'s measure: a call's worth of samples -> each one's tokens as a call of the run would
+    make them (event compression scored with the starting adapter) and its tokens without event compression (the
+    most it can take later), or None for an over-large QA. Each process prepares its own rows; all get every row's."""
+    def measure(samples) -> list[tuple[int, int] | None]:
+        items = [prepare_item(s, processor, events) if maker.owns(r) else None for r, s in enumerate(samples)]
+        finals, _, _, _ = maker.finals(setup.state, items)
+        local = np.zeros((maker.rows, 3), np.int64)
+        for r, (item, final) in enumerate(zip(items, finals)):
+            if final is None:
+                continue
+            most = final.num_tokens
+            if isinstance(item, sb.PreparedQA):
+                try:
+                    most = sb.finalize_qa(item).num_tokens
+                except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket
+                    pass
+            local[r] = (1, final.num_tokens, most)
+        table = agree_max(local)
+        return [(int(t), int(m)) if p else None for p, t, m in table[:len(samples)]]
 
     return measure
-
-
-def _pixels(qa):
-    if isinstance(qa, sb.PreparedQA):
-        return None if qa.out is None else qa.out.pixel_values
-    return qa.pixel_values
 
 
 def _compile_log():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.training import stage2_buckets as sb
@@ -25,25 +25,33 @@ from cogstream_jax.training import stage2_buckets as sb
 CHOICES = ("auto", "ladder")
 
 
-def scan_lengths(samples: Iterable, measure: Callable[[Any], tuple[int, int]], limit: int) -> tuple[list[int], int]:
-    """Token counts of the first `limit` distinct QAs of `samples` as `measure` makes them (over-large QAs skipped),
-    and the most tokens any of them can take (`measure`'s second count: the QA without event compression, whose
-    minor frames depend on the adapter and the step, so a QA can grow back up to it later in the run)."""
-    seen, lengths, longest = set(), [], 0
+def scan_lengths(samples: Iterable, measure: Callable[[list], list[tuple[int, int] | None]], limit: int,
+                 rows: int = 1) -> tuple[list[int], int]:
+    """Token counts of the first `limit` distinct QAs of `samples` as `measure` makes them, `rows` at a time (one
+    device call's worth; None = an over-large QA, skipped), and the most tokens any of them can take (`measure`'s
+    second count: the QA without event compression, whose minor frames depend on the adapter and the step, so a QA
+    can grow back up to it later in the run). Every process runs the same calls (the same samples, in order)."""
+    seen, group, lengths, longest = set(), [], [], 0
+
+    def flush():
+        nonlocal longest
+        for got in measure(list(group)):
+            if got is not None:
+                lengths.append(got[0])
+                longest = max(longest, got[1])
+        group.clear()
+
     for sample in samples:
         name = sb.qa_name(sample)
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            tokens, most = measure(sample)
-        except sb.OversizedQA:
-            pass
-        else:
-            lengths.append(tokens)
-            longest = max(longest, most)
+        if name not in seen:
+            seen.add(name)
+            group.append(sample)
+            if len(group) == rows:
+                flush()
         if len(seen) >= limit:
             break
+    if group:
+        flush()
     return lengths, longest
 
 
@@ -80,7 +88,8 @@ def saved_ladder(meta: dict | None, choice: str, count: int, scan_qas: int) -> t
 
 
 def resolve(ladder: tuple[int, ...] | None, count: int, scan_qas: int, make_samples: Callable[[], Iterable],
-            measure: Callable[[Any], tuple[int, int]], saved: tuple[int, ...] | None = None) -> tuple[int, ...]:
+            measure: Callable[[list], list[tuple[int, int] | None]], saved: tuple[int, ...] | None = None, *,
+            rows: int = 1) -> tuple[int, ...]:
     """The run's token ladder: `parse`'s, or for "auto" (None) the one `saved` in the checkpoint a run resumes
     (every process reads the same checkpoint, so all skip the scan or none), else the best `count` sizes for the
     scanned QAs, the largest holding every scanned QA at its longest."""
@@ -91,7 +100,7 @@ def resolve(ladder: tuple[int, ...] | None, count: int, scan_qas: int, make_samp
               file=sys.stderr)
         return saved
     started = time.perf_counter()
-    lengths, longest = scan_lengths(make_samples(), measure, scan_qas)
+    lengths, longest = scan_lengths(make_samples(), measure, scan_qas, rows)
     if not lengths:
         return sb.TOKEN_BUCKETS
     chosen = sb.choose_token_buckets(lengths, count, longest=longest)

@@ -213,16 +213,20 @@ def pool_groups(projected: jax.Array, groups: jax.Array) -> jax.Array:
     return jnp.where((counts > 0)[:, None], pooled, projected)
 
 
+def embed_with_slots(model, ids: jax.Array, slot_source: jax.Array, projected: jax.Array) -> jax.Array:
+    """Token embeddings [1, L, D] with slot i (slot_source >= 0) taking projected[slot_source[i]]."""
+    embeds = model.language_model.embed_tokens(ids)
+    visual = projected[jnp.maximum(slot_source, 0)].astype(embeds.dtype)
+    return jnp.where((slot_source >= 0)[..., None], visual, embeds)
+
+
 def _row_sums(graphdef, params, frozen, row: dict[str, jax.Array], features: jax.Array, key, options: StepOptions):
     """One QA of a bucketed stage-2 batch (no batch axis) -> (CE sum, supervised count)."""
     model = nnx.merge(graphdef, params, frozen)
     with lora_dropout(key if options.dropout else None, "hash" if options.dropout_rng == "hash" else "bernoulli"):
         projected = pool_groups(model.mm_projector(features.astype(model.dtype)), row["token_group"])
         ids = row["input_ids"][None]
-        embeds = model.language_model.embed_tokens(ids)
-        src = row["slot_source"][None]
-        visual = projected[jnp.maximum(src, 0)].astype(embeds.dtype)
-        embeds = jnp.where((src >= 0)[..., None], visual, embeds)
+        embeds = embed_with_slots(model, ids, row["slot_source"][None], projected)
         positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
         hidden, _ = model.language_model(embeds, positions, row["attention_mask"][None], None, cache_is_empty=False,
                                          impl=model.attn_impl, chunk_size=model.attn_chunk_size, remat=options.remat,
