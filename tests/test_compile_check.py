@@ -162,6 +162,17 @@ def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
     assert "a v5e-4 device has 16.00 GiB HBM" in err
 
 
+def test_stage2_compiles_one_gradient_per_listed_token_bucket(capsys):
+    """`--token_buckets` (a run's planned buckets): the vision chunk and one gradient per bucket, each at the
+    run's call shape (U = 2 L, every call's answer positions)."""
+    code, report, _ = _check(capsys, "--topology", "v5e-4", "--job", "stage2", "--model_path", "tiny", "--json",
+                             "--mesh=-1,1,1", *SMALL, "--token_buckets", "256,128")
+    assert code == 0 and len(report["programs"]) == 3
+    grads = [p["label"] for p in report["programs"][1:]]
+    assert grads == ["stage-2 gradient (4 QAs, bucket L=128 U=256 A=64)",
+                     "stage-2 gradient (4 QAs, bucket L=256 U=512 A=64)"], grads
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--topology", "v9z-8", "--job", "stage1", "--model_path", "tiny"], "--topology 'v9z-8': unknown accelerator"),
     (["--topology", "v5e-4", "--job", "stage1", "--model_path", "tiny", "--mesh", "2,4,1"],
@@ -169,6 +180,10 @@ def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
     (["--topology", "v5e-4", "--job", "stage3", "--model_path", "tiny"], "--job 'stage3': choose one of"),
     (["--topology", "v5e-4", "--job", "stage1", "--model_path", "{empty}"], "no config.json in the folder"),
     (["--topology", "v5e-4", "--job", "stage2", "--model_path", "tiny", "--grid", "4by4"], "--grid '4by4'"),
+    (["--topology", "v5e-4", "--job", "stage2", "--model_path", "tiny", "--token_buckets", "auto"],
+     "--token_buckets 'auto': expected token counts"),
+    (["--topology", "v5e-4", "--job", "stage2", "--model_path", "tiny", "--token_buckets", "200"],
+     "must be multiples of 128"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     argv = [a.replace("{empty}", str(tmp_path)) for a in argv]
@@ -191,6 +206,15 @@ def test_compile_log_names_and_sizes_programs():
     assert [(p.name, p.argument_bytes, p.argument_shapes) for p in log.programs] == [("double", 128, ((4, 8),))]
     assert log.programs[0].seconds > 0 and [p.name for p in log.model_sized([x])] == ["double"]
     assert log.model_sized([x.T, x.T]) == []
+
+
+def test_compile_seconds_count_overlapping_compiles_once():
+    from cogstream_jax.compile_log import CompiledProgram
+
+    log = CompileLog()
+    log.programs = [CompiledProgram("a", 0, (), 2.0, 12.0), CompiledProgram("b", 0, (), 3.0, 13.0),
+                    CompiledProgram("c", 0, (), 1.0, 20.0), CompiledProgram("d", 0, (), 0.0, 0.0)]
+    assert log.compile_seconds == 4.0  # [10, 13] and [19, 20]
 
 
 def test_every_tpu_name_maps_to_a_libtpu_topology_with_its_device_count():

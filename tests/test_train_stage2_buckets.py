@@ -249,27 +249,30 @@ def test_bucket_scan_reads_distinct_qas_up_to_its_limit():
     import types
 
     samples = [types.SimpleNamespace(video="v", chain_index=0, qa_index=i) for i in (0, 0, 1, 2)]
-    tokens = {0: (100, 150), 2: (300, 450)}
-
+    tokens = {0: (100, 150, 70), 2: (300, 450, 20)}
     calls = []
 
     def measure(group):
         calls.append([s.qa_index for s in group])
         return [tokens.get(s.qa_index) for s in group]  # QA 1 over-large
 
-    assert stb.scan_lengths(samples, measure, limit=10) == ([100, 300], 450)
+    assert stb.scan_lengths(samples, measure, limit=10) == ([100, 300], 450, 70)
     assert calls == [[0], [1], [2]]
     calls.clear()
-    assert stb.scan_lengths(samples, measure, limit=10, rows=2) == ([100, 300], 450)
+    assert stb.scan_lengths(samples, measure, limit=10, rows=2) == ([100, 300], 450, 70)
     assert calls == [[0, 1], [2]]  # a call's worth of distinct QAs at a time, the last one short
-    assert stb.scan_lengths(samples, measure, limit=1, rows=2) == ([100], 150)
-    assert stb.resolve(None, 2, 10, lambda: samples, measure)[:2] == (128, 512)
-    assert stb.resolve(sb.TOKEN_BUCKETS, 2, 10, lambda: samples, measure) == sb.TOKEN_BUCKETS
-    # a resumed run takes the ladder its checkpoint recorded under the same flags, without scanning
-    meta = {"token_buckets": stb.checkpoint_record("auto", 2, 10, (128, 512))}
-    assert stb.saved_ladder(meta, "auto", 2, 10) == (128, 512)
-    assert stb.saved_ladder(meta, "auto", 3, 10) is None and stb.saved_ladder({}, "auto", 2, 10) is None
-    assert stb.resolve(None, 2, 10, lambda: pytest.fail("scanned"), measure, saved=(256, 640)) == (256, 640)
+    assert stb.scan_lengths(samples, measure, limit=1, rows=2) == ([100], 150, 70)
+    plan = stb.resolve(None, 2, 10, lambda: samples, measure)
+    assert plan.chosen == (128, 512) and plan.ladder[:2] == (128, 512) and plan.answers == 256
+    ladder = stb.parse("ladder", 2, 10)
+    assert stb.resolve(ladder, 2, 10, lambda: samples, measure) == ladder and ladder.chosen == ()
+    assert stb.parse("640,256", 2, 10).chosen == (256, 640)
+    # a resumed run takes the plan its checkpoint recorded under the same flags, without scanning
+    meta = {"token_buckets": stb.checkpoint_record("auto", 2, 10, plan)}
+    assert stb.saved_plan(meta, "auto", 2, 10) == plan
+    assert stb.saved_plan(meta, "auto", 3, 10) is None and stb.saved_plan({}, "auto", 2, 10) is None
+    saved = stb.BucketPlan((256, 640), (256,), 64)
+    assert stb.resolve(None, 2, 10, lambda: pytest.fail("scanned"), measure, saved=saved) == saved
 
 
 def test_a_qa_over_the_largest_bucket_is_named():

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kept", type=int, default=d.kept, help="visual tokens kept after DiffFP")
     g.add_argument("--tokens", type=int, default=d.tokens, help="stage 2: tokens of the QA; eval: prompt tokens")
     g.add_argument("--answer_tokens", type=int, default=d.answer_tokens)
+    g.add_argument("--token_buckets", default=None,
+                   help="stage 2: one gradient program per token bucket, e.g. a run's train_config.json "
+                        "precompiled_token_buckets (256,640,1920); default: the bucket of --tokens")
     g.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction)
     g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="eval: answer length cap")
     return p
@@ -96,11 +99,20 @@ def job_shape(args: argparse.Namespace):
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.remat is not None and args.remat not in ("full", "dots", "none"):
         raise ConfigError(f"--remat {args.remat!r}: choose full, dots or none")
+    buckets = ()
+    if args.token_buckets is not None:
+        from cogstream_jax.training.stage2_token_buckets import parse
+
+        plan = parse(args.token_buckets, 1, 1)
+        if plan is None or not plan.chosen:
+            raise ConfigError(f"--token_buckets {args.token_buckets!r}: expected token counts like '256,640,1920' "
+                              "(a run's precompiled_token_buckets)")
+        buckets = plan.chosen
     return JobShape(dtype=args.dtype, compute_dtype=args.compute_dtype, attn_impl=args.attn_impl, remat=args.remat,
                     scan_layers=not args.no_scan_layers, lora_r=args.lora_r,
                     global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
                     max_length=args.max_length, frames=args.frames, grid=grid, kept=args.kept, tokens=args.tokens,
-                    answer_tokens=args.answer_tokens,
+                    answer_tokens=args.answer_tokens, token_buckets=buckets,
                     event_compression=args.event_compression, max_new_tokens=args.max_new_tokens)
 
 

@@ -58,6 +58,7 @@ class JobShape:
     tokens: int = 13824
     answer_tokens: int = 256
     event_compression: bool = True
+    token_buckets: tuple[int, ...] = ()  # stage 2: a gradient program per bucket (a run's planned ones); () = tokens
     # eval
     max_new_tokens: int = 1024
 
@@ -141,17 +142,29 @@ def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     device = Stage2Device(setup)
     qa = sb.synthetic_qa(layout, shape.tokens, shape.kept, shape.answer_tokens, patch_dim=config.vision.patch_dim,
                          minor_frames=minor)
-    call, frames = sb.synthetic_call(qa, device.dp, dp=device.dp)
+    _, frames = sb.synthetic_call(qa, device.dp, dp=device.dp)
+    chunk = [jax.ShapeDtypeStruct((device.frame_chunk,) + a.shape[1:], a.dtype, sharding=device.rows)
+             for a in frames.chunk(0, 0)]
+    programs = [Program("stage-2 vision tower (one chunk of a call's frames; frozen, once per QA)",
+                        lambda: device.lower_vision(*chunk, frames.merge), device.frame_chunk)]
+    ladder = sb.token_ladder(shape.token_buckets) if shape.token_buckets else sb.TOKEN_BUCKETS
+    for tokens in shape.token_buckets or (shape.tokens,):
+        # the run's call shape for this bucket: (L, U = 2 L, A = the answer tokens' bucket for every call)
+        kept, answers = max(1, min(shape.kept, tokens - shape.answer_tokens)), min(shape.answer_tokens, tokens // 2)
+        sized = qa if tokens == shape.tokens else sb.synthetic_qa(layout, tokens, kept, answers,
+                                                                  patch_dim=config.vision.patch_dim)
+        call = sb.pack_call([sized] * device.dp, range(device.dp), frames.token_rows, row_weight=1.0 / device.dp,
+                            min_answers=shape.answer_tokens, token_buckets=ladder)
+        programs.append(_grad_program(setup, device, call, config))
+    return programs
+
+
+def _grad_program(setup, device, call, config: ModelConfig) -> Program:
     arrays = _abstract(call.arrays, device.rows)
     rows, inputs = call.sources.shape
     features = jax.ShapeDtypeStruct((rows, inputs, config.vision.hidden_size), device.dtype, sharding=device.rows)
-    chunk = [jax.ShapeDtypeStruct((device.frame_chunk,) + a.shape[1:], a.dtype, sharding=device.rows)
-             for a in frames.chunk(0, 0)]
-    return [Program("stage-2 vision tower (one chunk of a call's frames; frozen, once per QA)",
-                    lambda: device.lower_vision(*chunk, frames.merge), device.frame_chunk),
-            Program(f"stage-2 gradient ({rows} QAs, bucket L={call.bucket[0]} U={call.bucket[1]} "
-                    f"A={call.bucket[2]})", lambda: device.lower_grad(setup.state, setup.frozen, arrays, features),
-                    rows)]
+    return Program(f"stage-2 gradient ({rows} QAs, bucket L={call.bucket[0]} U={call.bucket[1]} A={call.bucket[2]})",
+                   lambda: device.lower_grad(setup.state, setup.frozen, arrays, features), rows)
 
 
 def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:

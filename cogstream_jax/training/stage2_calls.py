@@ -88,14 +88,20 @@ class CallMaker:
         return agree_max(local)
 
     def pack(self, finals: Sequence[sb.FinalQA | None], frames: sf.RowFrames | None, flat, table: np.ndarray,
-             indices: Sequence[int], *, row_weight: float, token_buckets: Sequence[int]):
-        """-> (Stage2Call, device arrays, visual inputs) in the bucket of the call's largest row (any process)."""
+             indices: Sequence[int], *, row_weight: float, token_buckets: Sequence[int], answers: int = 0):
+        """-> (Stage2Call, device arrays, visual inputs) in the bucket of the call's largest row (any process), with
+        at least `answers` supervised positions."""
         call = sb.pack_call(finals, indices, frames.token_rows if frames else [None] * self.rows,
                             row_weight=row_weight, min_tokens=int(table[:, TOKENS].max()),
-                            min_inputs=int(table[:, INPUTS].max()), min_answers=int(table[:, ANSWERS].max()),
-                            token_buckets=token_buckets)
+                            min_inputs=int(table[:, INPUTS].max()),
+                            min_answers=max(int(table[:, ANSWERS].max()), answers), token_buckets=token_buckets)
         arrays = {k: self.device.put(v) for k, v in call.arrays.items()}
         return call, arrays, self.device.inputs(call, flat)
+
+    def empty_calls(self, sizes: Sequence[int], *, token_buckets: Sequence[int], answers: int) -> list[sb.Stage2Call]:
+        """Calls of empty rows in the buckets of `sizes` tokens (the shapes `Stage2Device.precompile` takes)."""
+        return [sb.pack_call([None] * self.rows, range(self.rows), [None] * self.rows, row_weight=0.0,
+                             min_tokens=n, min_answers=answers, token_buckets=token_buckets) for n in sizes]
 
     # -------------------------------------------------------------------------------------------------- internals
     def _frames(self, qas, frames: int, patches: int, merge: int, flip: int) -> sf.RowFrames | None:

@@ -14,6 +14,9 @@ merge), gradient by (rows, L, U, A); the gathers and projections are small progr
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +44,10 @@ class Stage2Device:
                          scan=view.scan_layers)
         self.dtype = view.dtype
         self._vision_state = vision_state
-        self.grad = make_stage2_grad(setup.split.graphdef, options=setup.options, state_sharding=setup.state_sharding,
-                                     frozen_sharding=setup.frozen_sharding, mesh=self.mesh)
+        self._grad = make_stage2_grad(setup.split.graphdef, options=setup.options,
+                                      state_sharding=setup.state_sharding, frozen_sharding=setup.frozen_sharding,
+                                      mesh=self.mesh)
+        self._compiled: dict[tuple, object] = {}  # argument shapes -> executable compiled ahead (`precompile`)
         self._encode = jax.jit(functools.partial(_encode_chunk, self.vision_graphdef, attn=self.attn, dtype=self.dtype),
                                static_argnums=(5,))
         # each block / row stays on its device whatever layout the tower's output got (a scanned tower's comes out
@@ -110,11 +115,36 @@ class Stage2Device:
                 out.setdefault(start + i, shard.data[i])
         return out
 
+    def grad(self, state, frozen, arrays: dict[str, jax.Array], inputs: jax.Array):
+        """(grads, losses [R], counts [R]) of one call: the executable `precompile` made for these shapes, else the
+        jitted step (which compiles on first use)."""
+        run = self._compiled.get(_grad_key(arrays, inputs), self._grad)
+        return run(state, frozen, arrays, inputs)
+
+    def precompile(self, state, frozen, calls: Sequence[Stage2Call], threads: int | None = None) -> None:
+        """Compile the gradient for each call's shapes before training, several at a time (XLA compiles outside
+        Python's lock), so that no update waits for a compile and a program that cannot compile fails first."""
+        lowered = {}
+        for call in calls:
+            arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.rows) for k, v in call.arrays.items()}
+            inputs = jax.ShapeDtypeStruct(call.sources.shape + (self.vision_hidden,), self.dtype, sharding=self.rows)
+            key = _grad_key(arrays, inputs)
+            if key not in self._compiled and key not in lowered:
+                lowered[key] = self._grad.lower(state, frozen, arrays, inputs)
+        if lowered:
+            threads = threads or min(4, os.cpu_count() or 1)
+            with ThreadPoolExecutor(max_workers=max(1, min(threads, len(lowered)))) as pool:
+                self._compiled.update(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+
     def lower_grad(self, state, frozen, arrays, inputs):
-        return self.grad.lower(state, frozen, arrays, inputs)
+        return self._grad.lower(state, frozen, arrays, inputs)
 
     def lower_vision(self, pixels, rows, cols, valid, merge: int):
         return self._encode.lower(self._vision_state, pixels, rows, cols, valid, merge)
+
+
+def _grad_key(arrays, inputs) -> tuple:
+    return tuple((k, tuple(arrays[k].shape), str(arrays[k].dtype)) for k in sorted(arrays)) + (tuple(inputs.shape),)
 
 
 def _encode_chunk(graphdef, state, pixels, rows, cols, valid, merge, *, attn, dtype):

@@ -203,7 +203,7 @@ class QAStream:
 #: cut into device calls and how the host feeds them (the QA order and every draw stay the same)
 RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "logging_steps",
                                "frame_cache_clips", "token_buckets", "token_bucket_count", "bucket_scan_qas",
-                               "token_ladder"})
+                               "token_ladder", "precompiled_token_buckets", "answer_positions"})
 
 
 def check_global_batch(global_qas: int, rows: int, dp: int, per_device: int) -> int:
@@ -227,10 +227,10 @@ def run(args: argparse.Namespace) -> int:
     dp = data_parallel_size(mesh)
     rows = dp * args.qas_per_device
     accumulation = check_global_batch(args.global_batch_qas, rows, dp, args.qas_per_device)
-    ladder = stage2_token_buckets.parse(args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
+    plan = stage2_token_buckets.parse(args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
     check_resume(checkpoint_dir(args.output_dir), args.resume)  # before loading and scanning, not after
     buckets = (args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
-    saved = stage2_token_buckets.saved_ladder(latest_meta(args.output_dir) if args.resume else None, *buckets)
+    saved = stage2_token_buckets.saved_plan(latest_meta(args.output_dir) if args.resume else None, *buckets)
     dataset = load_dataset(dataset_root(args.query_dir, args.video_dir))
     data_config = Stage2Config(seed=args.seed, num_epochs=args.num_epochs, fps=args.fps, max_frames=args.max_frames)
     total_qas = count_qas(dataset, data_config)
@@ -259,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = Stage2Device(setup)
         maker = CallMaker(setup, device, processor.tokenizer, rows=rows, seed=args.seed)
-        ladder = stage2_token_buckets.resolve(
-            ladder, args.token_bucket_count, args.bucket_scan_qas, lambda: stage2_dataset(dataset, data_config),
+        plan = stage2_token_buckets.resolve(
+            plan, args.token_bucket_count, args.bucket_scan_qas, lambda: stage2_dataset(dataset, data_config),
             _bucket_measure(maker, processor, setup, events), saved, rows=rows)
     except BaseException:
         if own_log:
@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
                                         learning_rate=optim.learning_rate, accumulation_steps=accumulation,
                                         qas_per_call=rows, total_steps=total_steps, t_max=optim.total_steps,
                                         event_compression_active=events, quantized_kernels=quantized,
-                                        mesh_shape=dict(mesh.shape), token_ladder=list(ladder))
+                                        mesh_shape=dict(mesh.shape), token_ladder=list(plan.ladder),
+                                        precompiled_token_buckets=list(plan.chosen), answer_positions=plan.answers)
     run_common.announce_config(args.output_dir, config)
 
     apply_fn = setup.apply()
@@ -293,8 +294,10 @@ def run(args: argparse.Namespace) -> int:
             stats["host_wait"] += time.perf_counter() - waited
             finals, frames, flat, dropped = maker.finals(state, items)
             table = maker.table(finals, dropped)
-            call, arrays, inputs = maker.pack(finals, frames, flat, table, range(call_index * rows, (call_index + 1) * rows),
-                                              row_weight=1.0 / args.global_batch_qas, token_buckets=ladder)
+            places = range(call_index * rows, (call_index + 1) * rows)  # the QAs' places in the update
+            call, arrays, inputs = maker.pack(finals, frames, flat, table, places,
+                                              row_weight=1.0 / args.global_batch_qas, token_buckets=plan.ladder,
+                                              answers=plan.answers)
             g, loss, _ = device.grad(state, setup.frozen, arrays, inputs)
             grads = g if grads is None else add_grads_jit(grads, g)
             losses.append(loss)
@@ -325,12 +328,20 @@ def run(args: argparse.Namespace) -> int:
         return state, out
 
     try:
+        # every planned gradient program before the first update (the stream already prepares QAs meanwhile)
+        compiling = time.perf_counter()
+        device.precompile(setup.state, setup.frozen,
+                          maker.empty_calls(plan.chosen, token_buckets=plan.ladder, answers=plan.answers))
+        if plan.chosen:
+            print(f"stage 2: {len(plan.chosen)} gradient programs (token buckets {list(plan.chosen)}, "
+                  f"{plan.answers} answer positions) compiled in {time.perf_counter() - compiling:.1f} s",
+                  file=sys.stderr)
         result = run_loop(setup, update, stream, output_dir=args.output_dir, total_steps=total_steps,
                           resume=args.resume, max_steps=args.max_steps,
                           save_steps=run_common.given(args.save_steps, 30), keep_last=args.keep_last,
                           meta={"stage": 2, "run": run_common.run_fingerprint(
                               {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}),
-                                "token_buckets": stage2_token_buckets.checkpoint_record(*buckets, ladder)},
+                                "token_buckets": stage2_token_buckets.checkpoint_record(*buckets, plan)},
                           show_progress=not args.no_progress, desc="stage2")
     finally:
         stream.close()
@@ -345,12 +356,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _bucket_measure(maker: CallMaker, processor, setup, events: bool):
     """`--token_buckets auto`'s measure: a call's worth of samples -> each one's tokens as a call of the run would
-    make them (event compression scored with the starting adapter) and its tokens without event compression (the
-    most it can take later), or None for an over-large QA. Each process prepares its own rows; all get every row's."""
+    make them (event compression scored with the starting adapter), its tokens without event compression (the
+    most it can take later) and its answer tokens, or None for an over-large QA. Each process prepares its own
+    rows; all get every row's."""
     def measure(samples) -> list[tuple[int, int] | None]:
         items = [prepare_item(s, processor, events) if maker.owns(r) else None for r, s in enumerate(samples)]
         finals, _, _, _ = maker.finals(setup.state, items)
-        local = np.zeros((maker.rows, 3), np.int64)
+        local = np.zeros((maker.rows, 4), np.int64)
         for r, (item, final) in enumerate(zip(items, finals)):
             if final is None:
                 continue
@@ -360,9 +372,9 @@ def _bucket_measure(maker: CallMaker, processor, setup, events: bool):
                     most = sb.finalize_qa(item).num_tokens
                 except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket
                     pass
-            local[r] = (1, final.num_tokens, most)
+            local[r] = (1, final.num_tokens, most, final.answer_tokens)
         table = agree_max(local)
-        return [(int(t), int(m)) if p else None for p, t, m in table[:len(samples)]]
+        return [(int(t), int(m), int(a)) if p else None for p, t, m, a in table[:len(samples)]]
 
     return measure
 
