@@ -47,9 +47,9 @@ class CallMaker:
         self.patch_dim = setup.model().config.vision.patch_dim
         self._view = (None, None, None)  # (state, model view, k-means key) of the last scoring
 
-    def owns(self, position: int) -> bool:
-        """Whether this process prepares the QA at a stream position (calls start at multiples of `rows`)."""
-        return bool(self.own[position % self.rows])
+    def owns(self, index: int) -> bool:
+        """Whether this process prepares the `index`-th QA counted from the first row of some device call."""
+        return bool(self.own[index % self.rows])
 
     def finals(self, state, items: Sequence[Any]) -> tuple[list[sb.FinalQA | None], sf.RowFrames | None, Any,
                                                           np.ndarray]:

@@ -102,8 +102,9 @@ def prepare_item(sample, processor, events: bool):
 class QAStream:
     """The stage-2 QA stream with host preparation in a background thread, `depth` QAs ahead.
 
-    Yields (position, item) for every stream position: a PreparedQA or FinalQA where `owns(position)` (the rows of
-    this process's devices), None elsewhere (not prepared here), or the `OversizedQA` of a QA over the largest
+    Yields (position, item) for every stream position: a PreparedQA or FinalQA where `owns(i)` for the i-th position
+    since the stream (re)started (the rows of this process's devices: the stream starts and resumes at the first
+    row of a device call), None elsewhere (not prepared here), or the `OversizedQA` of a QA over the largest
     bucket, which is skipped with a warning naming it (its row stays empty, so positions never shift between
     processes or meshes). Checkpointable like a grain iterator (`get_state` / `set_state`): the state is the
     number of stream positions consumed, the same on any mesh."""
@@ -118,10 +119,12 @@ class QAStream:
         self._start(0)
 
     def _prepare(self, position: int, sample):
-        return prepare_item(sample, self.processor, self.events) if self.owns(position) else None
+        owned = self.owns(position - self._origin)
+        return prepare_item(sample, self.processor, self.events) if owned else None
 
     def _start(self, skip: int):
         self._stop_worker()
+        self._origin = skip  # a (re)start is at a device call's first row: ownership counts from here
         iterator = iter(self.make_iterator())
         for _ in range(skip):
             next(iterator)
