@@ -20,6 +20,8 @@ SMALL = ["--frames", "4", "--grid", "4x4", "--kept", "10", "--tokens", "128", "-
          "--max_new_tokens", "8", "--max_length", "256", "--global_batch_size", "4"]
 CASES = [("stage1", "v5e-4", "-1,1,1"), ("stage2", "v5e-4", "-1,1,1"),
          ("stage2", "v5p-8", "1,4,1"), ("eval", "v5e-4", "-1,1,1")]
+#: flags of one case on top of SMALL: streams over 135 frames, so stage 2 also lists its event-scoring program
+EXTRA = {("stage2", "v5p-8"): ["--frames", "140", "--kept", "500", "--tokens", "1024"]}
 #: the cases above compile unrolled layers (quicker for a tiny model); this one as the training default, scanned
 SCANNED = ("stage2", "v5e-4", "-1,1,1")
 
@@ -54,7 +56,7 @@ def reports(small_model) -> dict:
     for (job, topology, mesh), scan in [*((case, False) for case in CASES), (SCANNED, True)]:
         pytest_capsys = _Capture()
         code = cli.main(["--topology", topology, "--job", job, "--model_path", str(small_model), f"--mesh={mesh}",
-                         "--json", *SMALL, *([] if scan else ["--no_scan_layers"])])
+                         "--json", *SMALL, *EXTRA.get((job, topology), []), *([] if scan else ["--no_scan_layers"])])
         out[job, topology, scan] = (code, json.loads(pytest_capsys.stop().strip().splitlines()[-1]))
     return out
 
@@ -91,6 +93,9 @@ def test_jobs_compile_for_tpu_topologies_with_positive_figures(reports, job, top
         for key in ("per_chip_bytes", "flops_per_chip", "examples_per_step", "compile_s"):
             assert program[key] > 0, (program["name"], key)
     assert report["per_chip_bytes"] == max(p["per_chip_bytes"] for p in report["programs"])
+    names = [p["name"] for p in report["programs"]]
+    if job == "stage2":  # event scoring (all rows of a call in one program) only for streams over 135 frames
+        assert names == ["_encode_chunk", "grad"] + (["score_rows"] if (job, topology) in EXTRA else []), names
 
 
 @pytest.mark.slow

@@ -156,7 +156,31 @@ def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
         call = sb.pack_call([sized] * device.dp, range(device.dp), frames.token_rows, row_weight=1.0 / device.dp,
                             min_answers=shape.answer_tokens, token_buckets=ladder)
         programs.append(_grad_program(setup, device, call, config))
+    if events:
+        programs.append(_scoring_program(setup, device, layout, shape.frames))
     return programs
+
+
+def _scoring_program(setup, device, layout: VisualLayout, frames: int) -> Program:
+    """The batched event scoring of one call whose every row is a stream of `frames` frames (`stage2_scoring`)."""
+    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.inference.events import segment_count
+    from cogstream_jax.model.generate import bucket_length
+    from cogstream_jax.reference_files import bundled_model_dir
+    from cogstream_jax.training.stage2_scoring import score_rows, scoring_arrays, synthetic_row
+
+    model = setup.model(setup.state)
+    tokenizer = Processor.from_pretrained(bundled_model_dir()).tokenizer
+    row = synthetic_row(frames, layout.num_tokens // frames, tokenizer, model.config.placeholder_ids)
+    rows = device.dp
+    arrays = _abstract(scoring_arrays({r: row for r in range(rows)}, rows, bucket_length(row.length)), device.rows)
+    projected = jax.ShapeDtypeStruct((rows, bucket_length(layout.num_tokens), model.config.text.hidden_size),
+                                     model.dtype, sharding=device.rows)
+    graphdef, state = nnx.split(model)
+    length = arrays["ids"].shape[1]
+    return Program(f"stage-2 event scoring ({rows} QAs, {length} packed tokens, {row.num_segments} segments)",
+                   lambda: score_rows.lower(graphdef, state, arrays, projected, segment_count(row.num_segments),
+                                            model.attn_mesh is not None), rows)
 
 
 def _grad_program(setup, device, call, config: ModelConfig) -> Program:

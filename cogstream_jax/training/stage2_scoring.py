@@ -66,6 +66,22 @@ def scoring_row(projected: jax.Array, timestamps, question: str, tokenizer: Any,
     return ScoringRow(packed, positions, segments, slot_source, clusters, events)
 
 
+def synthetic_row(frames: int, tokens_per_frame: int, tokenizer: Any, placeholder_ids) -> ScoringRow:
+    """The scoring sequence of a stream of `frames` frames (1 fps) cut into its `num_events` events of equal size,
+    with a question of the most tokens scoring takes: compile-check's largest scoring row."""
+    from cogstream_jax.inference.events import QUESTION_MAX_TOKENS
+
+    k = num_events(frames)
+    assignments = np.minimum(np.arange(frames) * k // frames, k - 1)
+    clusters = KMeansResult(np.zeros((k, 1), np.float32), np.zeros(k), assignments, 0, np.full((k, 2), -1))
+    ids, mask, events, order = event_batch(tokenizer, [float(t) for t in range(frames)], tokens_per_frame, clusters,
+                                           " ".join(["why"] * QUESTION_MAX_TOKENS))
+    packed, positions, segments = pack_segments(ids, mask)
+    slots = np.isin(packed, np.asarray(placeholder_ids))
+    slot_source = np.where(slots, np.cumsum(slots) - 1, -1).astype(np.int32)
+    return ScoringRow(packed, positions, segments, slot_source, clusters, events)
+
+
 def scoring_arrays(rows: dict[int, ScoringRow], total_rows: int, length: int) -> dict[str, np.ndarray]:
     """Host arrays [total_rows, length] of `SCORING_KEYS` with the given rows filled (others empty)."""
     out = {k: np.zeros((total_rows, length), np.int32) for k in SCORING_KEYS}
