@@ -209,6 +209,10 @@ def test_bucket_ladders():
     assert sb.bucket(1, sb.TOKEN_BUCKETS) == 256 and sb.bucket(257, sb.TOKEN_BUCKETS) == 512
     assert sb.bucket(sb.TOKEN_BUCKETS[-1] + 1, sb.TOKEN_BUCKETS) is None
     assert all(p % 4 == 0 for p in sb.PATCH_BUCKETS)
+    from cogstream_jax.training.stage2_scoring import scoring_length
+
+    # event scoring: 1.5x steps for short streams, 1024-token steps above 4096 (a 180-frame stream's ~18k tokens)
+    assert [scoring_length(n) for n in (100, 3000, 4096, 4097, 16500, 18300)] == [128, 3072, 4096, 5120, 17408, 18432]
 
 
 def _padding(lengths, ladder) -> int:

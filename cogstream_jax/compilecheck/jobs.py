@@ -167,13 +167,13 @@ def _scoring_program(setup, device, layout: VisualLayout, frames: int) -> Progra
     from cogstream_jax.inference.events import segment_count
     from cogstream_jax.model.generate import bucket_length
     from cogstream_jax.reference_files import bundled_model_dir
-    from cogstream_jax.training.stage2_scoring import score_rows, scoring_arrays, synthetic_row
+    from cogstream_jax.training.stage2_scoring import score_rows, scoring_arrays, scoring_length, synthetic_row
 
     model = setup.model(setup.state)
     tokenizer = Processor.from_pretrained(bundled_model_dir()).tokenizer
     row = synthetic_row(frames, layout.num_tokens // frames, tokenizer, model.config.placeholder_ids)
     rows = device.dp
-    arrays = _abstract(scoring_arrays({r: row for r in range(rows)}, rows, bucket_length(row.length)), device.rows)
+    arrays = _abstract(scoring_arrays({r: row for r in range(rows)}, rows, scoring_length(row.length)), device.rows)
     projected = jax.ShapeDtypeStruct((rows, bucket_length(layout.num_tokens), model.config.text.hidden_size),
                                      model.dtype, sharding=device.rows)
     graphdef, state = nnx.split(model)

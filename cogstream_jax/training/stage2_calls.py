@@ -22,7 +22,8 @@ from cogstream_jax.model.generate import bucket_length
 from cogstream_jax.multihost import agree_max
 from cogstream_jax.training import stage2_buckets as sb
 from cogstream_jax.training import stage2_frames as sf
-from cogstream_jax.training.stage2_scoring import minor_frames, score_rows, scoring_arrays, scoring_row
+from cogstream_jax.training.stage2_scoring import (minor_frames, score_rows, scoring_arrays, scoring_length,
+                                                   scoring_row)
 
 _MERGE_FLIP = 1 << 20  # min merge = _MERGE_FLIP - max(_MERGE_FLIP - merge): the all-gather takes maxima only
 #: columns of the per-row table all processes agree on after the QAs are final
@@ -137,7 +138,7 @@ class CallMaker:
                                model.config.placeholder_ids) for r, q in scoring.items()}
         sizes = agree_max(np.asarray([max([s.length for s in rows.values()] + [1]),
                                       max([s.num_segments for s in rows.values()] + [1])]))
-        arrays = scoring_arrays(rows, self.rows, bucket_length(int(sizes[0])))
+        arrays = scoring_arrays(rows, self.rows, scoring_length(int(sizes[0])))
         graphdef, view_state = nnx.split(model)
         pooled = score_rows(graphdef, view_state, {k: self.device.put(v) for k, v in arrays.items()}, projected,
                             segment_count(int(sizes[1])), model.attn_mesh is not None)

@@ -6,7 +6,7 @@ adapter, `Stage2Device.project_rows`, on the row's device) -> time-aware k-means
 one program over all rows (vmapped per row, rows split over data x fsdp as in the gradient): the LLM with the
 current adapter and the mean of its final hidden states per segment. Each process reads back its own rows' means
 and turns them into cosines and minor frames. The same numbers as `events.compress_events` QA by QA (tests); one
-program call per device call, whatever its rows' event counts and lengths (padded to a common `bucket_length`
+program call per device call, whatever its rows' event counts and lengths (padded to a common `scoring_length`
 that all processes agree on), where separate calls per QA would make every process wait for every other's QAs.
 """
 from __future__ import annotations
@@ -23,9 +23,18 @@ from cogstream_jax.errors import InputError
 from cogstream_jax.inference.events import (cosine, event_batch, minor_frames_from_scores, pack_segments,
                                             segment_means)
 from cogstream_jax.inference.kmeans import KMeansResult, num_events, time_kmeans
+from cogstream_jax.model.generate import bucket_length
 from cogstream_jax.training.step import BATCH_AXES, embed_with_slots
 
 SCORING_KEYS = ("ids", "positions", "segments", "valid", "slot_source")
+FINE_ABOVE, FINE_STEP = 4096, 1024
+
+
+def scoring_length(n: int) -> int:
+    """A scoring call's packed length: `bucket_length` (1.5x steps) up to FINE_ABOVE tokens, multiples of FINE_STEP
+    above. A 180-frame stream packs about 16.4k-18.3k tokens (its 16,384-token visual budget plus the prompts),
+    which 1.5x steps would pad to 24,576: a third more LLM work on every scored QA."""
+    return bucket_length(n) if n <= FINE_ABOVE else -(-n // FINE_STEP) * FINE_STEP
 
 
 @dataclasses.dataclass
