@@ -7,8 +7,9 @@
 #                              7B-shaped 16k-token attention timing, cuDNN vs XLA chunked
 #   2. bench/gpu_7b.py         7B-shaped prefill (180 frames, ~15.9k tokens) and decode tokens/s against the HBM
 #                              roofline, compile counts, peak memory
-#   3. bench/gpu_stage2.py     one 7B-shaped stage-2 step (full_module LoRA, 13.8k tokens), compile count, peak
-#                              memory (memory_stats())
+#   3. bench/gpu_stage2.py     one 7B-shaped stage-2 step through train-stage2's programs (vision chunks, bucketed
+#                              gradient; full_module LoRA, 13.8k tokens in the 16,384 bucket), compile count, peak
+#                              memory (memory_stats()) against compile-check's reading
 # CI never runs this. Usage: bash bench/gpu_check.sh   (PYTHON=... chooses the interpreter; SMOKE=1 runs
 # tiny shapes on a CPU host to check the plumbing)
 set -uo pipefail

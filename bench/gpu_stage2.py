@@ -1,12 +1,13 @@
 """One 7B-shaped stage-2 training step on an accelerator (issue 15), part of `bench/gpu_check.sh`.
 
 Random bf16 VideoLLaMA3-7B weights created on the device, the `full_module` LoRA (r 8 on the LLM's q,k,v,o,gate,
-up,down and the projector), one QA as the stage-2 loop feeds it: 180 frames of 14x26 patches (16,380 merged
-visual tokens, 75% kept by a DiffFP-like compression mask: 12,285), a prompt right-padded to the attention block
-(`attention.pad_to_block`), 64 supervised answer positions; the gradient (`TrainSetup.qa_grad`, decoder-layer
-remat `--remat`) then the AdamW update (`TrainSetup.apply`). Attention: `--attn auto` (cuDNN on GPU, splash on
-TPU) for the vision frames and the prompt. Reports the compiles of the first step and of the timed steps (which
-must add none), the step time (median of `--repeats`), tokens/s and peak device memory (`memory_stats()`).
+up,down and the projector), one QA through the programs `train-stage2` runs (`training/stage2_device.py`): 180
+frames of 14x26 patches (16,380 merged visual tokens, `--keep` of them kept by DiffFP: 12,285), padded into its
+token bucket (`stage2_buckets.TOKEN_BUCKETS`), `--answer` supervised positions; the frozen vision tower over the
+frame chunks, the gather of the QA's visual inputs, the bucketed gradient (decoder-layer remat `--remat`), then the
+AdamW update (`TrainSetup.apply`). Attention: `--attn auto` (cuDNN on GPU, splash on TPU). Reports the compiles of
+the first step and of the timed steps (which must add none), the step time (median of `--repeats`), tokens/s,
+peak device memory (`memory_stats()`) and compile-check's reading of the same gradient program.
 Headline value = step seconds. A CPU smoke run: `--config tiny --frames 2 --repeats 1`.
 """
 from __future__ import annotations
@@ -29,40 +30,23 @@ from bench.gpu_7b import CompileCounter, peak_bytes, random_model  # noqa: E402
 from cogstream_jax import config as configs, lora  # noqa: E402
 from cogstream_jax.compilecheck.jobs import Program  # noqa: E402
 from cogstream_jax.compilecheck.report import compile_program  # noqa: E402
-from cogstream_jax.model.attention import pad_to_block  # noqa: E402
 from cogstream_jax.model.videollama3 import use_attention  # noqa: E402
 from cogstream_jax.model.vision import VisualLayout  # noqa: E402
 from cogstream_jax.sharding import make_mesh  # noqa: E402
-from cogstream_jax.training.losses import supervised_positions  # noqa: E402
+from cogstream_jax.training import stage2_buckets as sb  # noqa: E402
 from cogstream_jax.training.setup import build_setup  # noqa: E402
+from cogstream_jax.training.stage2_device import Stage2Device  # noqa: E402
 from cogstream_jax.training.step import StepOptions  # noqa: E402
 
 GRID_H, GRID_W = 14, 26
 
 
-def qa_batch(cfg, frames: int, keep: float, answer: int, seed: int = 0):
-    """(batch arrays, layout, kept visual tokens): one QA shaped like `stage2_batches.build_stage2_batch`'s."""
-    rng = np.random.default_rng(seed)
+def synthetic_qa(cfg, frames: int, keep: float, answer: int):
+    """One QA of `frames` frames, `keep` of its visual tokens kept, shaped like the stage-2 stream's (zeros)."""
     layout = VisualLayout(((frames, GRID_H, GRID_W),), (2,))
-    mask = rng.random(layout.num_tokens) < keep
-    kept = int(mask.sum())
-    per_frame = layout.num_tokens // frames
-    ids = list(rng.integers(0, 150000, 40))
-    for f in range(frames):
-        slots = int(mask[f * per_frame:(f + 1) * per_frame].sum())
-        ids += list(rng.integers(0, 150000, 6)) + [cfg.image_token_id] * slots
-    ids += list(rng.integers(0, 150000, 30 + answer))
-    ids = np.asarray(ids, np.int64)
-    labels = np.full(ids.shape, -100, np.int64)
-    labels[-answer:] = ids[-answer:]
-    length = pad_to_block(len(ids))
-    pad = length - len(ids)
-    positions, targets, weights = supervised_positions(np.pad(labels, (0, pad), constant_values=-100)[None], answer)
-    batch = {"input_ids": np.pad(ids, (0, pad)).astype(np.int32)[None],
-             "attention_mask": (np.arange(length) < len(ids)).astype(np.int32)[None],
-             "pixel_values": rng.standard_normal((layout.num_patches, 588)).astype(np.float32),
-             "compression_mask": mask, "logits_positions": positions, "targets": targets, "weights": weights}
-    return batch, layout, kept
+    kept = max(1, int(layout.num_tokens * keep))
+    tokens = kept + 40 + 6 * frames + 30 + answer  # system/question text, per-frame timestamps, answer
+    return sb.synthetic_qa(layout, tokens, kept, answer, patch_dim=cfg.vision.patch_dim)
 
 
 def main(argv=None) -> int:
@@ -89,14 +73,17 @@ def main(argv=None) -> int:
                         options=StepOptions(remat=args.remat))
     jax.block_until_ready(setup.state)
     init_s, init_compiles = time.perf_counter() - start, compiles.count
-    batch, layout, kept = qa_batch(cfg, args.frames, args.keep, args.answer)
-    batch = jax.device_put(batch)
-    grad_fn, apply_fn = setup.qa_grad(1), setup.apply()
+    qa = synthetic_qa(cfg, args.frames, args.keep, args.answer)
+    device = Stage2Device(setup)
+    call, frames = sb.synthetic_call(qa, 1, dp=1)
+    arrays = {k: device.put(v) for k, v in call.arrays.items()}
+    apply_fn = setup.apply()
 
     def step():
-        grads, loss, _ = grad_fn(setup.state, setup.frozen, batch, 0, layout=layout, num_kept=kept)
+        inputs = device.inputs(call, device.vision(frames))
+        grads, losses, _ = device.grad(setup.state, setup.frozen, arrays, inputs)
         setup.state, metrics = apply_fn(setup.state, grads)
-        return float(loss), float(metrics["grad_norm"])
+        return float(losses[0]), float(metrics["grad_norm"])
 
     start = time.perf_counter()
     loss, grad_norm = step()
@@ -108,19 +95,20 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     timed_compiles = compiles.count - init_compiles - first_compiles
-    tokens = int(batch["input_ids"].shape[1])
+    tokens, kept = call.bucket[0], qa.num_inputs
     peak = peak_bytes()
     # compile-check's figure for the same program: its memory analysis, as `cogstream compile-check` reads it
     before = compiles.count
-    predicted = compile_program(Program("stage-2 QA gradient", lambda: grad_fn.lower(
-        setup.state, setup.frozen, batch, layout=layout, num_kept=kept), 1))
+    inputs = device.inputs(call, device.vision(frames))
+    predicted = compile_program(Program("stage-2 QA gradient", lambda: device.lower_grad(
+        setup.state, setup.frozen, arrays, inputs), 1))
     check_compiles = compiles.count - before
     print(f"compile-check's reading of the grad program on this device: {predicted.per_chip_bytes / 2**30:.2f} GiB "
           f"(args {predicted.argument_bytes / 2**30:.2f} + temps {predicted.temp_bytes / 2**30:.2f} GiB), "
           f"{predicted.flops_per_chip / 1e12:.1f} TFLOP; {check_compiles} extra compile(s), "
           f"{predicted.compile_s:.1f} s", flush=True)
-    print(f"{args.config} stage-2 step, attention {impl}, remat {args.remat}: {tokens} tokens ({kept} visual kept "
-          f"of {layout.num_tokens}, {args.frames} frames); init {init_s:.1f} s; first step {first_s:.1f} s "
+    print(f"{args.config} stage-2 step, attention {impl}, remat {args.remat}: {tokens}-token bucket ({qa.num_tokens} "
+          f"real, {kept} visual kept of {qa.layout.num_tokens}, {args.frames} frames); init {init_s:.1f} s; first step {first_s:.1f} s "
           f"({first_compiles} compiles); step {step_s:.3f} s = {tokens / step_s:.0f} tokens/s; compiles in timed "
           f"steps {timed_compiles}; loss {loss:.3f}, grad norm {grad_norm:.3g}; peak memory "
           f"{peak / 2**30 if peak else float('nan'):.2f} GiB", flush=True)
