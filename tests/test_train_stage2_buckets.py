@@ -351,3 +351,21 @@ def test_stream_skips_oversized_qas_by_name_prepares_own_rows_and_resumes_by_pos
     assert [p for p, _ in after] == [3, 4] and after[0][1] is None and isinstance(after[1][1], sb.OversizedQA)
     for s in (stream, restored, odd, resumed):
         s.close()
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_stream_raises_a_failing_dataset_instead_of_waiting(depth):
+    """An error of the dataset iterator itself reaches the consumer (the prefetch thread used to die silently,
+    leaving the training loop waiting forever); positions not owned here pass through unprepared."""
+    from cogstream_jax.training.stage2_run import QAStream
+
+    def make():
+        yield "a"
+        yield "b"
+        raise OSError("disk gone")
+
+    stream = QAStream(make, None, depth=depth, events=False, owns=lambda position: False)
+    assert [next(stream) for _ in range(2)] == [(0, None), (1, None)]
+    with pytest.raises(OSError, match="disk gone"):
+        next(stream)
+    stream.close()

@@ -180,7 +180,7 @@ def _scoring_program(setup, device, layout: VisualLayout, frames: int) -> Progra
     length = arrays["ids"].shape[1]
     return Program(f"stage-2 event scoring ({rows} QAs, {length} packed tokens, {row.num_segments} segments)",
                    lambda: score_rows.lower(graphdef, state, arrays, projected, segment_count(row.num_segments),
-                                            model.attn_mesh is not None), rows)
+                                            device.rows, model.attn_mesh is not None), rows)
 
 
 def _grad_program(setup, device, call, config: ModelConfig) -> Program:

@@ -134,13 +134,15 @@ class CallMaker:
             index[r, :q.layout.num_tokens] = frames.token_rows[r]
         projected = self.device.project_rows(model.mm_projector, flat, index)
         local = self.device.local_rows(projected)
-        rows = {r: scoring_row(local[r][:q.layout.num_tokens], q.out.timestamps, q.question, self.tokenizer, key,
-                               model.config.placeholder_ids) for r, q in scoring.items()}
+        home = jax.local_devices()[0]  # k-means on one device: its programs compile once, not once per device
+        rows = {r: scoring_row(jax.device_put(local[r][:q.layout.num_tokens], home), q.out.timestamps, q.question,
+                               self.tokenizer, key, model.config.placeholder_ids) for r, q in scoring.items()}
         sizes = agree_max(np.asarray([max([s.length for s in rows.values()] + [1]),
                                       max([s.num_segments for s in rows.values()] + [1])]))
         arrays = scoring_arrays(rows, self.rows, scoring_length(int(sizes[0])))
         graphdef, view_state = nnx.split(model)
         pooled = score_rows(graphdef, view_state, {k: self.device.put(v) for k, v in arrays.items()}, projected,
-                            segment_count(int(sizes[1])), model.attn_mesh is not None)
+                            segment_count(int(sizes[1])), self.device.rows,
+                            model.attn_mesh is not None)
         means = self.device.local_rows(pooled)
         return {r: minor_frames(s, np.asarray(means[r])) for r, s in rows.items()}

@@ -110,6 +110,8 @@ class Stage2Device:
         """Row r -> x[r] for the rows held by this process's devices, each on its device (no collective)."""
         out = {}
         for shard in x.addressable_shards:
+            if shard.data.shape[1:] != x.shape[1:]:
+                raise ValueError(f"local_rows: {x.shape} is split beyond its rows ({shard.data.shape} per shard)")
             start = shard.index[0].start or 0
             for i in range(shard.data.shape[0]):
                 out.setdefault(start + i, shard.data[i])
@@ -144,7 +146,8 @@ class Stage2Device:
 
 
 def _grad_key(arrays, inputs) -> tuple:
-    return tuple((k, tuple(arrays[k].shape), str(arrays[k].dtype)) for k in sorted(arrays)) + (tuple(inputs.shape),)
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(arrays.items())) + (
+        (tuple(inputs.shape), str(inputs.dtype)),)
 
 
 def _encode_chunk(graphdef, state, pixels, rows, cols, valid, merge, *, attn, dtype):

@@ -136,21 +136,33 @@ class QAStream:
         self._queue = queue.Queue(maxsize=self.depth)
         stop, q = self._stop, self._queue
 
+        def hand_over(item) -> bool:
+            """Queue `item` unless stopped; whether the worker goes on."""
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            return not stop.is_set() and not (isinstance(item, Exception) and not isinstance(item, sb.OversizedQA))
+
         def work():
-            for position, sample in enumerate(iterator, start=skip):
+            samples = enumerate(iterator, start=skip)
+            while True:
+                try:
+                    position, sample = next(samples)
+                except StopIteration:
+                    break
+                except Exception as e:  # the dataset itself failed: the consumer raises it (rather than waiting)
+                    hand_over(e)
+                    return
                 try:
                     item = self._prepare(position, sample)
                 except Exception as e:  # handed to the consumer, raised there
                     item = e
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set() or isinstance(item, Exception) and not isinstance(item, sb.OversizedQA):
+                if not hand_over(item):
                     return
-            q.put(StopIteration())
+            hand_over(StopIteration())
 
         self._thread = threading.Thread(target=work, daemon=True, name="stage2-prefetch")
         self._thread.start()

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from cogstream_jax.errors import InputError
 from cogstream_jax.inference.events import (cosine, event_batch, minor_frames_from_scores, pack_segments,
@@ -71,7 +72,8 @@ def scoring_row(projected: jax.Array, timestamps, question: str, tokenizer: Any,
     slots = np.isin(packed, np.asarray(placeholder_ids))
     tokens = (order[:, None] * per_frame + np.arange(per_frame)).reshape(-1)  # slot k takes the k-th of these
     slot_source = np.full(len(packed), -1, np.int32)
-    slot_source[slots] = tokens[:int(slots.sum())]
+    # a placeholder id in the question text too: the last feature, as `VideoLlama3.embed` clips its order
+    slot_source[slots] = tokens[np.minimum(np.arange(int(slots.sum())), len(tokens) - 1)]
     return ScoringRow(packed, positions, segments, slot_source, clusters, events)
 
 
@@ -126,12 +128,13 @@ def _score_row(graphdef, state, row, projected, num_segments: int, rows_mapped: 
     return segment_means(hidden[0], row["valid"], row["segments"], num_segments)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
 def score_rows(graphdef, state, arrays: dict[str, jax.Array], projected: jax.Array, num_segments: int,
-               rows_mapped: bool):
-    """[R, num_segments, D] segment means of each row's packed scoring sequence (rows over data x fsdp;
-    `rows_mapped`: the model's attention is bound to the mesh, see `qwen2.Qwen2Model`)."""
+               rows: NamedSharding, rows_mapped: bool):
+    """[R, num_segments, D] segment means of each row's packed scoring sequence, rows over data x fsdp (`rows`:
+    that sharding; the output is pinned to it, so each row's means are whole on the row's devices. `rows_mapped`:
+    the model's attention is bound to the mesh, see `qwen2.Qwen2Model`)."""
     def one(row, feats):
         return jax.lax.stop_gradient(_score_row(graphdef, state, row, feats, num_segments, rows_mapped))
 
-    return jax.vmap(one, spmd_axis_name=BATCH_AXES)(arrays, projected)
+    return jax.lax.with_sharding_constraint(jax.vmap(one, spmd_axis_name=BATCH_AXES)(arrays, projected), rows)
