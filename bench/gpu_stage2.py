@@ -109,8 +109,8 @@ def main(argv=None) -> int:
           f"{predicted.compile_s:.1f} s", flush=True)
     print(f"{args.config} stage-2 step, attention {impl}, remat {args.remat}: {tokens}-token bucket ({qa.num_tokens} "
           f"real, {kept} visual kept of {qa.layout.num_tokens}, {args.frames} frames); init {init_s:.1f} s; first "
-          f"step {first_s:.1f} s ({first_compiles} compiles); step {step_s:.3f} s = {tokens / step_s:.0f} tokens/s; compiles in timed "
-          f"steps {timed_compiles}; loss {loss:.3f}, grad norm {grad_norm:.3g}; peak memory "
+          f"step {first_s:.1f} s ({first_compiles} compiles); step {step_s:.3f} s = {tokens / step_s:.0f} tokens/s; "
+          f"compiles in timed steps {timed_compiles}; loss {loss:.3f}, grad norm {grad_norm:.3g}; peak memory "
           f"{peak / 2**30 if peak else float('nan'):.2f} GiB", flush=True)
     ok = timed_compiles == 0 and np.isfinite(loss) and np.isfinite(grad_norm)
     emit("gpu_stage2", step_s, value_is="step seconds", ok=bool(ok), attention=impl, remat=args.remat,
