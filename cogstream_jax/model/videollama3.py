@@ -100,12 +100,21 @@ class VideoLlama3(nnx.Module):
         if positions is None:
             start = 0 if cache is None else cache.index
             positions = start + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        hidden, cache = self.language_model(embeds, positions, attention_mask, cache, cache_is_empty=cache_is_empty,
-                                            impl=self.attn_impl, chunk_size=self.attn_chunk_size, remat=remat,
-                                            mesh=self.attn_mesh, interpret=self.attn_interpret,
-                                            scan=self.scan_layers, segment_ids=segment_ids)
+        hidden, cache = self.text_hidden(embeds, positions, attention_mask, cache, cache_is_empty=cache_is_empty,
+                                         remat=remat, segment_ids=segment_ids)
         logits = self.logits_at(hidden, logits_positions) if compute_logits else None
         return ModelOutput(logits=logits, cache=cache, hidden_states=hidden)
+
+    def text_hidden(self, embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array | None,
+                    cache: KVCache | None = None, *, cache_is_empty: bool = False, remat: bool | str = False,
+                    segment_ids: jax.Array | None = None, rows_mapped: bool = False
+                    ) -> tuple[jax.Array, KVCache | None]:
+        """The decoder (`qwen2.Qwen2Model.__call__`) with the attention this model is bound to (implementation,
+        chunking, mesh, interpret mode, scanned layers): every traced pass over embeddings goes through here."""
+        return self.language_model(embeds, positions, attention_mask, cache, cache_is_empty=cache_is_empty,
+                                   impl=self.attn_impl, chunk_size=self.attn_chunk_size, remat=remat,
+                                   mesh=self.attn_mesh, interpret=self.attn_interpret, scan=self.scan_layers,
+                                   segment_ids=segment_ids, rows_mapped=rows_mapped)
 
     # ------------------------------------------------------------------------------------------ eager API
     def __call__(self, input_ids, pixel_values=None, grid_sizes=None, merge_sizes=None, compression_mask=None,

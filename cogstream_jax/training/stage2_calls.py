@@ -79,13 +79,17 @@ class CallMaker:
             finals.append(q)
         return finals, frames, flat, dropped
 
-    def table(self, finals: Sequence[sb.FinalQA | None], dropped: np.ndarray) -> np.ndarray:
-        """[rows, 5] int64 (PRESENT, TOKENS, INPUTS, ANSWERS, DROPPED) of every row, agreed by all processes."""
-        local = np.zeros((self.rows, 5), np.int64)
+    def table(self, finals: Sequence[sb.FinalQA | None], dropped: np.ndarray, extra: np.ndarray | None = None
+              ) -> np.ndarray:
+        """[rows, 5] int64 (PRESENT, TOKENS, INPUTS, ANSWERS, DROPPED) of every row, then the `extra` column if
+        given (this process's rows filled), agreed by all processes in one all-gather."""
+        local = np.zeros((self.rows, 5 if extra is None else 6), np.int64)
         for r, q in enumerate(finals):
             if q is not None:
                 local[r, :DROPPED] = (1, q.num_tokens, q.num_inputs, q.answer_tokens)
         local[:, DROPPED] = dropped
+        if extra is not None:
+            local[:, DROPPED + 1] = extra
         return agree_max(local)
 
     def pack(self, finals: Sequence[sb.FinalQA | None], frames: sf.RowFrames | None, flat, table: np.ndarray,

@@ -78,6 +78,7 @@ class Stage2Device:
         if frames is None:
             return None
         outs = []
+        tails = [(frames.patches, frames.patch_dim)] + [(frames.patches,)] * 3  # pixels, rows, cols, valid
         for c in range(frames.chunks):
             parts = {}
 
@@ -87,7 +88,6 @@ class Stage2Device:
                     parts[j] = frames.chunk(j, c)
                 return parts[j][i]
 
-            tails = [(frames.patches, frames.patch_dim)] + [(frames.patches,)] * 3  # pixels, rows, cols, valid
             arrays = [jax.make_array_from_callback((self.dp * FRAMES_PER_DEVICE,) + tails[i], self.rows,
                                                    functools.partial(block, i=i)) for i in range(4)]
             outs.append(self._encode(self._vision_state, *arrays, frames.merge))

@@ -37,7 +37,6 @@ from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
 from cogstream_jax.data.processor import Processor
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.io_utils import as_path, is_url
-from cogstream_jax.multihost import agree_max
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import run_common
 from cogstream_jax.training import stage2_buckets as sb
@@ -374,22 +373,22 @@ def _bucket_measure(maker: CallMaker, processor, setup, events: bool):
     make them (event compression scored with the starting adapter), its tokens without event compression (the
     most it can take later) and its answer tokens, or None for an over-large QA. Each process prepares its own
     rows; all get every row's."""
-    def measure(samples) -> list[tuple[int, int] | None]:
+    def measure(samples) -> list[tuple[int, int, int] | None]:
         items = [prepare_item(s, processor, events) if maker.owns(r) else None for r, s in enumerate(samples)]
-        finals, _, _, _ = maker.finals(setup.state, items)
-        local = np.zeros((maker.rows, 4), np.int64)
+        finals, _, _, dropped = maker.finals(setup.state, items)
+        most = np.zeros(maker.rows, np.int64)
         for r, (item, final) in enumerate(zip(items, finals)):
             if final is None:
                 continue
-            most = final.num_tokens
+            most[r] = final.num_tokens
             if isinstance(item, sb.PreparedQA):
                 try:
-                    most = sb.finalize_qa(item).num_tokens
+                    most[r] = sb.finalize_qa(item).num_tokens
                 except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket
                     pass
-            local[r] = (1, final.num_tokens, most, final.answer_tokens)
-        table = agree_max(local)
-        return [(int(t), int(m), int(a)) if p else None for p, t, m, a in table[:len(samples)]]
+        table = maker.table(finals, dropped, extra=most)
+        return [(int(row[TOKENS]), int(row[-1]), int(row[ANSWERS])) if row[PRESENT] else None
+                for row in table[:len(samples)]]
 
     return measure
 

@@ -67,6 +67,12 @@ def scoring_row(projected: jax.Array, timestamps, question: str, tokenizer: Any,
     per_frame = projected.shape[0] // t
     clusters = time_kmeans(projected.reshape(t, per_frame, -1), np.asarray(timestamps, np.float32),
                            num_events(t), key)
+    return _packed_row(tokenizer, timestamps, per_frame, clusters, question, placeholder_ids)
+
+
+def _packed_row(tokenizer: Any, timestamps, per_frame: int, clusters: KMeansResult, question: str,
+                placeholder_ids) -> ScoringRow:
+    """The events' prompts and the question packed as one sequence, each slot naming the visual token it takes."""
     ids, mask, events, order = event_batch(tokenizer, timestamps, per_frame, clusters, question)
     packed, positions, segments = pack_segments(ids, mask)
     slots = np.isin(packed, np.asarray(placeholder_ids))
@@ -85,12 +91,8 @@ def synthetic_row(frames: int, tokens_per_frame: int, tokenizer: Any, placeholde
     k = num_events(frames)
     assignments = np.minimum(np.arange(frames) * k // frames, k - 1)
     clusters = KMeansResult(np.zeros((k, 1), np.float32), np.zeros(k), assignments, 0, np.full((k, 2), -1))
-    ids, mask, events, order = event_batch(tokenizer, [float(t) for t in range(frames)], tokens_per_frame, clusters,
-                                           " ".join(["why"] * QUESTION_MAX_TOKENS))
-    packed, positions, segments = pack_segments(ids, mask)
-    slots = np.isin(packed, np.asarray(placeholder_ids))
-    slot_source = np.where(slots, np.cumsum(slots) - 1, -1).astype(np.int32)
-    return ScoringRow(packed, positions, segments, slot_source, clusters, events)
+    return _packed_row(tokenizer, [float(t) for t in range(frames)], tokens_per_frame, clusters,
+                       " ".join(["why"] * QUESTION_MAX_TOKENS), placeholder_ids)
 
 
 def scoring_arrays(rows: dict[int, ScoringRow], total_rows: int, length: int) -> dict[str, np.ndarray]:
@@ -121,10 +123,8 @@ def minor_frames(row: ScoringRow, pooled: np.ndarray) -> tuple[int, ...]:
 def _score_row(graphdef, state, row, projected, num_segments: int, rows_mapped: bool):
     model = nnx.merge(graphdef, state)
     embeds = embed_with_slots(model, row["ids"][None], row["slot_source"][None], projected)
-    hidden, _ = model.language_model(embeds, row["positions"][None], row["valid"][None], None,
-                                     impl=model.attn_impl, chunk_size=model.attn_chunk_size, mesh=model.attn_mesh,
-                                     interpret=model.attn_interpret, scan=model.scan_layers,
-                                     segment_ids=row["segments"][None], rows_mapped=rows_mapped)
+    hidden, _ = model.text_hidden(embeds, row["positions"][None], row["valid"][None],
+                                  segment_ids=row["segments"][None], rows_mapped=rows_mapped)
     return segment_means(hidden[0], row["valid"], row["segments"], num_segments)
 
 

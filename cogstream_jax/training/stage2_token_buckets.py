@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from cogstream_jax.errors import ConfigError, InputError
 from cogstream_jax.training import stage2_buckets as sb

@@ -228,10 +228,8 @@ def _row_sums(graphdef, params, frozen, row: dict[str, jax.Array], features: jax
         ids = row["input_ids"][None]
         embeds = embed_with_slots(model, ids, row["slot_source"][None], projected)
         positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-        hidden, _ = model.language_model(embeds, positions, row["attention_mask"][None], None, cache_is_empty=False,
-                                         impl=model.attn_impl, chunk_size=model.attn_chunk_size, remat=options.remat,
-                                         mesh=model.attn_mesh, interpret=model.attn_interpret,
-                                         scan=model.scan_layers, rows_mapped=model.attn_mesh is not None)
+        hidden, _ = model.text_hidden(embeds, positions, row["attention_mask"][None], remat=options.remat,
+                                      rows_mapped=model.attn_mesh is not None)
         logits = model.logits_at(hidden, row["logits_positions"][None])
     return ce_sums(logits, row["targets"][None], row["weights"][None])
 
