@@ -33,8 +33,8 @@ FINE_ABOVE, FINE_STEP = 4096, 1024
 
 def scoring_length(n: int) -> int:
     """A scoring call's packed length: `bucket_length` (1.5x steps) up to FINE_ABOVE tokens, multiples of FINE_STEP
-    above. A 180-frame stream packs about 16.4k-18.3k tokens (its 16,384-token visual budget plus the prompts),
-    which 1.5x steps would pad to 24,576: a third more LLM work on every scored QA."""
+    above. A 180-frame stream packs about 16.4k-19.4k tokens (its 16,384-token visual budget plus the prompts),
+    which 1.5x steps would pad to 24,576: a quarter to a half more LLM work on every scored QA."""
     return bucket_length(n) if n <= FINE_ABOVE else -(-n // FINE_STEP) * FINE_STEP
 
 
