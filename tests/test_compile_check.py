@@ -165,6 +165,21 @@ def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
     too_big = [p for p in report["programs"] if p["per_chip_bytes"] > report["hbm_bytes"] or p.get("error")]
     assert too_big and all(f"does not fit: {p['name']} ({p['label']}) needs" in err for p in too_big)
     assert "a v5e-4 device has 16.00 GiB HBM" in err
+    assert "--remat offload keeps the decoder layers' inputs in host memory" in err  # what to try instead
+
+
+@pytest.mark.slow
+def test_remat_offload_keeps_the_layer_inputs_in_host_memory(reports, small_model, capsys):
+    """`--remat offload` on a TPU: the scanned gradient's saved layer inputs are host buffers (memory space
+    pinned_host in the compiled program), which compile-check reports apart from the device's bytes."""
+    mesh = f"--mesh={SCANNED[2]}"
+    code, report, err = _check(capsys, "--topology", SCANNED[1], "--job", "stage2", "--model_path", str(small_model),
+                               mesh, "--json", *SMALL, "--remat", "offload")
+    full = {p["name"]: p for p in reports[(*SCANNED[:2], True)][1]["programs"]}
+    grads = [p for p in report["programs"] if p["name"] == "grad"]
+    assert code == 0 and len(grads) == 1 and full["grad"]["host_bytes"] == 0
+    assert grads[0]["host_bytes"] > 0 and "in host memory)" in err
+    assert all(p["host_bytes"] == 0 for p in report["programs"] if p["name"] != "grad")  # no remat, nothing offloaded
 
 
 def test_stage2_compiles_one_gradient_per_listed_token_bucket(capsys):

@@ -1,7 +1,8 @@
 """Rematerialisation in the training steps (issue 14): every `--remat` policy gives the no-remat loss and LoRA
 gradients (fp32, tiny model) in the stage-1 accumulating step and the stage-2 QA gradient, inside
 `jax.value_and_grad` over the split LoRA params (where `nnx.remat` used to raise TraceContextError), and the
-same holds through both CLIs (loss, gradient norm and final adapter of `--remat full|dots` vs `--remat none`)."""
+same holds through both CLIs (loss, gradient norm and final adapter of `--remat full|dots|offload` vs `--remat
+none`)."""
 from __future__ import annotations
 
 import json
@@ -132,7 +133,7 @@ def _runs(root: pathlib.Path, module: str, args: list[str]) -> dict[str, pathlib
     import importlib
 
     main = importlib.import_module(module).main
-    flags = {"none": ["--remat", "none"], "full": ["--remat"], "dots": ["--remat", "dots"]}
+    flags = {"none": ["--remat", "none"], "full": ["--remat"], **{p: ["--remat", p] for p in POLICIES if p != "full"}}
     outs = {policy: root / policy for policy in flags}
     for policy, extra in flags.items():
         assert main([*args, *extra, "--output_dir", str(outs[policy])]) == 0, policy

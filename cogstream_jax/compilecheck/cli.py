@@ -24,11 +24,14 @@ from cogstream_jax.cli_utils import ArgumentParser, forward, run_cli  # noqa: E4
 from cogstream_jax.errors import ConfigError  # noqa: E402
 
 EXIT_DOES_NOT_FIT = 3
+#: above this share of HBM a program "fits" by XLA's count with little room for the allocator's fragmentation
+TIGHT_SHARE = 0.9
 
 
 def build_parser() -> argparse.ArgumentParser:
     from cogstream_jax.compilecheck.hardware import TARGETS
     from cogstream_jax.compilecheck.jobs import JOBS, JobShape
+    from cogstream_jax.model.qwen2 import REMAT_CHOICES
     from cogstream_jax.training.run_common import DEFAULT_MESH
 
     d = JobShape()
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("the job's own flags")
     g.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
     g.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
-    g.add_argument("--remat", default=None, help="training jobs: full, dots or none (default: the job's)")
+    g.add_argument("--remat", default=None, help=f"training jobs: {', '.join(REMAT_CHOICES)} (default: the job's)")
     g.add_argument("--no_scan_layers", action="store_true",
                    help="trace every decoder layer separately instead of one scan (slower to compile)")
     g.add_argument("--attn_impl", default="auto",
@@ -86,6 +89,7 @@ def model_config(path: str):
 
 def job_shape(args: argparse.Namespace):
     from cogstream_jax.compilecheck.jobs import JobShape
+    from cogstream_jax.model.qwen2 import REMAT_CHOICES
 
     try:
         grid = tuple(int(x) for x in args.grid.lower().split("x"))
@@ -97,8 +101,8 @@ def job_shape(args: argparse.Namespace):
                  "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.remat is not None and args.remat not in ("full", "dots", "none"):
-        raise ConfigError(f"--remat {args.remat!r}: choose full, dots or none")
+    if args.remat is not None and args.remat not in REMAT_CHOICES:
+        raise ConfigError(f"--remat {args.remat!r}: choose {', '.join(REMAT_CHOICES)}")
     buckets = ()
     if args.token_buckets is not None:
         from cogstream_jax.training.stage2_token_buckets import parse
@@ -204,11 +208,18 @@ def run(args: argparse.Namespace) -> int:
         save_compiled(args.save_compiled, reports)
     if args.json:
         print(json.dumps(result))
-    too_big = [r for r in reports if r.error or r.per_chip_bytes > target.generation.hbm_bytes]
+    hbm = target.generation.hbm_bytes
+    too_big = [r for r in reports if r.error or r.per_chip_bytes > hbm]
     for r in too_big:
-        needs = f"more than {report.gib(r.per_chip_bytes)} (XLA: {r.error})" if r.error else report.gib(r.per_chip_bytes)
+        needs = report.gib(r.per_chip_bytes)
+        needs = f"more than {needs} (XLA: {r.error})" if r.error else needs
         print(f"does not fit: {r.name} ({r.label}) needs {needs} per device, a {target.name} device has "
-              f"{report.gib(target.generation.hbm_bytes)} HBM", file=sys.stderr)
+              f"{report.gib(hbm)} HBM", file=sys.stderr)
+    tight = too_big or any(r.per_chip_bytes > TIGHT_SHARE * hbm for r in reports)
+    if tight and args.job in ("stage1", "stage2") and (shape.remat or "full") in ("full", "dots"):
+        print(f"a program {'does not fit' if too_big else f'leaves under {1 - TIGHT_SHARE:.0%} of HBM free'}: "
+              "--remat offload keeps the decoder layers' inputs in host memory instead (or give the mesh a "
+              "tensor axis)", file=sys.stderr)
     return EXIT_DOES_NOT_FIT if too_big else 0
 
 

@@ -29,6 +29,7 @@ class ProgramReport:
     executable: Any = dataclasses.field(default=None, repr=False)
     error: str | None = None  # XLA refused to compile (out of memory): its message; figures are a lower bound
     flops_method: str = "compiled"  # or "layer extrapolation" (compilecheck/flops.py: scanned layers)
+    host_bytes: int = 0  # the program's buffers in the host's memory (`--remat offload`'s layer inputs), not in HBM
 
     @property
     def per_chip_bytes(self) -> int:
@@ -39,7 +40,7 @@ class ProgramReport:
         extra = {"error": self.error} if self.error else {}
         return {**extra, "name": self.name, "label": self.label, "per_chip_bytes": self.per_chip_bytes,
                 "argument_bytes": self.argument_bytes, "temp_bytes": self.temp_bytes,
-                "output_bytes": self.output_bytes, "flops_per_chip": self.flops_per_chip,
+                "output_bytes": self.output_bytes, "host_bytes": self.host_bytes, "flops_per_chip": self.flops_per_chip,
                 "flops_method": self.flops_method, "examples_per_step": self.examples_per_step,
                 "compile_s": round(self.compile_s, 2)}
 
@@ -125,7 +126,12 @@ def compile_program(program: Program) -> ProgramReport:
     return ProgramReport(name, program.label, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                          int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes),
                          int(getattr(mem, "generated_code_size_in_bytes", 0) or 0), _flops(compiled),
-                         program.examples_per_step, seconds, compiled)
+                         program.examples_per_step, seconds, compiled, host_bytes=_host_bytes(mem))
+
+
+def _host_bytes(mem) -> int:
+    parts = ("host_argument_size_in_bytes", "host_output_size_in_bytes", "host_temp_size_in_bytes")
+    return sum(int(getattr(mem, k, 0) or 0) for k in parts) - int(getattr(mem, "host_alias_size_in_bytes", 0) or 0)
 
 
 def gib(n: float) -> str:
@@ -138,7 +144,8 @@ def describe(report: ProgramReport, target: Target) -> str:
         return f"{report.name} ({report.label}): XLA refused to compile it: {report.error}"
     return (f"{report.name} ({report.label}): {gib(report.per_chip_bytes)} per device "
             f"({100 * report.per_chip_bytes / hbm:.1f}% of {gib(hbm)} HBM) = args {gib(report.argument_bytes)} + "
-            f"temps {gib(report.temp_bytes)} + outputs {gib(report.output_bytes - report.alias_bytes)}; "
+            f"temps {gib(report.temp_bytes)} + outputs {gib(report.output_bytes - report.alias_bytes)}"
+            f"{f' (and {gib(report.host_bytes)} in host memory)' if report.host_bytes else ''}; "
             f"{report.flops_per_chip / 1e12:.3f} TFLOP per device per call ({report.examples_per_step} "
             f"example(s)); compiled in {report.compile_s:.1f} s")
 

@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from cogstream_jax.config import TextConfig
@@ -20,13 +21,20 @@ from cogstream_jax.model.scan_layers import run_layers
 from cogstream_jax.sharding import constrain_rows
 
 
+#: the name of each decoder layer's input (`checkpoint_name`): what the "offload" policy moves to host memory
+LAYER_INPUT = "decoder_layer_input"
+
 #: remat policy names (`--remat`): what each decoder layer keeps for the backward pass ("none": no remat, every
 #: activation the backward pass needs is kept)
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only the layer's inputs, recompute the whole layer
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # also keep the projection matmul outputs
+    # as full, but the layer inputs wait for the backward pass in host memory (pinned_host), not on the device
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
-REMAT_CHOICES = ("full", "dots", "none")
+REMAT_CHOICES = ("full", "dots", "offload", "none")
 
 
 def remat_policy(remat: bool | str | None):
@@ -139,6 +147,7 @@ class Qwen2DecoderLayer(nnx.Module):
         self.mlp = Qwen2MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
 
     def __call__(self, x, step: _Step, kv, index, layer: int = 0):
+        x = checkpoint_name(x, LAYER_INPUT)  # every later use reads the named copy, so offloading it frees the device
         h, new_kv = self.self_attn(self.input_layernorm(x), step, kv, index, layer)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x), step), new_kv

@@ -53,7 +53,8 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--remat", nargs="?", const="full", default=DEFAULT_REMAT, choices=REMAT_CHOICES,
                    help="rematerialise each decoder layer in the backward pass: full (keep only the layer inputs), "
-                        "dots (also keep the projection matmul outputs) or none; '--remat' alone means full "
+                        "dots (also keep the projection matmul outputs), offload (as full, the layer inputs kept in host "
+                        "memory: for chips that full does not leave room on) or none; '--remat' alone means full "
                         f"(default: {DEFAULT_REMAT})")
     p.add_argument("--no_scan_layers", action="store_true",
                    help="trace every decoder layer separately (default: one jax.lax.scan over the layers, which "
