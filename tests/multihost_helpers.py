@@ -58,6 +58,15 @@ def launch(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str =
     """`python -m <argv>` as `processes` cooperating JAX processes with `devices` fake CPU devices each, told about
     each other by the README's JAX_* variables only (`via="env"`) or by the project's flags (`via="flags"`);
     every process must succeed and log the runtime it joined. Returns their stderr."""
+    results = start(argv, processes, devices, via)
+    for i, (code, err) in enumerate(results):
+        assert code == 0, f"process {i}: {err[-3000:]}"
+        assert f"jax runtime: process {i} of {processes}, {devices} local / {processes * devices} global cpu" in err
+    return [err for _, err in results]
+
+
+def start(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str = "env") -> list[tuple[int, str]]:
+    """The processes of `launch`, waited for: (exit code, stderr) of each, whatever they are."""
     port = free_port()
     procs = []
     for i in range(processes):
@@ -78,10 +87,7 @@ def launch(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str =
         for p in procs:  # a failed peer leaves the others waiting for the coordinator
             if p.poll() is None:
                 p.kill()
-    for i, (p, err) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
-        assert f"jax runtime: process {i} of {processes}, {devices} local / {processes * devices} global cpu" in err
-    return outputs
+    return [(p.returncode, err) for p, err in zip(procs, outputs)]
 
 
 def run_multi(module: str, args: Sequence[str], out: pathlib.Path, processes: int = 2, devices: int = 4,

@@ -10,11 +10,13 @@ allow."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from cogstream_jax.training import stage2_buckets as sb
-from multihost_helpers import SAMPLE, assert_no_temp_leftovers, assert_same_adapters, metrics, run_multi, run_single
+from multihost_helpers import (SAMPLE, assert_no_temp_leftovers, assert_same_adapters, metrics, run_multi, run_single,
+                               start)
 
 ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
         str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "3",
@@ -57,3 +59,26 @@ def test_stage2_two_processes_match_one_process(tmp_path):
     assert 2 <= b[0]["model_programs_compiled"] <= 6 and 0 <= b[0]["padding_overhead"] <= 0.5
     meta = json.loads((multi / "adapter" / "adapter_meta.json").read_text())
     assert "model.mm_projector.readout.0" in json.dumps(meta)
+
+
+@pytest.mark.slow
+def test_a_bad_video_on_one_process_stops_every_process_with_one_line(tmp_path):
+    """Seed 1 reads synth_0_001's QAs in order: update 1's two read segment 1 only, update 2's second row (process 1's)
+    also reads segment 2, which is not a video here. Process 1 stops naming the file; process 0, which prepared its
+    own row of that call, learns it from the call's first all-gather and stops too (instead of waiting in the
+    collective process 1 never joins until JAX's runtime notices the dead peer)."""
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE, data)
+    bad = data / "event_segments" / "synth_0_001" / "synth_0_001_segment_2.mp4"
+    bad.write_bytes(b"not a video" * 300)
+    args = ["--model_path", "tiny", "--video_dir", str(data / "event_segments"), "--query_dir",
+            str(data / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "1",
+            "--mesh", "1,2,4", "--global_batch_qas", "2", "--logging_steps", "1", "--token_buckets", "ladder",
+            "--max_steps", "3", "--output_dir", str(tmp_path / "out")]
+    (code0, err0), (code1, err1) = start(["train.stage2", *args])
+    last = [err.strip().splitlines()[-1] for err in (err0, err1)]
+    assert code1 == 2 and last[1].startswith(f"error: {bad}: cannot be read as a video"), err1[-2000:]
+    assert code0 == 2 and last[0] == ("error: stage 2: process 1 could not prepare its QAs of this call (its own "
+                                      "error names the input); stopping with it"), err0[-2000:]
+    assert "Traceback" not in err0 + err1
+    assert [m["step"] for m in metrics(tmp_path / "out")] == [1]  # update 1 was trained and logged

@@ -11,7 +11,7 @@ device arrays are built shard by shard from the rows this process holds.
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -36,6 +36,18 @@ def pixels_of(qa) -> np.ndarray | None:
     return qa.pixel_values
 
 
+def collect(read: Callable[[], Any], count: int) -> tuple[list[Any], Exception | None]:
+    """`count` items from `read`, or those read before an error stopped it, and the error: for
+    `CallMaker.finals(..., failed=)`, so that one host's bad input stops every host."""
+    items: list[Any] = []
+    try:
+        for _ in range(count):
+            items.append(read())
+    except Exception as e:  # noqa: BLE001 - re-raised by CallMaker.finals once all processes know
+        return items, e
+    return items, None
+
+
 class CallMaker:
     """The host side of stage-2 calls of `rows` rows on `device` (a `Stage2Device`): which rows this process
     prepares, and the agreed shapes, vision pass and event scoring of each call."""
@@ -52,11 +64,15 @@ class CallMaker:
         """Whether this process prepares the `index`-th QA counted from the first row of some device call."""
         return bool(self.own[index % self.rows])
 
-    def finals(self, state, items: Sequence[Any]) -> tuple[list[sb.FinalQA | None], sf.RowFrames | None, Any,
-                                                          np.ndarray]:
+    def finals(self, state, items: Sequence[Any], failed: Exception | None = None
+               ) -> tuple[list[sb.FinalQA | None], sf.RowFrames | None, Any, np.ndarray]:
         """A call's items (this process's rows: PreparedQA to score, FinalQA, or OversizedQA; None elsewhere) ->
-        (final QAs of this process's rows, the frames, the vision output, [rows] bool: own rows dropped)."""
-        items = list(items) + [None] * (self.rows - len(items))
+        (final QAs of this process's rows, the frames, the vision output, [rows] bool: own rows dropped).
+
+        `failed`: the error that stopped this process preparing its rows (`collect`). It is raised here, after the
+        call's first all-gather has told every process, which then stop too (naming the process) instead of
+        waiting in a collective the failed process never joins."""
+        items = [None] * self.rows if failed is not None else list(items) + [None] * (self.rows - len(items))
         dropped = np.asarray([isinstance(q, sb.OversizedQA) for q in items])
         qas = [q if isinstance(q, (sb.PreparedQA, sb.FinalQA)) else None for q in items]
         scoring = {r: q for r, q in enumerate(qas) if isinstance(q, sb.PreparedQA)}
@@ -64,7 +80,13 @@ class CallMaker:
         flips = [_MERGE_FLIP - m for _, _, m in needs if m]
         agreed = agree_max(np.asarray([max(f for f, _, _ in needs), max(p for _, p, _ in needs),
                                        max(m for _, _, m in needs), max(flips + [0]), len(scoring),
-                                       max([q.layout.num_tokens for q in scoring.values()] + [0])]))
+                                       max([q.layout.num_tokens for q in scoring.values()] + [0]),
+                                       0 if failed is None else jax.process_index() + 1]))
+        if failed is not None:
+            raise failed
+        if agreed[6]:
+            raise InputError(f"stage 2: process {int(agreed[6]) - 1} could not prepare its QAs of this call (its "
+                             "own error names the input); stopping with it")
         frames = self._frames(qas, *(int(x) for x in agreed[:4]))
         flat = self.device.vision(frames)
         minor = self._score(state, scoring, frames, flat, int(agreed[5])) if agreed[4] else {}

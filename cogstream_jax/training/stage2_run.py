@@ -46,7 +46,7 @@ from cogstream_jax.training.loop import run_loop
 from cogstream_jax.training.optim import stage2_optim
 from cogstream_jax.training.setup import build_setup
 from cogstream_jax.training.stage2_batches import event_compression_available
-from cogstream_jax.training.stage2_calls import ANSWERS, DROPPED, PRESENT, TOKENS, CallMaker
+from cogstream_jax.training.stage2_calls import ANSWERS, DROPPED, PRESENT, TOKENS, CallMaker, collect
 from cogstream_jax.training.stage2_device import Stage2Device
 from cogstream_jax.training.step import StepOptions, add_grads_jit, data_parallel_size
 
@@ -304,9 +304,9 @@ def run(args: argparse.Namespace) -> int:
         grads, losses, present, tokens = None, [], [], 0
         for call_index in range(accumulation):
             waited = time.perf_counter()
-            items = [next(it)[1] for _ in range(rows)]
+            items, failed = collect(lambda: next(it)[1], rows)
             stats["host_wait"] += time.perf_counter() - waited
-            finals, frames, flat, dropped = maker.finals(state, items)
+            finals, frames, flat, dropped = maker.finals(state, items, failed)
             table = maker.table(finals, dropped)
             places = range(call_index * rows, (call_index + 1) * rows)  # the QAs' places in the update
             call, arrays, inputs = maker.pack(finals, frames, flat, table, places,
@@ -374,8 +374,9 @@ def _bucket_measure(maker: CallMaker, processor, setup, events: bool):
     most it can take later) and its answer tokens, or None for an over-large QA. Each process prepares its own
     rows; all get every row's."""
     def measure(samples) -> list[tuple[int, int, int] | None]:
-        items = [prepare_item(s, processor, events) if maker.owns(r) else None for r, s in enumerate(samples)]
-        finals, _, _, dropped = maker.finals(setup.state, items)
+        read = iter(prepare_item(s, processor, events) if maker.owns(r) else None for r, s in enumerate(samples))
+        items, failed = collect(lambda: next(read), len(samples))
+        finals, _, _, dropped = maker.finals(setup.state, items, failed)
         most = np.zeros(maker.rows, np.int64)
         for r, (item, final) in enumerate(zip(items, finals)):
             if final is None:
