@@ -2,7 +2,8 @@
 `--global_batch_qas`), `--steps` updates, persistent compilation cache off.
 
 Prints QAs/s (whole run, and after the first `--warm` updates), the model-sized programs compiled (those taking
-the vision tower's or the LLM's weights, by name and argument shapes) after `--warm` updates and at the end, the
+the vision tower's or the LLM's weights, by name and argument shapes; and of those the gradient programs, one per
+token bucket) after `--warm` updates and at the end, the
 share of wall time spent compiling, the padding overhead (padded / real tokens - 1) and the share of wall time
 the update loop waited for host preparation (the rest of the host work overlapped device time), then one JSON
 line. Run: `python bench/stage2_throughput.py [--steps 100] [--mesh 1,1,1]` (CPU: set
@@ -78,7 +79,9 @@ def main() -> int:
         "bench": "stage2_throughput", "value": qas_per_s, "qas_per_s": qas_per_s,
         "qas_per_s_after_warm": None if steady is None else round(steady, 3),
         "model_programs_compiled_at_warm": None if warm is None else int(warm["model_programs_compiled"]),
+        "gradient_programs_compiled_at_warm": None if warm is None else int(warm["gradient_programs_compiled"]),
         "model_programs_compiled": int(last["model_programs_compiled"]),
+        "gradient_programs_compiled": int(last["gradient_programs_compiled"]),
         "compile_share": round(log.compile_seconds / wall, 3),
         "padding_overhead": round(last["padding_overhead"], 3),
         "host_wait_share": round(last["host_wait_share"], 4),

@@ -56,6 +56,11 @@ class Stage2Device:
         self._gather = jax.jit(_gather, out_shardings=self.rows)
         self._project = jax.jit(_project, static_argnums=(0,), out_shardings=self.rows)
 
+    @property
+    def grad_name(self) -> str:
+        """The gradient program's name in compile logs (`compile_log.CompiledProgram.name`)."""
+        return self._grad.__name__
+
     def vision_state(self):
         return self._vision_state
 

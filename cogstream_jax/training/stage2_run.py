@@ -333,7 +333,10 @@ def run(args: argparse.Namespace) -> int:
                        **{k: float(v) for k, v in pending[-1][2].items()})
             elapsed = time.perf_counter() - stats["started"]
             compiled = log.model_sized(*towers)
+            # the gradient programs (one per token bucket) apart: the frozen vision chunk and event scoring
+            # compile once each, whatever the QAs' lengths
             out.update(model_programs_compiled=float(len(compiled)),
+                       gradient_programs_compiled=float(sum(p.name == device.grad_name for p in compiled)),
                        compile_seconds=float(log.compile_seconds),
                        compile_share=float(log.compile_seconds / elapsed) if elapsed > 0 else 0.0,
                        padding_overhead=float(stats["padded"] / max(stats["real"], 1) - 1.0),
