@@ -65,8 +65,10 @@ def launch(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str =
     return [err for _, err in results]
 
 
-def start(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str = "env") -> list[tuple[int, str]]:
-    """The processes of `launch`, waited for: (exit code, stderr) of each, whatever they are."""
+def start(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str = "env",
+          timeout: float = TIMEOUT_S) -> list[tuple[int, str]]:
+    """The processes of `launch`, waited for (each up to `timeout` s, then killed and the wait raises): (exit
+    code, stderr) of each, whatever they are."""
     port = free_port()
     procs = []
     for i in range(processes):
@@ -82,7 +84,7 @@ def start(argv: Sequence[str], processes: int = 2, devices: int = 4, via: str = 
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[1])
+            outputs.append(p.communicate(timeout=timeout)[1])
     finally:
         for p in procs:  # a failed peer leaves the others waiting for the coordinator
             if p.poll() is None:

@@ -165,7 +165,20 @@ def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
     too_big = [p for p in report["programs"] if p["per_chip_bytes"] > report["hbm_bytes"] or p.get("error")]
     assert too_big and all(f"does not fit: {p['name']} ({p['label']}) needs" in err for p in too_big)
     assert "a v5e-4 device has 16.00 GiB HBM" in err
-    assert "--remat offload keeps the decoder layers' inputs in host memory" in err  # what to try instead
+    assert "--remat offload" not in err  # weights, not activations, are what does not fit: offloading cannot help
+
+
+def test_offload_is_suggested_when_activations_fill_the_chip():
+    from cogstream_jax.compilecheck.report import ProgramReport
+
+    gib = 2**30
+    report = lambda temps, args=1 * gib: ProgramReport("grad", "g", args, 0, temps, 0, 0, 1.0, 1, 1.0)  # noqa: E731
+    hint = cli.offload_hint([report(15 * gib)], 16 * gib, None)  # 97% of HBM, nearly all temporaries
+    assert hint and hint.startswith("grad leaves under 10% of HBM free, mostly activations: --remat offload")
+    assert "does not fit" in cli.offload_hint([report(16 * gib)], 16 * gib, "dots")
+    assert cli.offload_hint([report(10 * gib)], 16 * gib, None) is None  # 69%: room left
+    assert cli.offload_hint([report(2 * gib, args=13 * gib)], 16 * gib, None) is None  # weights fill it
+    assert cli.offload_hint([report(15 * gib)], 16 * gib, "offload") is None  # already offloaded
 
 
 @pytest.mark.slow

@@ -215,12 +215,24 @@ def run(args: argparse.Namespace) -> int:
         needs = f"more than {needs} (XLA: {r.error})" if r.error else needs
         print(f"does not fit: {r.name} ({r.label}) needs {needs} per device, a {target.name} device has "
               f"{report.gib(hbm)} HBM", file=sys.stderr)
-    tight = too_big or any(r.per_chip_bytes > TIGHT_SHARE * hbm for r in reports)
-    if tight and args.job in ("stage1", "stage2") and (shape.remat or "full") in ("full", "dots"):
-        print(f"a program {'does not fit' if too_big else f'leaves under {1 - TIGHT_SHARE:.0%} of HBM free'}: "
-              "--remat offload keeps the decoder layers' inputs in host memory instead (or give the mesh a "
-              "tensor axis)", file=sys.stderr)
+    hint = offload_hint([r for p, r in zip(programs, reports) if p.trains], hbm, shape.remat)
+    if hint:
+        print(hint, file=sys.stderr)
     return EXIT_DOES_NOT_FIT if too_big else 0
+
+
+def offload_hint(training: list, hbm: int, remat: str | None) -> str | None:
+    """What to try when a training program (`training`: its reports) does not fit or leaves under 10% of HBM
+    free while activations, which `--remat offload` moves to the host, are most of what it holds (None: nothing
+    to suggest, e.g. the weights alone are too large, or the layer inputs are already offloaded)."""
+    if (remat or "full") not in ("full", "dots"):
+        return None
+    for r in training:  # (a compile XLA refused gives no breakdown to judge by)
+        if not r.error and r.per_chip_bytes > TIGHT_SHARE * hbm and r.temp_bytes >= r.per_chip_bytes / 2:
+            state = "does not fit" if r.per_chip_bytes > hbm else f"leaves under {1 - TIGHT_SHARE:.0%} of HBM free"
+            return (f"{r.name} {state}, mostly activations: --remat offload keeps the decoder layers' inputs in host "
+                    "memory instead (or give the mesh a tensor axis)")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,8 @@ def compile_only_devices(target: Target) -> list[jax.Device]:
         raise ConfigError(f"--topology {target.name}: compiling for {platform.upper()} needs "
                           f"{INSTALL_HINT[platform]}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server on a non-TPU host
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to guard, other processes may hold libtpu
+    # compile-only: no chip to guard, other processes may hold libtpu
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         with _quiet_stderr():
             if platform == "tpu":
@@ -39,7 +40,8 @@ def compile_only_devices(target: Target) -> list[jax.Device]:
                                                     target_config=target_config_text(spec))
     except Exception as e:  # libtpu/plugin errors carry long multi-line traces; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--topology {target.name}: no compile-only devices for {target.topology} ({first})") from None
+        raise ConfigError(f"--topology {target.name}: no compile-only devices for {target.topology} "
+                          f"({first})") from None
     devices = list(desc.devices)
     if len(devices) != target.devices:
         raise ConfigError(f"--topology {target.name}: expected {target.devices} devices, the topology description "

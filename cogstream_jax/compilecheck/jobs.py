@@ -69,6 +69,7 @@ class Program:
     lower: Callable[[], Any]  # -> jax.stages.Lowered
     examples_per_step: int  # sequences (stage 1) or QAs one call processes
     runs_a_loop: bool = False  # a while loop of its own (the decode loop): XLA counts its body once, whatever we do
+    trains: bool = False  # a training step with rematerialised decoder layers: what `--remat` changes
 
 
 def model_builder(config: ModelConfig, shape: JobShape) -> Callable[[], VideoLlama3]:
@@ -116,7 +117,7 @@ def stage1_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     step = setup.accumulating_step(np.ones(config.text.vocab_size, bool))
     del micro
     return [Program("stage-1 update (accumulating step)", lambda: step.lower(setup.state, setup.frozen, batch),
-                    items * MAX_SAMPLES_PER_ITEM)]
+                    items * MAX_SAMPLES_PER_ITEM, trains=True)]
 
 
 def stage2_layout(config: ModelConfig, shape: JobShape) -> VisualLayout:
@@ -188,7 +189,7 @@ def _grad_program(setup, device, call, config: ModelConfig) -> Program:
     rows, inputs = call.sources.shape
     features = jax.ShapeDtypeStruct((rows, inputs, config.vision.hidden_size), device.dtype, sharding=device.rows)
     return Program(f"stage-2 gradient ({rows} QAs, bucket L={call.bucket[0]} U={call.bucket[1]} A={call.bucket[2]})",
-                   lambda: device.lower_grad(setup.state, setup.frozen, arrays, features), rows)
+                   lambda: device.lower_grad(setup.state, setup.frozen, arrays, features), rows, trains=True)
 
 
 def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:

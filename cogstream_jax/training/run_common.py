@@ -53,8 +53,8 @@ def build_common_parser(description: str) -> ArgumentParser:
     p.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
     p.add_argument("--remat", nargs="?", const="full", default=DEFAULT_REMAT, choices=REMAT_CHOICES,
                    help="rematerialise each decoder layer in the backward pass: full (keep only the layer inputs), "
-                        "dots (also keep the projection matmul outputs), offload (as full, the layer inputs kept in host "
-                        "memory: for chips that full does not leave room on) or none; '--remat' alone means full "
+                        "dots (also keep the projection matmul outputs), offload (as full, the layer inputs kept in "
+                        "host memory: for chips that full does not leave room on) or none; '--remat' alone means full "
                         f"(default: {DEFAULT_REMAT})")
     p.add_argument("--no_scan_layers", action="store_true",
                    help="trace every decoder layer separately (default: one jax.lax.scan over the layers, which "
@@ -169,8 +169,8 @@ def resolved_config(args: argparse.Namespace, **derived: Any) -> dict[str, Any]:
 #: only the summation order; paths may move)
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "max_steps", "save_steps", "keep_last", "no_progress", "mesh", "mesh_shape", "jax",
-    "coordinator_address", "num_processes", "process_id", "remat", "no_scan_layers", "decode_threads", "model_path", "QA_path",
-    "query_dir", "video_dir", "micro_batch_size", "micro_batch_items", "accumulation_steps"})
+    "coordinator_address", "num_processes", "process_id", "remat", "no_scan_layers", "decode_threads", "model_path",
+    "QA_path", "query_dir", "video_dir", "micro_batch_size", "micro_batch_items", "accumulation_steps"})
 
 
 def run_fingerprint(config: dict[str, Any]) -> dict[str, Any]:

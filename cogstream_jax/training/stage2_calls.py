@@ -43,6 +43,8 @@ def collect(read: Callable[[], Any], count: int) -> tuple[list[Any], Exception |
     try:
         for _ in range(count):
             items.append(read())
+    except StopIteration:  # the stream's end: the same position on every process, not a failure
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised by CallMaker.finals once all processes know
         return items, e
     return items, None
@@ -69,14 +71,23 @@ class CallMaker:
         """A call's items (this process's rows: PreparedQA to score, FinalQA, or OversizedQA; None elsewhere) ->
         (final QAs of this process's rows, the frames, the vision output, [rows] bool: own rows dropped).
 
-        `failed`: the error that stopped this process preparing its rows (`collect`). It is raised here, after the
-        call's first all-gather has told every process, which then stop too (naming the process) instead of
-        waiting in a collective the failed process never joins."""
-        items = [None] * self.rows if failed is not None else list(items) + [None] * (self.rows - len(items))
-        dropped = np.asarray([isinstance(q, sb.OversizedQA) for q in items])
+        `failed`: the error that stopped this process preparing its rows (`collect`). It (or an error in reading
+        what the rows need) is raised here, after the call's first all-gather has told every process, which then
+        stop too (naming the process) instead of waiting in a collective the failed process never joins. Errors
+        on one process after that point (none expected from valid prepared QAs) are not shared this way."""
+        items = list(items) + [None] * (self.rows - len(items))
+        if failed is None:
+            try:
+                needs = [sf.frame_needs(q.layout if isinstance(q, (sb.PreparedQA, sb.FinalQA)) else None)
+                         for q in items]
+            except Exception as e:  # noqa: BLE001 - raised below, once all processes know
+                failed = e
+        if failed is not None:  # this process joins the all-gather with nothing but the failure
+            items = [None] * self.rows
+            needs = [sf.frame_needs(None)] * self.rows
         qas = [q if isinstance(q, (sb.PreparedQA, sb.FinalQA)) else None for q in items]
+        dropped = np.asarray([isinstance(q, sb.OversizedQA) for q in items])
         scoring = {r: q for r, q in enumerate(qas) if isinstance(q, sb.PreparedQA)}
-        needs = [sf.frame_needs(None if q is None else q.layout) for q in qas]
         flips = [_MERGE_FLIP - m for _, _, m in needs if m]
         agreed = agree_max(np.asarray([max(f for f, _, _ in needs), max(p for _, p, _ in needs),
                                        max(m for _, _, m in needs), max(flips + [0]), len(scoring),

@@ -159,6 +159,9 @@ class QAStream:
                     item = self._prepare(position, sample)
                 except Exception as e:  # handed to the consumer, raised there
                     item = e
+                except BaseException as e:  # (SystemExit from a library, say) the consumer must not wait forever
+                    hand_over(RuntimeError(f"stage-2 QA preparation stopped: {e!r}"))
+                    raise
                 if not hand_over(item):
                     return
             hand_over(StopIteration())

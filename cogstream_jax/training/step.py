@@ -35,13 +35,13 @@ from cogstream_jax.training.state import TrainState, replicated
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the rows of a micro-batch
 
 
-#: the training default of `--remat` / `StepOptions.remat` (both stages): "full", "dots" or "none"
+#: the training default of `--remat` / `StepOptions.remat` (both stages; the choices: qwen2.REMAT_CHOICES)
 DEFAULT_REMAT = "full"
 
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    remat: str = DEFAULT_REMAT  # decoder-layer rematerialisation: "full", "dots" or "none" (qwen2.REMAT_POLICIES)
+    remat: str = DEFAULT_REMAT  # decoder-layer rematerialisation: "full", "dots", "offload" or "none" (qwen2)
     dropout: bool = True  # LoRA dropout during training (off for parity checks)
     # "hash": counter-based hash masks (layers.hashed_keep_mask): identical on every mesh and process count, and
     #   about 100x cheaper than a bit generator on CPU; "threefry": jax.random.bernoulli with threefry keys (also
