@@ -169,16 +169,25 @@ def test_a_model_that_cannot_fit_exits_3_naming_the_program(tmp_path, capsys):
 
 
 def test_offload_is_suggested_when_activations_fill_the_chip():
+    import dataclasses
+
     from cogstream_jax.compilecheck.report import ProgramReport
 
     gib = 2**30
     report = lambda temps, args=1 * gib: ProgramReport("grad", "g", args, 0, temps, 0, 0, 1.0, 1, 1.0)  # noqa: E731
-    hint = cli.offload_hint([report(15 * gib)], 16 * gib, None)  # 97% of HBM, nearly all temporaries
+    hint = cli.remat_hint([report(15 * gib)], 16 * gib, None)  # 97% of HBM, nearly all temporaries
     assert hint and hint.startswith("grad leaves under 10% of HBM free, mostly activations: --remat offload")
-    assert "does not fit" in cli.offload_hint([report(16 * gib)], 16 * gib, "dots")
-    assert cli.offload_hint([report(10 * gib)], 16 * gib, None) is None  # 69%: room left
-    assert cli.offload_hint([report(2 * gib, args=13 * gib)], 16 * gib, None) is None  # weights fill it
-    assert cli.offload_hint([report(15 * gib)], 16 * gib, "offload") is None  # already offloaded
+    dots = cli.remat_hint([report(16 * gib)], 16 * gib, "dots")  # its saved matmul outputs are the excess
+    assert dots.startswith("grad does not fit, mostly activations: --remat full keeps only the decoder layers' inputs")
+    assert cli.remat_hint([report(16 * gib)], 16 * gib, "none").startswith("grad does not fit, mostly "
+                                                                             "activations: --remat full")
+    assert cli.remat_hint([report(10 * gib)], 16 * gib, None) is None  # 69%: room left
+    refused = dataclasses.replace(report(0), error="RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                                  "required for HLO temporaries (173.49G) exceeds available HBM (95.74G).")
+    assert cli.remat_hint([refused], 16 * gib, "none").startswith("grad does not fit: --remat full keeps only")
+    assert cli.remat_hint([refused], 16 * gib, None) is None  # full already: weights or logits may be the excess
+    assert cli.remat_hint([report(2 * gib, args=13 * gib)], 16 * gib, None) is None  # weights fill it
+    assert cli.remat_hint([report(15 * gib)], 16 * gib, "offload") is None  # already offloaded
 
 
 @pytest.mark.slow

@@ -215,23 +215,32 @@ def run(args: argparse.Namespace) -> int:
         needs = f"more than {needs} (XLA: {r.error})" if r.error else needs
         print(f"does not fit: {r.name} ({r.label}) needs {needs} per device, a {target.name} device has "
               f"{report.gib(hbm)} HBM", file=sys.stderr)
-    hint = offload_hint([r for p, r in zip(programs, reports) if p.trains], hbm, shape.remat)
+    hint = remat_hint([r for p, r in zip(programs, reports) if p.trains], hbm, shape.remat)
     if hint:
         print(hint, file=sys.stderr)
     return EXIT_DOES_NOT_FIT if too_big else 0
 
 
-def offload_hint(training: list, hbm: int, remat: str | None) -> str | None:
+def remat_hint(training: list, hbm: int, remat: str | None) -> str | None:
     """What to try when a training program (`training`: its reports) does not fit or leaves under 10% of HBM
     free while activations, which `--remat offload` moves to the host, are most of what it holds (None: nothing
-    to suggest, e.g. the weights alone are too large, or the layer inputs are already offloaded)."""
-    if (remat or "full") not in ("full", "dots"):
+    to suggest, e.g. the weights alone are too large, or the layer inputs are already offloaded; `remat` None: the
+    job's default, full)."""
+    if remat == "offload":
         return None
-    for r in training:  # (a compile XLA refused gives no breakdown to judge by)
-        if not r.error and r.per_chip_bytes > TIGHT_SHARE * hbm and r.temp_bytes >= r.per_chip_bytes / 2:
-            state = "does not fit" if r.per_chip_bytes > hbm else f"leaves under {1 - TIGHT_SHARE:.0%} of HBM free"
-            return (f"{r.name} {state}, mostly activations: --remat offload keeps the decoder layers' inputs in host "
-                    "memory instead (or give the mesh a tensor axis)")
+    for r in training:
+        if r.error:  # XLA refused it, no breakdown (its "HLO temporaries" also hold gathered weights and logits):
+            tight = activations = remat in ("dots", "none")  # keeping fewer activations is the first thing to try
+        else:
+            tight, activations = r.per_chip_bytes > TIGHT_SHARE * hbm, r.temp_bytes >= r.per_chip_bytes / 2
+        if tight and activations:
+            state = ("does not fit" if r.error or r.per_chip_bytes > hbm
+                     else f"leaves under {1 - TIGHT_SHARE:.0%} of HBM free")
+            instead = ("--remat full keeps only the decoder layers' inputs, --remat offload keeps those in host memory"
+                       if remat in ("dots", "none")
+                       else "--remat offload keeps the decoder layers' inputs in host memory instead")
+            why = "" if r.error else ", mostly activations"
+            return f"{r.name} {state}{why}: {instead} (or give the mesh a tensor axis)"
     return None
 
 
