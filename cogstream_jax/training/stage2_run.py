@@ -330,9 +330,10 @@ def run(args: argparse.Namespace) -> int:
         if stats["step"] % args.logging_steps == 0 or stats["step"] >= limit:
             pending = jax.device_get(stats["pending"])  # one device->host transfer per logging interval
             stats["pending"] = []
-            # the mean loss of the QAs trained (an empty row's, a dropped QA's, is not one)
-            update_losses = [np.concatenate(ls)[mask].mean() if mask.any() else np.nan for ls, mask, _ in pending]
-            out.update(loss=float(np.nanmean(update_losses)) if not np.isnan(update_losses).all() else float("nan"),
+            # per update the mean loss of its QAs trained (an empty row's, a dropped QA's, is not one), then the
+            # mean over the interval's updates that trained any
+            trained = [np.concatenate(ls)[mask].mean() for ls, mask, _ in pending if mask.any()]
+            out.update(loss=float(np.mean(trained)) if trained else float("nan"),
                        **{k: float(v) for k, v in pending[-1][2].items()})
             elapsed = time.perf_counter() - stats["started"]
             compiled = log.model_sized(*towers)
