@@ -369,3 +369,23 @@ def test_stream_raises_a_failing_dataset_instead_of_waiting(depth):
     with pytest.raises(OSError, match="disk gone"):
         next(stream)
     stream.close()
+
+
+
+def test_collect_keeps_a_reading_error_for_the_call_and_lets_the_stream_end():
+    """`stage2_calls.collect`: an error while reading a call's items is returned (with the items read before it),
+    to be raised by `CallMaker.finals` once every process knows; the end of the stream is not an error."""
+    from cogstream_jax.errors import InputError
+    from cogstream_jax.training.stage2_calls import collect
+
+    assert collect(iter([1, 2, 3]).__next__, 2) == ([1, 2], None)
+    bad = InputError("clip.mp4: cannot be read as a video")
+
+    def fail():
+        raise bad
+
+    reads = iter([lambda: 1, fail, lambda: 3])
+    items, failed = collect(lambda: next(reads)(), 3)
+    assert items == [1] and failed is bad  # the same error object, raised later with its own message
+    with pytest.raises(StopIteration):
+        collect(iter([1]).__next__, 2)
