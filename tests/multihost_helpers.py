@@ -33,9 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_single(module: str, args: Sequence[str], out: pathlib.Path, devices: int = 8) -> str:
-    """`python -m <module> <args> --output_dir <out>` in one process with `devices` fake CPU devices (its stderr)."""
-    done = subprocess.run([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=clean_env(devices),
+def run_single(module: str, args: Sequence[str], out: pathlib.Path, devices: int = 8, *,
+               persistent_cache: bool = True) -> str:
+    """`python -m <module> <args> --output_dir <out>` in one process with `devices` fake CPU devices (its stderr);
+    `persistent_cache=False`: every program compiled, none read back from the test suite's compilation cache."""
+    env = clean_env(devices)
+    if not persistent_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-m", module, *args, "--output_dir", str(out)], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"jax runtime: process 0 of 1, {devices} local / {devices} global cpu devices" in done.stderr

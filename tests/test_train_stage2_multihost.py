@@ -78,8 +78,8 @@ def test_a_bad_video_on_one_process_stops_every_process_with_one_line(tmp_path, 
     shutil.copytree(SAMPLE, data)
     bad = data / "event_segments" / "synth_0_001" / "synth_0_001_segment_2.mp4"
     bad.write_bytes(b"not a video" * 300)
-    args = [data / "event_segments" if a == str(SAMPLE / "event_segments") else a for a in ARGS]
-    args = [str(data / "QA_Dataset") if a == str(SAMPLE / "QA_Dataset") else str(a) for a in args]
+    moved = {str(SAMPLE / name): str(data / name) for name in ("event_segments", "QA_Dataset")}
+    args = [moved.get(a, a) for a in ARGS]
     args[args.index("--seed") + 1], args[args.index("--fps") + 1] = "1", "1"
     args += ["--token_buckets", buckets, "--bucket_scan_qas", "4", "--max_steps", "3",
              "--output_dir", str(tmp_path / "out")]

@@ -228,17 +228,17 @@ def remat_hint(training: list, hbm: int, remat: str | None) -> str | None:
     job's default, full)."""
     if remat == "offload":
         return None
+    keeps_more = remat in ("dots", "none")  # than full, which keeps only the layer inputs
     for r in training:
         if r.error:  # XLA refused it, no breakdown (its "HLO temporaries" also hold gathered weights and logits):
-            tight = activations = remat in ("dots", "none")  # keeping fewer activations is the first thing to try
+            suggest = keeps_more  # keeping fewer activations is the first thing to try
         else:
-            tight, activations = r.per_chip_bytes > TIGHT_SHARE * hbm, r.temp_bytes >= r.per_chip_bytes / 2
-        if tight and activations:
+            suggest = r.per_chip_bytes > TIGHT_SHARE * hbm and r.temp_bytes >= r.per_chip_bytes / 2
+        if suggest:
             state = ("does not fit" if r.error or r.per_chip_bytes > hbm
                      else f"leaves under {1 - TIGHT_SHARE:.0%} of HBM free")
             instead = ("--remat full keeps only the decoder layers' inputs, --remat offload keeps those in host memory"
-                       if remat in ("dots", "none")
-                       else "--remat offload keeps the decoder layers' inputs in host memory instead")
+                       if keeps_more else "--remat offload keeps the decoder layers' inputs in host memory instead")
             why = "" if r.error else ", mostly activations"
             return f"{r.name} {state}{why}: {instead} (or give the mesh a tensor axis)"
     return None
