@@ -158,6 +158,55 @@ def test_resize_override_and_frame_cache(clips):
         proc(conversation=conversation, resize_to=(50, 84))
 
 
+def test_frame_cache_decodes_a_clip_once_for_threads_asking_together(clips, monkeypatch):
+    """Stage 2 prepares several QAs at once (`--prep_workers`), and consecutive QAs of a chain share clips: a clip
+    another thread is decoding is waited for, not decoded again; a failed decode reaches every waiter and is not
+    cached."""
+    import threading
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from cogstream_jax.data import processor as processor_module
+
+    real, decoded, fail = processor_module.decode_plan, [], threading.Event()
+    waiting = threading.Semaphore(0)
+
+    class CountedFuture(Future):
+        def result(self, timeout=None):
+            waiting.release()  # a caller waits for a clip another thread decodes
+            return super().result(timeout)
+
+    def slow_decode(plan, *args, **kwargs):
+        decoded.append(plan.path)
+        for _ in range(callers - 1):  # the decode ends only once every other caller waits for it
+            assert waiting.acquire(timeout=60)
+        if fail.is_set():
+            raise VideoError(f"{plan.path}: cannot be read")
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(processor_module, "Future", CountedFuture)
+    monkeypatch.setattr(processor_module, "decode_plan", slow_decode)
+    proc = Processor.from_pretrained(REFERENCE, cache_frames=True)
+    conversation = conversation_for([clips["small"]])
+    callers = 4
+    with ThreadPoolExecutor(callers) as pool:
+        outs = list(pool.map(lambda _: proc(conversation=conversation), range(callers)))
+    assert len(decoded) == 1
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.pixel_values, outs[0].pixel_values)
+    fail.set()
+    other, callers = conversation_for([clips["landscape"]]), 3
+    with ThreadPoolExecutor(callers) as pool:
+        jobs = [pool.submit(proc, conversation=other) for _ in range(callers)]
+    for job in jobs:
+        with pytest.raises(VideoError, match="cannot be read"):
+            job.result()
+    assert len(decoded) == 2 and not proc._decoding
+    fail.clear()
+    callers = 1
+    proc(conversation=other)  # not cached as failed: decoded again
+    assert len(decoded) == 3
+
+
 def test_missing_segment_names_the_file(clips, processor, tmp_path):
     missing = tmp_path / "vid_segment_2.mp4"
     with pytest.raises(VideoError, match=r"vid_segment_2\.mp4.*does not exist"):

@@ -1,7 +1,9 @@
 """The thread-pool helpers behind parallel decoding and resizing."""
 import pytest
 
-from cogstream_jax.data.threads import balanced_groups, default_threads, even_chunks, resolve_threads, thread_map
+from cogstream_jax.data.threads import (MAX_DEFAULT_WORKERS, OrderedMap, balanced_groups, default_threads, even_chunks,
+                                        prep_workers, resolve_threads, thread_map)
+from cogstream_jax.errors import ConfigError
 
 
 def test_even_chunks_cover_the_range_in_order():
@@ -41,3 +43,57 @@ def test_resolve_threads():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads"):
             resolve_threads(bad)
+
+
+@pytest.mark.parametrize("workers,ahead", [(1, 0), (1, 3), (3, 2), (4, 8)])
+def test_ordered_map_gives_the_results_in_order_whatever_the_workers(workers, ahead):
+    """Later items finishing first (shorter sleeps) still come out in order, the same as a list comprehension."""
+    import time
+
+    def slow_square(x):
+        time.sleep(0.002 * (10 - x))
+        return x * x
+
+    got = OrderedMap(slow_square, range(10), workers=workers, ahead=ahead)
+    assert list(got) == [x * x for x in range(10)]
+    with pytest.raises(StopIteration):
+        next(got)
+    got.close()
+
+
+def test_ordered_map_runs_items_at_once_and_raises_errors_in_their_place():
+    """Two workers prepare two items at the same time (each waits for the other at a barrier, which one worker
+    would never pass), from the start, before any is taken (a training run compiles meanwhile); an error of `fn`
+    comes when its item is taken, one of the iterable after the items before it."""
+    import threading
+
+    barrier, met = threading.Barrier(2, timeout=30), threading.Event()
+
+    def meet(x):
+        if x < 2:
+            barrier.wait()
+            met.set()
+        if x == 2:
+            raise ValueError("item 2")
+        return x
+
+    def items():
+        yield from range(4)
+        raise OSError("disk gone")
+
+    got = OrderedMap(meet, items(), workers=2, ahead=2)
+    assert met.wait(30)
+    assert [next(got), next(got)] == [0, 1]
+    with pytest.raises(ValueError, match="item 2"):
+        next(got)
+    assert next(got) == 3
+    with pytest.raises(OSError, match="disk gone"):
+        next(got)
+    got.close()
+
+
+def test_prep_workers():
+    assert 1 <= prep_workers(None) <= MAX_DEFAULT_WORKERS and prep_workers(3) == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="--prep_workers"):
+            prep_workers(bad)

@@ -256,16 +256,13 @@ def test_bucket_scan_reads_distinct_qas_up_to_its_limit():
     tokens = {0: (100, 150, 70), 2: (300, 450, 20)}
     calls = []
 
-    def measure(group):
-        calls.append([s.qa_index for s in group])
-        return [tokens.get(s.qa_index) for s in group]  # QA 1 over-large
+    def measure(qas):
+        calls.append([s.qa_index for s in qas])
+        return [tokens.get(s.qa_index) for s in qas]  # QA 1 over-large
 
     assert stb.scan_lengths(samples, measure, limit=10) == ([100, 300], 450, 70)
-    assert calls == [[0], [1], [2]]
-    calls.clear()
-    assert stb.scan_lengths(samples, measure, limit=10, rows=2) == ([100, 300], 450, 70)
-    assert calls == [[0, 1], [2]]  # a call's worth of distinct QAs at a time, the last one short
-    assert stb.scan_lengths(samples, measure, limit=1, rows=2) == ([100], 150, 70)
+    assert calls == [[0, 1, 2]]  # each QA once, in stream order
+    assert stb.scan_lengths(samples, measure, limit=1) == ([100], 150, 70) and calls[-1] == [0]
     plan = stb.resolve(None, 2, 10, lambda: samples, measure)
     assert plan.chosen == (128, 512) and plan.ladder[:2] == (128, 512) and plan.answers == 256
     ladder = stb.parse("ladder", 2, 10)
@@ -313,12 +310,13 @@ def test_eval_segment_encoding_in_buckets_equals_the_packed_encoder():
     np.testing.assert_allclose(np.asarray(segment.features), np.asarray(reference), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("depth", [0, 3])
-def test_stream_skips_oversized_qas_by_name_prepares_own_rows_and_resumes_by_position(depth, monkeypatch, capsys):
+@pytest.mark.parametrize("depth,workers", [(0, 1), (3, 1), (3, 3)])
+def test_stream_skips_oversized_qas_by_name_prepares_own_rows_and_resumes_by_position(depth, workers, monkeypatch,
+                                                                                     capsys):
     """A QA over the largest bucket is skipped with a warning naming it, in its place (its row stays empty, so no
     later QA moves to another row or process); positions this process does not own pass through unprepared; the
     stream's checkpoint state is the number of stream positions consumed, so a restored stream continues with the
-    same QA (any mesh)."""
+    same QA (any mesh). Several workers preparing QAs at once change none of it."""
     from cogstream_jax.data.dataset import load_dataset
     from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
     from cogstream_jax.data.processor import Processor
@@ -330,22 +328,22 @@ def test_stream_skips_oversized_qas_by_name_prepares_own_rows_and_resumes_by_pos
     processor = Processor.from_pretrained(bundled_model_dir(), cache_frames=4)
     dataset = load_dataset(sample_dataset_dir())
     make = lambda: stage2_dataset(dataset, Stage2Config(seed=0, num_epochs=1))  # noqa: E731
-    stream = QAStream(make, processor, depth=depth, events=False)
+    stream = QAStream(make, processor, depth=depth, events=False, workers=workers)
     got = [next(stream) for _ in range(4)]
     assert [p for p, _ in got] == [0, 1, 2, 3] and all(isinstance(q, sb.FinalQA) for _, q in got)
     state = stream.get_state()
     fifth = next(stream)  # QAs 0-3 fit, QA 4 (~380 tokens) does not
     assert fifth[0] == 4 and isinstance(fifth[1], sb.OversizedQA) and "chain" in stream.dropped[0]
     assert "dropped stage-2 QA at stream position 4" in capsys.readouterr().err
-    restored = QAStream(make, processor, depth=depth, events=False)
+    restored = QAStream(make, processor, depth=depth, events=False, workers=workers)
     restored.set_state(state)
     again = next(restored)
     assert again[0] == 4 and str(again[1]) == str(fifth[1])
-    odd = QAStream(make, processor, depth=depth, events=False, owns=lambda position: position % 2 == 1)
+    odd = QAStream(make, processor, depth=depth, events=False, workers=workers, owns=lambda position: position % 2 == 1)
     mine = [next(odd) for _ in range(4)]
     assert [q is None for _, q in mine] == [True, False, True, False]
     assert mine[1][1].name == got[1][1].name and mine[3][1].name == got[3][1].name
-    resumed = QAStream(make, processor, depth=depth, events=False, owns=lambda position: position % 2 == 1)
+    resumed = QAStream(make, processor, depth=depth, events=False, workers=workers, owns=lambda position: position % 2 == 1)
     resumed.set_state(b'{"consumed": 3}')  # a resumed stream starts a device call: ownership counts from there
     after = [next(resumed) for _ in range(2)]
     assert [p for p, _ in after] == [3, 4] and after[0][1] is None and isinstance(after[1][1], sb.OversizedQA)

@@ -3,7 +3,7 @@ started from the README's JAX_* variables only, run update 1 of the QA stream on
 per update, one per fsdp shard) and checkpoint it; one process with 4 devices resumes that run for update 2 on a
 (1, 1, 4) mesh (two calls of 1 QA accumulated). Both updates' losses and the final adapter equal the
 uninterrupted single-process 8-device run (so resuming across process counts and device counts continues the same
-QA order and random draws). Seed 3 starts on the long sample video and --fps 3
+QA order and random draws; so does preparing several QAs at once, `--prep_workers`). Seed 3 starts on the long sample video and --fps 3
 samples 150 frames from its first part, so its QAs run question-aware event compression (> 135 frames): the event
 scorer reads model outputs back to the host, which a sharded array spanning another process's devices does not
 allow."""
@@ -27,7 +27,8 @@ ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "
 def test_stage2_two_processes_match_one_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_single("train.stage2", [*ARGS, "--max_steps", "2"], single)
-    errors = run_multi("train.stage2", [*ARGS, "--max_steps", "1"], multi, via="env")
+    # several QAs prepared at once (here and in the resumed run) change nothing
+    errors = run_multi("train.stage2", [*ARGS, "--max_steps", "1", "--prep_workers", "2"], multi, via="env")
     # each process prepared only the QA of its own row: one of the update's two
     for i, err in enumerate(errors):
         assert f"stage 2, process {i}: prepared 1 of the 2 QAs read" in err, err[-2000:]
@@ -35,7 +36,8 @@ def test_stage2_two_processes_match_one_process(tmp_path):
     assert_no_temp_leftovers(multi)
     scanned = json.loads((multi / "train_config.json").read_text())["token_ladder"]
     # 2 processes x 4 devices -> 1 process x 4 devices: data x fsdp 2 -> 1, so 2 calls accumulate per update
-    err = run_single("train.stage2", [*ARGS, "--max_steps", "2", "--resume", "--mesh", "1,1,4"], multi, devices=4)
+    err = run_single("train.stage2", [*ARGS, "--max_steps", "2", "--resume", "--mesh", "1,1,4", "--prep_workers", "3"],
+                     multi, devices=4)
     assert "as the resumed checkpoint's run chose them (no scan)" in err  # the buckets, and so the programs
 
     a, b = metrics(single), metrics(multi)

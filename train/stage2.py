@@ -20,7 +20,10 @@ def build_parser():
                         "multiple of data x fsdp x --qas_per_device, the rest is accumulation")
     p.add_argument("--qas_per_device", type=int, default=1, help="QAs per device in one call (rows per device)")
     p.add_argument("--prefetch_qas", type=int, default=8,
-                   help="QAs prepared ahead by a background thread (0: prepare each QA when it is needed)")
+                   help="QAs prepared ahead by background threads (0: prepare each QA when it is needed)")
+    p.add_argument("--prep_workers", type=int, default=None,
+                   help="QAs prepared at once by background threads, each decoding with --decode_threads (default: "
+                        "a quarter of the usable cores, 1 to 4)")
     p.add_argument("--logging_steps", type=int, default=10,
                    help="fetch loss/grad_norm from the device and write them every N updates (and at the end)")
     p.add_argument("--frame_cache_clips", type=int, default=32, help="decoded clips kept in host memory (LRU)")

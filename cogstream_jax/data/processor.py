@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -93,6 +94,7 @@ class Processor:
             collections.OrderedDict() if limit else None)
         self._frame_cache_limit = limit
         self._frame_cache_lock = threading.Lock()
+        self._decoding: dict[tuple, Future] = {}  # clips being decoded now, by cache key
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> "Processor":
@@ -127,7 +129,8 @@ class Processor:
         return plan_stream([s[0] for s in specs], [s[1] for s in specs], [s[2] for s in specs], fix_trim=fix_trim)
 
     def decode(self, plan: ClipPlan, probe: VideoProbe | None = None) -> VideoClip:
-        """Decode one planned clip (memoised when the processor was built with `cache_frames=True`)."""
+        """Decode one planned clip (memoised when the processor was built with `cache_frames=True`; threads that
+        ask for a clip another one is decoding wait for it rather than decode it again)."""
         if self._frame_cache is None:
             return decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
         size, mtime = remote.size_and_mtime(plan.path)
@@ -137,11 +140,25 @@ class Processor:
             if clip is not None:
                 self._frame_cache.move_to_end(key)
                 return clip
-        clip = decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
+            pending = self._decoding.get(key)
+            ours = pending is None
+            if ours:
+                pending = self._decoding[key] = Future()
+        if not ours:
+            return pending.result()
+        try:
+            clip = decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
+        except BaseException as e:
+            with self._frame_cache_lock:
+                del self._decoding[key]
+            pending.set_exception(e)
+            raise
         with self._frame_cache_lock:
             self._frame_cache[key] = clip
             while len(self._frame_cache) > self._frame_cache_limit:
                 self._frame_cache.popitem(last=False)
+            del self._decoding[key]
+        pending.set_result(clip)
         return clip
 
     def load_image(self, item: Mapping[str, Any], where: str) -> VisualItem:

@@ -6,9 +6,12 @@ fixed part of the output.
 """
 from __future__ import annotations
 
+import collections
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence, TypeVar
+
+from cogstream_jax.errors import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -16,13 +19,31 @@ R = TypeVar("R")
 MAX_DEFAULT_THREADS = 8
 
 
+def usable_cores() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
     """Cores this process may use, capped at 8 (more rarely helps a single clip)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_DEFAULT_THREADS, cores))
+    return max(1, min(MAX_DEFAULT_THREADS, usable_cores()))
+
+
+MAX_DEFAULT_WORKERS = 4
+CORES_PER_WORKER = 4
+
+
+def prep_workers(workers: int | None) -> int:
+    """Items (stage-2 QAs) prepared at once: `None` -> a quarter of the usable cores, 1 to 4 (each item's decoding
+    and resizing also runs on up to `default_threads()` threads of its own); otherwise a positive count."""
+    if workers is None:
+        return max(1, min(MAX_DEFAULT_WORKERS, usable_cores() // CORES_PER_WORKER))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--prep_workers: expected a positive integer, got {workers!r}")
+    return workers
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -63,3 +84,48 @@ def balanced_groups(costs: Sequence[float], parts: int) -> list[range]:
             start = k + 1
     groups.append(range(start, len(costs)))
     return groups
+
+
+class OrderedMap:
+    """`fn(x)` for each x of `items`, taken in order, computed on `workers` threads up to `ahead` items before they
+    are taken (0: each one when it is taken, on the caller's thread).
+
+    Items are pulled from `items` on the caller's thread, at the start and each time one is taken; an error of
+    `items` itself reaches the caller after the results before it, an error of `fn` when its result is taken. The
+    results are those of `[fn(x) for x in items]` whatever the worker count, as long as `fn` of one item does not
+    depend on another's (a stage-2 QA's host preparation, say)."""
+
+    def __init__(self, fn: Callable[[T], R], items: Iterable[T], *, workers: int, ahead: int):
+        self._fn, self._items, self._ahead = fn, iter(items), max(0, ahead)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers)) if self._ahead else None
+        self._jobs: collections.deque[Future] = collections.deque()
+        self._ended: BaseException | None = None  # StopIteration or the error `items` raised
+        if self._pool is not None:
+            self._top_up()  # the workers start now, before the first item is taken
+
+    def _top_up(self) -> None:
+        while self._ended is None and len(self._jobs) < self._ahead:
+            try:
+                item = next(self._items)
+            except Exception as e:  # StopIteration, or the iterable failed: after the results before it
+                self._ended = e
+                return
+            self._jobs.append(self._pool.submit(self._fn, item))
+
+    def __iter__(self) -> "OrderedMap":
+        return self
+
+    def __next__(self) -> R:
+        if self._pool is None:
+            return self._fn(next(self._items))
+        if not self._jobs:
+            raise self._ended if self._ended is not None else StopIteration
+        job = self._jobs.popleft()
+        self._top_up()  # keep the workers busy while the caller waits for this one
+        return job.result()
+
+    def close(self) -> None:
+        """Drop the items not started; the ones running finish on their own (their results are not waited for)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._jobs.clear()

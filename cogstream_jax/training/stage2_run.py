@@ -1,18 +1,18 @@
-"""Stage 2 (video-text interleave reasoning) training run: one optimiser update per `--global_batch_qas` QAs
-(default 32 = the official 8 processes x 4 accumulated QAs), a checkpoint every 30 updates (official cadence).
+"""Stage 2 (video-text interleave reasoning) training run: one optimiser update per `--global_batch_qas` QAs (default
+32 = the official 8 processes x 4 accumulated QAs), a checkpoint every 30 updates (official cadence).
 
-Each device call takes `data x fsdp x --qas_per_device` different QAs (one row each, split over the data and
-fsdp mesh axes) padded into a common bucket (`stage2_buckets`); `accumulation = global / rows` calls make an
-update, whose gradient is the sum over its QAs of (mean answer-token CE) / global (the official DDP average of
-per-rank `loss / 4` sums, up to a constant factor, see docs/fidelity.md). The frozen vision tower runs once per
-QA (`stage2_device`): its output serves the question-aware event scoring (all rows of a call in one program,
-`stage2_scoring`) and the gradient step. QAs are prepared (decode, resize, rewrite, DiffFP) by a background thread
-ahead of the device (`--prefetch_qas`); device metrics are fetched every `--logging_steps` updates. Every process
-reads the same QA stream but prepares only the QAs of the rows its devices hold (`stage2_calls.CallMaker`: small
-all-gathers settle each call's common shapes); the QA order and every random draw depend on the stream position
-and the QA's place in its update only, so a run resumes on another mesh shape or device count with the same QAs
-and masks. A QA over the largest bucket leaves its row empty (a warning names it). A trailing group of fewer than
-`--global_batch_qas` QAs at the very end is dropped.
+Each device call takes `data x fsdp x --qas_per_device` different QAs (one row each, split over the data and fsdp
+mesh axes) padded into a common bucket (`stage2_buckets`); `accumulation = global / rows` calls make an update,
+whose gradient is the sum over its QAs of (mean answer-token CE) / global (the official DDP average of per-rank
+`loss / 4` sums, up to a constant factor, see docs/fidelity.md). The frozen vision tower runs once per QA
+(`stage2_device`): its output serves the question-aware event scoring (all rows of a call in one program,
+`stage2_scoring`) and the gradient step. QAs are prepared (decode, resize, rewrite, DiffFP) by background threads,
+`--prep_workers` at once, ahead of the device (`--prefetch_qas`); device metrics are fetched every `--logging_steps`
+updates. Every process reads the same QA stream but prepares only the QAs of the rows its devices hold
+(`stage2_calls.CallMaker`: small all-gathers settle each call's common shapes); the QA order and every random draw
+depend on the stream position and the QA's place in its update only, so a run resumes on another mesh shape or
+device count with the same QAs and masks. A QA over the largest bucket leaves its row empty (a warning names it). A
+trailing group of fewer than `--global_batch_qas` QAs at the very end is dropped.
 """
 from __future__ import annotations
 
@@ -20,12 +20,10 @@ import argparse
 import json
 import os
 import pathlib
-import queue
 import sys
 import tempfile
-import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -35,6 +33,7 @@ from cogstream_jax import lora
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR, load_dataset
 from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
 from cogstream_jax.data.processor import Processor
+from cogstream_jax.data.threads import OrderedMap, prep_workers
 from cogstream_jax.errors import ConfigError
 from cogstream_jax.io_utils import as_path, is_url
 from cogstream_jax.sharding import make_mesh
@@ -99,101 +98,53 @@ def prepare_item(sample, processor, events: bool):
 
 
 class QAStream:
-    """The stage-2 QA stream with host preparation in a background thread, `depth` QAs ahead.
+    """The stage-2 QA stream with host preparation on `workers` background threads, up to `depth` QAs ahead.
 
     Yields (position, item) for every stream position: a PreparedQA or FinalQA where `owns(i)` for the i-th position
     since the stream (re)started (the rows of this process's devices: the stream starts and resumes at the first
     row of a device call), None elsewhere (not prepared here), or the `OversizedQA` of a QA over the largest
     bucket, which is skipped with a warning naming it (its row stays empty, so positions never shift between
-    processes or meshes). Checkpointable like a grain iterator (`get_state` / `set_state`): the state is the
-    number of stream positions consumed, the same on any mesh."""
+    processes or meshes). Several workers prepare different QAs at once (a QA's decoding also uses the processor's
+    threads): the items and their order do not depend on the worker count. Checkpointable like a grain iterator
+    (`get_state` / `set_state`): the state is the number of stream positions consumed, the same on any mesh."""
 
     def __init__(self, make_iterator, processor, *, depth: int, events: bool,
-                 owns: Callable[[int], bool] = lambda position: True):
+                 owns: Callable[[int], bool] = lambda position: True, workers: int = 1, warn: bool = True):
         self.make_iterator, self.processor, self.depth, self.events = make_iterator, processor, depth, events
-        self.owns = owns
+        self.owns, self.workers, self.warn = owns, workers, warn
         self.consumed = 0  # stream positions consumed (the checkpoint state)
         self.read = self.own = 0  # positions read by this process, and those of them prepared here
         self.dropped: list[str] = []
+        self._items = None
         self._start(0)
 
-    def _prepare(self, position: int, sample):
-        owned = self.owns(position - self._origin)
-        return prepare_item(sample, self.processor, self.events) if owned else None
+    def _prepare(self, entry):
+        position, sample = entry
+        if not self.owns(position - self._origin):
+            return None
+        try:
+            return prepare_item(sample, self.processor, self.events)
+        except Exception as e:  # noqa: BLE001 - raised by the consumer, in its place in the stream
+            return e
 
     def _start(self, skip: int):
-        self._stop_worker()
+        self.close()
         self._origin = skip  # a (re)start is at a device call's first row: ownership counts from here
         iterator = iter(self.make_iterator())
         for _ in range(skip):
             next(iterator)
-        self._iterator = iterator
-        self._stop = threading.Event()
-        if self.depth <= 0:
-            self._queue = None
-            return
-        self._queue = queue.Queue(maxsize=self.depth)
-        stop, q = self._stop, self._queue
-
-        def hand_over(item) -> bool:
-            """Queue `item` unless stopped; whether the worker goes on."""
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            return not stop.is_set() and not (isinstance(item, Exception) and not isinstance(item, sb.OversizedQA))
-
-        def work():
-            samples = enumerate(iterator, start=skip)
-            while True:
-                try:
-                    position, sample = next(samples)
-                except StopIteration:
-                    break
-                except Exception as e:  # the dataset itself failed: the consumer raises it (rather than waiting)
-                    hand_over(e)
-                    return
-                try:
-                    item = self._prepare(position, sample)
-                except Exception as e:  # handed to the consumer, raised there
-                    item = e
-                except BaseException as e:  # (SystemExit from a library, say) the consumer must not wait forever
-                    hand_over(RuntimeError(f"stage-2 QA preparation stopped: {e!r}"))
-                    raise
-                if not hand_over(item):
-                    return
-            hand_over(StopIteration())
-
-        self._thread = threading.Thread(target=work, daemon=True, name="stage2-prefetch")
-        self._thread.start()
-
-    def _stop_worker(self):
-        thread = getattr(self, "_thread", None)
-        if thread is not None:
-            self._stop.set()
-            while thread.is_alive():
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    thread.join(0.05)
-            self._thread = None
+        self._items = OrderedMap(self._prepare, enumerate(iterator, start=skip), workers=self.workers,
+                                 ahead=self.depth)
 
     def __next__(self):
-        if self._queue is None:
-            item = self._prepare(self.consumed, next(self._iterator))
-        else:
-            item = self._queue.get()
-            if isinstance(item, StopIteration):
-                self._queue.put(item)
-                raise StopIteration
+        item = next(self._items)
         position = self.consumed
         self.consumed += 1
         self.read += 1
         self.own += item is not None
         if isinstance(item, sb.OversizedQA):
-            print(f"warning: dropped stage-2 QA at stream position {position}: {item}", file=sys.stderr)
+            if self.warn:
+                print(f"warning: dropped stage-2 QA at stream position {position}: {item}", file=sys.stderr)
             self.dropped.append(str(item))
         elif isinstance(item, Exception):
             raise item
@@ -213,13 +164,14 @@ class QAStream:
         pass
 
     def close(self) -> None:
-        self._stop_worker()
+        if self._items is not None:
+            self._items.close()
 
 
 #: stage-2 settings a resumed run may change on top of `run_common.RESUMABLE_CHANGES`: how the global batch is
 #: cut into device calls and how the host feeds them (the QA order and every draw stay the same)
-RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "logging_steps",
-                               "frame_cache_clips", "token_buckets", "token_bucket_count", "bucket_scan_qas",
+RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "prep_workers",
+                               "logging_steps", "frame_cache_clips", "token_buckets", "token_bucket_count", "bucket_scan_qas",
                                "token_ladder", "precompiled_token_buckets", "answer_positions"})
 
 
@@ -244,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     dp = data_parallel_size(mesh)
     rows = dp * args.qas_per_device
     accumulation = check_global_batch(args.global_batch_qas, rows, dp, args.qas_per_device)
+    workers = prep_workers(args.prep_workers)
     plan = stage2_token_buckets.parse(args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
     check_resume(checkpoint_dir(args.output_dir), args.resume)  # before loading and scanning, not after
     buckets = (args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
@@ -276,9 +229,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = Stage2Device(setup)
         maker = CallMaker(setup, device, processor.tokenizer, rows=rows, seed=args.seed)
+        # --prefetch_qas counts this process's QAs; the positions of other processes' rows pass through unprepared
+        depth = args.prefetch_qas * rows // max(int(maker.own.sum()), 1)
         plan = stage2_token_buckets.resolve(
             plan, args.token_bucket_count, args.bucket_scan_qas, lambda: stage2_dataset(dataset, data_config),
-            _bucket_measure(maker, processor, setup, events), saved, rows=rows)
+            _bucket_measure(maker, processor, setup, events, workers=workers, depth=depth), saved)
     except BaseException:
         if own_log:
             log.__exit__(None, None, None)
@@ -295,9 +250,8 @@ def run(args: argparse.Namespace) -> int:
     # the towers' own weights: with the adapters' LoRA-shaped arrays too, the optimiser update would count
     tower_weights = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     towers = (nnx.state(model.vision_encoder, tower_weights), nnx.state(model.language_model, tower_weights))
-    # --prefetch_qas counts this process's QAs; the positions of other processes' rows pass through unprepared
     stream = QAStream(lambda: stage2_dataset(dataset, data_config), processor, events=events, owns=maker.owns,
-                      depth=args.prefetch_qas * rows // max(int(maker.own.sum()), 1))
+                      depth=depth, workers=workers)
     limit = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
     stats = {"real": 0, "padded": 0, "dropped": 0, "host_wait": 0.0, "started": started, "pending": [], "step": None}
 
@@ -375,30 +329,40 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _bucket_measure(maker: CallMaker, processor, setup, events: bool):
-    """`--token_buckets auto`'s measure: a call's worth of samples -> each one's tokens as a call of the run would
-    make them (event compression scored with the starting adapter), its tokens without event compression (the
-    most it can take later) and its answer tokens, or None for an over-large QA. Each process prepares its own
-    rows; all get every row's."""
-    def measure(samples) -> list[tuple[int, int, int] | None]:
-        read = iter(prepare_item(s, processor, events) if maker.owns(r) else None for r, s in enumerate(samples))
-        items, failed = collect(lambda: next(read), len(samples))
-        finals, _, _, dropped = maker.finals(setup.state, items, failed)
-        most = np.zeros(maker.rows, np.int64)
-        for r, (item, final) in enumerate(zip(items, finals)):
-            if final is None:
-                continue
-            most[r] = final.num_tokens
-            if isinstance(item, sb.PreparedQA):
-                try:
-                    most[r] = sb.finalize_qa(item).num_tokens
-                except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket
-                    pass
-        table = maker.table(finals, dropped, extra=most)
-        return [(int(row[TOKENS]), int(row[-1]), int(row[ANSWERS])) if row[PRESENT] else None
-                for row in table[:len(samples)]]
+def _bucket_measure(maker: CallMaker, processor, setup, events: bool, *, workers: int, depth: int):
+    """`--token_buckets auto`'s measure: the scan's QAs -> each one's tokens as a call of the run would make them
+    (event compression scored with the starting adapter), its tokens without event compression (the most it can
+    take later) and its answer tokens, or None for an over-large QA; one call's worth at a time. Each process
+    prepares its own rows (on `workers` threads, `depth` QAs ahead, as the run's stream does); all get every row's."""
+    def measure(samples: list) -> Iterator[tuple[int, int, int] | None]:
+        stream = QAStream(lambda: samples, processor, depth=depth, events=events, owns=maker.owns, workers=workers,
+                          warn=False)
+        try:
+            for start in range(0, len(samples), maker.rows):
+                count = min(maker.rows, len(samples) - start)
+                items, failed = collect(lambda: next(stream)[1], count)
+                yield from _measure_call(maker, setup, items, failed, count)
+        finally:
+            stream.close()
 
     return measure
+
+
+def _measure_call(maker: CallMaker, setup, items: list, failed: Exception | None, count: int
+                  ) -> list[tuple[int, int, int] | None]:
+    finals, _, _, dropped = maker.finals(setup.state, items, failed)
+    most = np.zeros(maker.rows, np.int64)
+    for r, (item, final) in enumerate(zip(items, finals)):
+        if final is None:
+            continue
+        most[r] = final.num_tokens
+        if isinstance(item, sb.PreparedQA):
+            try:
+                most[r] = sb.finalize_qa(item).num_tokens
+            except sb.OversizedQA:  # only event compression fits it: no bound below the largest bucket
+                pass
+    table = maker.table(finals, dropped, extra=most)
+    return [(int(row[TOKENS]), int(row[-1]), int(row[ANSWERS])) if row[PRESENT] else None for row in table[:count]]
 
 
 def _compile_log():

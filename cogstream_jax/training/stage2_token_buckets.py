@@ -40,35 +40,31 @@ class BucketPlan:
     answers: int = sb.ANSWER_BUCKETS[0]
 
 
-def scan_lengths(samples: Iterable, measure: Callable[[list], list[tuple[int, int, int] | None]], limit: int,
-                 rows: int = 1) -> tuple[list[int], int, int]:
-    """Token counts of the first `limit` distinct QAs of `samples` as `measure` makes them, `rows` at a time (one
-    device call's worth; None = an over-large QA, skipped); the most tokens any of them can take (`measure`'s
-    second count: the QA without event compression, whose minor frames depend on the adapter and the step, so a QA
-    can grow back up to it later in the run); the most answer tokens (its third). Every process runs the same
-    calls (the same samples, in order)."""
-    seen, group, lengths = set(), [], []
-    longest = answers = 0
-
-    def flush():
-        nonlocal longest, answers
-        for got in measure(list(group)):
-            if got is not None:
-                lengths.append(got[0])
-                longest, answers = max(longest, got[1]), max(answers, got[2])
-        group.clear()
-
+def distinct_qas(samples: Iterable, limit: int) -> list:
+    """The first `limit` distinct QAs of `samples` (by name), in stream order."""
+    seen, out = set(), []
     for sample in samples:
+        if len(out) >= limit:
+            break
         name = sb.qa_name(sample)
         if name not in seen:
             seen.add(name)
-            group.append(sample)
-            if len(group) == rows:
-                flush()
-        if len(seen) >= limit:
-            break
-    if group:
-        flush()
+            out.append(sample)
+    return out
+
+
+def scan_lengths(samples: Iterable, measure: Callable[[list], Iterable[tuple[int, int, int] | None]], limit: int
+                 ) -> tuple[list[int], int, int]:
+    """Token counts of the first `limit` distinct QAs of `samples` as `measure` makes them (given them all, in
+    order, it yields one result per QA, preparing them a device call's worth at a time; None = an over-large QA,
+    skipped); the most tokens any of them can take (`measure`'s second count: the QA without event compression,
+    whose minor frames depend on the adapter and the step, so a QA can grow back up to it later in the run); the
+    most answer tokens (its third). Every process runs the same calls (the same samples, in order)."""
+    lengths, longest, answers = [], 0, 0
+    for got in measure(distinct_qas(samples, limit)):
+        if got is not None:
+            lengths.append(got[0])
+            longest, answers = max(longest, got[1]), max(answers, got[2])
     return lengths, longest, answers
 
 
@@ -107,8 +103,8 @@ def saved_plan(meta: dict | None, choice: str, count: int, scan_qas: int) -> Buc
 
 
 def resolve(plan: BucketPlan | None, count: int, scan_qas: int, make_samples: Callable[[], Iterable],
-            measure: Callable[[list], list[tuple[int, int, int] | None]], saved: BucketPlan | None = None, *,
-            rows: int = 1) -> BucketPlan:
+            measure: Callable[[list], Iterable[tuple[int, int, int] | None]], saved: BucketPlan | None = None
+            ) -> BucketPlan:
     """The run's plan: `parse`'s, or for "auto" (None) the one `saved` in the checkpoint a run resumes (every
     process reads the same checkpoint, so all skip the scan or none), else the best `count` sizes for the scanned
     QAs, the largest holding every scanned QA at its longest."""
@@ -119,7 +115,7 @@ def resolve(plan: BucketPlan | None, count: int, scan_qas: int, make_samples: Ca
               file=sys.stderr)
         return saved
     started = time.perf_counter()
-    lengths, longest, answers = scan_lengths(make_samples(), measure, scan_qas, rows)
+    lengths, longest, answers = scan_lengths(make_samples(), measure, scan_qas)
     if not lengths:
         return BucketPlan(sb.TOKEN_BUCKETS)
     chosen = sb.choose_token_buckets(lengths, count, longest=longest)
