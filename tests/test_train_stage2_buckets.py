@@ -339,11 +339,13 @@ def test_stream_skips_oversized_qas_by_name_prepares_own_rows_and_resumes_by_pos
     restored.set_state(state)
     again = next(restored)
     assert again[0] == 4 and str(again[1]) == str(fifth[1])
-    odd = QAStream(make, processor, depth=depth, events=False, workers=workers, owns=lambda position: position % 2 == 1)
+    odd = QAStream(make, processor, depth=depth, events=False, workers=workers,
+                       owns=lambda position: position % 2 == 1)
     mine = [next(odd) for _ in range(4)]
     assert [q is None for _, q in mine] == [True, False, True, False]
     assert mine[1][1].name == got[1][1].name and mine[3][1].name == got[3][1].name
-    resumed = QAStream(make, processor, depth=depth, events=False, workers=workers, owns=lambda position: position % 2 == 1)
+    resumed = QAStream(make, processor, depth=depth, events=False, workers=workers,
+                       owns=lambda position: position % 2 == 1)
     resumed.set_state(b'{"consumed": 3}')  # a resumed stream starts a device call: ownership counts from there
     after = [next(resumed) for _ in range(2)]
     assert [p for p, _ in after] == [3, 4] and after[0][1] is None and isinstance(after[1][1], sb.OversizedQA)

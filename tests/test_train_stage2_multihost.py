@@ -3,10 +3,10 @@ started from the README's JAX_* variables only, run update 1 of the QA stream on
 per update, one per fsdp shard) and checkpoint it; one process with 4 devices resumes that run for update 2 on a
 (1, 1, 4) mesh (two calls of 1 QA accumulated). Both updates' losses and the final adapter equal the
 uninterrupted single-process 8-device run (so resuming across process counts and device counts continues the same
-QA order and random draws; so does preparing several QAs at once, `--prep_workers`). Seed 3 starts on the long sample video and --fps 3
-samples 150 frames from its first part, so its QAs run question-aware event compression (> 135 frames): the event
-scorer reads model outputs back to the host, which a sharded array spanning another process's devices does not
-allow."""
+QA order and random draws; so does preparing several QAs at once, `--prep_workers`). Seed 3 starts on the long
+sample video and --fps 3 samples 150 frames from its first part, so its QAs run question-aware event compression
+(> 135 frames): the event scorer reads model outputs back to the host, which a sharded array spanning another
+process's devices does not allow."""
 from __future__ import annotations
 
 import json
