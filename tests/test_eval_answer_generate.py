@@ -106,7 +106,7 @@ def test_resume_and_process_split_are_byte_identical(dataset, tmp_path, capsys):
     ("swapped", "did you swap the adapters"),
     ("both_answer", "both adapters look like the answer adapter"),
     ("empty_queries", "holds no .json QA files"),
-    ("bad_threads", "threads: expected a positive integer"),
+    ("bad_threads", "--decode_threads: expected a positive integer"),
     ("no_questions", "--max_questions must be >= 1"),
 ])
 def test_bad_input_gives_one_line_errors(case, message, dataset, adapters, tmp_path, capsys):

@@ -85,8 +85,8 @@ class Processor:
         self.decoder = decoder
         try:
             self.threads = resolve_threads(threads)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        except ValueError:  # the flag that sets it (train-stage2, answer-generate)
+            raise ConfigError(f"--decode_threads: expected a positive integer, got {threads!r}") from None
         limit = FRAME_CACHE_CLIPS if cache_frames is True else int(cache_frames)
         if limit < 0:
             raise ConfigError(f"cache_frames: expected a clip count >= 0, got {cache_frames!r}")
