@@ -77,6 +77,16 @@ class CompileLog:
             entry = waiting.pop(0)
             entry.seconds, entry.ended = duration, time.perf_counter()
 
+    @classmethod
+    def not_compiled(cls, name: str) -> None:
+        """The program `name` just lowered (the latest one of that name) will not be compiled: a run took an
+        executable compiled ahead for it (`compiled_store`), so it is not one of the active log's programs."""
+        active = cls._active
+        waiting = active._pending.get(name) if active is not None else None
+        if waiting:
+            entry = waiting.pop()
+            active.programs = [p for p in active.programs if p is not entry]
+
     def __enter__(self) -> "CompileLog":
         with CompileLog._lock:
             if CompileLog._active is not None:

@@ -212,7 +212,8 @@ def test_score_reads_and_writes_gs_like_local(gcs, tmp_path, cwd):
 def test_compile_check_reads_config_and_saves_executables_on_gs(gcs, tmp_path, cwd):
     import jax
 
-    from cogstream_jax.compilecheck.cli import model_config, save_compiled
+    from cogstream_jax.compilecheck.cli import model_config
+    from cogstream_jax.compiled_store import save as save_compiled
     from cogstream_jax.config import tiny
     from cogstream_jax.errors import ConfigError
 

@@ -20,6 +20,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Sequence  # noqa: E402
 
+from cogstream_jax import compiled_store  # noqa: E402
 from cogstream_jax.cli_utils import ArgumentParser, forward, run_cli  # noqa: E402
 from cogstream_jax.errors import ConfigError  # noqa: E402
 
@@ -120,26 +121,6 @@ def job_shape(args: argparse.Namespace):
                     event_compression=args.event_compression, max_new_tokens=args.max_new_tokens)
 
 
-def save_compiled(folder: str, reports) -> None:
-    """Serialise each executable (jax.experimental.serialize_executable) beside a small index; each file is
-    written atomically (a local rename, or one upload to a gs:// URL)."""
-    import pickle
-
-    from jax.experimental import serialize_executable
-
-    from cogstream_jax.io_utils import as_path, atomic_write_bytes, atomic_write_json
-
-    out = as_path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    index = []
-    for i, r in enumerate(reports):
-        payload, in_tree, out_tree = serialize_executable.serialize(r.executable)
-        path = out / f"{i:02d}_{r.name}.pkl"
-        atomic_write_bytes(path, pickle.dumps((payload, in_tree, out_tree)))
-        index.append({"name": r.name, "label": r.label, "file": path.name})
-    atomic_write_json(out / "index.json", index)
-
-
 def check_cudnn_library(topology: str) -> None:
     """Tracing cuDNN attention asks the cuDNN library for its version; a GPU host has it (jax[cuda12] installs it),
     a CPU host compiling for a GPU needs the wheel too."""
@@ -205,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     result = {**report.summary(args.job, target, mesh_shape, reports, time.perf_counter() - start),
               "attention": attention}
     if args.save_compiled:
-        save_compiled(args.save_compiled, reports)
+        compiled_store.save(args.save_compiled, reports)
     if args.json:
         print(json.dumps(result))
     hbm = target.generation.hbm_bytes

@@ -12,6 +12,7 @@ import jax
 from cogstream_jax.compile_log import CompileLog
 from cogstream_jax.compilecheck.hardware import Target
 from cogstream_jax.compilecheck.jobs import Program
+from cogstream_jax.compiled_store import program_hash
 
 
 @dataclasses.dataclass
@@ -30,6 +31,7 @@ class ProgramReport:
     error: str | None = None  # XLA refused to compile (out of memory): its message; figures are a lower bound
     flops_method: str = "compiled"  # or "layer extrapolation" (compilecheck/flops.py: scanned layers)
     host_bytes: int = 0  # the program's buffers in the host's memory (`--remat offload`'s layer inputs), not in HBM
+    program_sha256: str | None = None  # `compiled_store.program_hash` of its lowering: a run takes it by this
 
     @property
     def per_chip_bytes(self) -> int:
@@ -126,7 +128,8 @@ def compile_program(program: Program) -> ProgramReport:
     return ProgramReport(name, program.label, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                          int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes),
                          int(getattr(mem, "generated_code_size_in_bytes", 0) or 0), _flops(compiled),
-                         program.examples_per_step, seconds, compiled, host_bytes=_host_bytes(mem))
+                         program.examples_per_step, seconds, compiled, host_bytes=_host_bytes(mem),
+                         program_sha256=program_hash(lowered))
 
 
 def _host_bytes(mem) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cogstream_jax.compile_log import CompileLog
 from cogstream_jax.model.frame_vision import encode_frames
 from cogstream_jax.training.stage2_buckets import Stage2Call
 from cogstream_jax.training.stage2_frames import FRAMES_PER_DEVICE, RowFrames
@@ -128,20 +129,33 @@ class Stage2Device:
         run = self._compiled.get(_grad_key(arrays, inputs), self._grad)
         return run(state, frozen, arrays, inputs)
 
-    def precompile(self, state, frozen, calls: Sequence[Stage2Call], threads: int | None = None) -> None:
+    def precompile(self, state, frozen, calls: Sequence[Stage2Call], threads: int | None = None,
+                   saved: Mapping[str, tuple[str, object]] | None = None) -> tuple[int, int]:
         """Compile the gradient for each call's shapes before training, several at a time (XLA compiles outside
-        Python's lock), so that no update waits for a compile and a program that cannot compile fails first."""
-        lowered = {}
+        Python's lock), so that no update waits for a compile and a program that cannot compile fails first.
+        `saved` (`compiled_store.load`): executables compiled ahead, by the hash of their lowered program; a call
+        whose program lowers to one of them takes it instead of compiling. (Compiled, taken from `saved`)."""
+        from cogstream_jax.compiled_store import program_hash
+
+        lowered, taken = {}, 0
         for call in calls:
             arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.rows) for k, v in call.arrays.items()}
             inputs = jax.ShapeDtypeStruct(call.sources.shape + (self.vision_hidden,), self.dtype, sharding=self.rows)
             key = _grad_key(arrays, inputs)
-            if key not in self._compiled and key not in lowered:
-                lowered[key] = self._grad.lower(state, frozen, arrays, inputs)
+            if key in self._compiled or key in lowered:
+                continue
+            low = self._grad.lower(state, frozen, arrays, inputs)
+            ahead = saved.get(program_hash(low)) if saved else None
+            if ahead is not None:
+                self._compiled[key], taken = ahead[1], taken + 1
+                CompileLog.not_compiled(self.grad_name)
+            else:
+                lowered[key] = low
         if lowered:
             threads = threads or min(4, os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=max(1, min(threads, len(lowered)))) as pool:
                 self._compiled.update(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
+        return len(lowered), taken
 
     def lower_grad(self, state, frozen, arrays, inputs):
         return self._grad.lower(state, frozen, arrays, inputs)

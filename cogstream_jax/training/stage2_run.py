@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from cogstream_jax import lora
+from cogstream_jax import compiled_store, lora
 from cogstream_jax.data.dataset import QA_DIR, SEGMENTS_DIR, VQA_DIR, load_dataset
 from cogstream_jax.data.pipelines import Stage2Config, stage2_dataset
 from cogstream_jax.data.processor import Processor
@@ -170,10 +170,9 @@ class QAStream:
 
 #: stage-2 settings a resumed run may change on top of `run_common.RESUMABLE_CHANGES`: how the global batch is
 #: cut into device calls and how the host feeds them (the QA order and every draw stay the same)
-RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "prep_workers",
+RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "prep_workers", "compiled_dir",
                                "logging_steps", "frame_cache_clips", "token_buckets", "token_bucket_count",
-                               "bucket_scan_qas",
-                               "token_ladder", "precompiled_token_buckets", "answer_positions"})
+                               "bucket_scan_qas", "token_ladder", "precompiled_token_buckets", "answer_positions"})
 
 
 def check_global_batch(global_qas: int, rows: int, dp: int, per_device: int) -> int:
@@ -229,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         device = Stage2Device(setup)
+        # before the scan: a folder this run cannot use fails now, not minutes later
+        executables = compiled_store.load(args.compiled_dir, device.grad_name) if args.compiled_dir else None
         maker = CallMaker(setup, device, processor.tokenizer, rows=rows, seed=args.seed)
         # --prefetch_qas counts this process's QAs; the positions of other processes' rows pass through unprepared
         depth = args.prefetch_qas * rows // max(int(maker.own.sum()), 1)
@@ -306,12 +307,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         # every planned gradient program before the first update (the stream already prepares QAs meanwhile)
         compiling = time.perf_counter()
-        device.precompile(setup.state, setup.frozen,
-                          maker.empty_calls(plan.chosen, token_buckets=plan.ladder, answers=plan.answers))
+        compiled, taken = device.precompile(setup.state, setup.frozen, maker.empty_calls(
+            plan.chosen, token_buckets=plan.ladder, answers=plan.answers), saved=executables)
         if plan.chosen:
+            ahead = (f"{taken} taken from --compiled_dir (of {len(executables)} there), " if executables is not None
+                     else "")
             print(f"stage 2: {len(plan.chosen)} gradient programs (token buckets {list(plan.chosen)}, "
-                  f"{plan.answers} answer positions) compiled in {time.perf_counter() - compiling:.1f} s",
-                  file=sys.stderr)
+                  f"{plan.answers} answer positions): {ahead}{compiled} compiled in "
+                  f"{time.perf_counter() - compiling:.1f} s", file=sys.stderr)
         result = run_loop(setup, update, stream, output_dir=args.output_dir, total_steps=total_steps,
                           resume=args.resume, max_steps=args.max_steps,
                           save_steps=run_common.given(args.save_steps, 30), keep_last=args.keep_last,

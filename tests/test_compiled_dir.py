@@ -1,0 +1,73 @@
+"""compile-check's saved executables serve a training run (`train-stage2 --compiled_dir`): the gradient programs
+of the tiny stage-2 job, built and compiled by compile-check's own code (`jobs.stage2_programs`,
+`report.compile_program`, `compiled_store.save`) for this host's CPU, are taken by a run with the same flags
+instead of compiling, and train the same numbers; a program of other flags is not taken; a folder that is not
+compile-check's is a one-line error."""
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+from multihost_helpers import SAMPLE, metrics, run_single
+
+BUCKETS = (256, 640)
+ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
+        str(SAMPLE / "QA_Dataset"), "--num_epochs", "1", "--dtype", "float32", "--no_progress", "--seed", "0",
+        "--global_batch_qas", "1", "--max_steps", "3", "--logging_steps", "1", "--bucket_scan_qas", "3",
+        "--token_buckets", ",".join(map(str, BUCKETS))]
+
+
+def compile_gradients(buckets, **flags) -> list:
+    """The tiny stage-2 job's gradient per token bucket, as compile-check compiles them, on one CPU device (the
+    run's mesh)."""
+    from cogstream_jax.compilecheck import jobs, report
+    from cogstream_jax.config import tiny
+    from cogstream_jax.sharding import make_mesh
+
+    shape = jobs.JobShape(dtype="float32", frames=4, grid=(4, 4), kept=16, tokens=buckets[-1], answer_tokens=64,
+                          token_buckets=buckets, seed=0, **flags)
+    programs = [p for p in jobs.stage2_programs(tiny(), shape, make_mesh("1,1,1", jax.devices()[:1])) if p.trains]
+    with report.no_persistent_cache():
+        return [report.compile_program(p) for p in programs]
+
+
+@pytest.mark.slow
+def test_a_run_takes_its_gradient_programs_from_compile_check(tmp_path):
+    from cogstream_jax import compiled_store
+
+    # the run's flags, and a program of other flags: the same arguments, another computation (never taken)
+    compiled_store.save(str(tmp_path / "compiled"), compile_gradients(BUCKETS) + compile_gradients(
+        BUCKETS[:1], lora_dropout=0.2))
+    index = json.loads((tmp_path / "compiled" / "index.json").read_text())
+    assert [p["name"] for p in index["programs"]] == ["grad"] * 3 and index["jax"] == jax.__version__
+    err = run_single("train.stage2", [*ARGS, "--compiled_dir", str(tmp_path / "compiled")], tmp_path / "ahead",
+                     devices=1, persistent_cache=False)
+    assert "2 gradient programs (token buckets [256, 640], 64 answer positions): 2 taken from --compiled_dir " \
+           "(of 3 there), 0 compiled" in err, err[-3000:]
+    run_single("train.stage2", ARGS, tmp_path / "plain", devices=1, persistent_cache=False)
+    ahead, plain = metrics(tmp_path / "ahead"), metrics(tmp_path / "plain")
+    assert [m["gradient_programs_compiled"] for m in ahead] == [0, 0, 0]  # the run compiled no gradient
+    assert [m["gradient_programs_compiled"] for m in plain] == [2, 2, 2]
+    for a, p in zip(ahead, plain, strict=True):
+        assert a["loss"] == pytest.approx(p["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(p["grad_norm"])
+
+
+def test_a_folder_that_is_not_compile_checks_is_a_one_line_error(tmp_path, capsys):
+    from cogstream_jax import compiled_store
+    from cogstream_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--compiled_dir .*: no index.json \(a folder written by compile-check"):
+        compiled_store.load(str(tmp_path), "grad")
+    (tmp_path / "index.json").write_text(json.dumps({"jax": "0.0.1", "programs": []}))
+    with pytest.raises(ConfigError, match="compiled with JAX 0.0.1, this is JAX"):
+        compiled_store.load(str(tmp_path), "grad")
+    (tmp_path / "index.json").write_text(json.dumps({"jax": jax.__version__, "programs": [
+        {"name": "grad", "file": "00_grad.pkl", "program_sha256": "ab"}]}))
+    (tmp_path / "00_grad.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError, match="00_grad.pkl cannot be loaded here"):
+        compiled_store.load(str(tmp_path), "grad")
+    (tmp_path / "index.json").write_text("[]")
+    with pytest.raises(ConfigError, match="is not compile-check's index"):
+        compiled_store.load(str(tmp_path), "grad")
