@@ -78,14 +78,21 @@ class CompileLog:
             entry.seconds, entry.ended = duration, time.perf_counter()
 
     @classmethod
-    def not_compiled(cls, name: str) -> None:
-        """The program `name` just lowered (the latest one of that name) will not be compiled: a run took an
-        executable compiled ahead for it (`compiled_store`), so it is not one of the active log's programs."""
+    def mark(cls) -> int:
+        """Where the active log is now (for `not_compiled`)."""
+        return len(cls._active.programs) if cls._active is not None else 0
+
+    @classmethod
+    def not_compiled(cls, since: int) -> None:
+        """The programs lowered since `mark()` returned `since` will not be compiled: a run took executables
+        compiled ahead for them (`compiled_store`), so they are not among the active log's programs."""
         active = cls._active
-        waiting = active._pending.get(name) if active is not None else None
-        if waiting:
-            entry = waiting.pop()
-            active.programs = [p for p in active.programs if p is not entry]
+        if active is None:
+            return
+        dropped = active.programs[since:]
+        active.programs = active.programs[:since]
+        for waiting in active._pending.values():
+            waiting[:] = [p for p in waiting if all(p is not d for d in dropped)]
 
     def __enter__(self) -> "CompileLog":
         with CompileLog._lock:

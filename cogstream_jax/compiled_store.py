@@ -2,16 +2,19 @@
 (`train-stage2 --compiled_dir`), so that a job on rented chips need not spend minutes compiling.
 
 A folder holds one pickle per program (`jax.experimental.serialize_executable`: the payload and its argument and
-output trees) and `index.json` naming them, each with the hash of its lowered program (`program_hash`). A run
-lowers its own programs anyway (cheap next to compiling) and takes a saved executable only where its lowering
-hashes the same: the same computation, shapes and shardings, whatever flags produced it; anything else compiles
-as usual. Loading needs the JAX version (and platform) that compiled it.
+output trees) and `index.json` naming them, each with the hash of its lowered program (`program_hash`) and the
+kinds of the devices it runs on, beside the JAX version and the compiler settings of the environment (XLA_FLAGS,
+LIBTPU_INIT_ARGS), which a lowered program does not show. A run lowers its own programs anyway (cheap next to
+compiling) and takes a saved executable only where its lowering hashes the same (the same computation, shapes and
+shardings, whatever flags produced it), on devices of the same kinds and count, with the same argument tree;
+anything else compiles as usual.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import pickle
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -43,13 +46,37 @@ def save(folder: str, reports: Sequence[Any]) -> None:
         path = out / f"{i:02d}_{r.name}.pkl"
         atomic_write_bytes(path, pickle.dumps((payload, in_tree, out_tree)))
         index.append({"name": r.name, "label": r.label, "file": path.name,
-                      "program_sha256": getattr(r, "program_sha256", None)})
-    atomic_write_json(out / INDEX, {"jax": jax.__version__, "programs": index})
+                      "program_sha256": getattr(r, "program_sha256", None), "devices": _devices(r.executable)})
+    atomic_write_json(out / INDEX, {"jax": jax.__version__, "compiler_flags": compiler_flags(), "programs": index})
 
 
-def load(folder: str, name: str, flag: str = "--compiled_dir") -> dict[str, tuple[str, Any]]:
-    """The programs named `name` in a saved folder, loaded onto this process's devices: program hash -> (file,
-    executable). A folder that is not one, or a program this JAX cannot load, is a one-line error naming it."""
+def compiler_flags() -> dict[str, str]:
+    """The environment's compiler settings, which a lowered program does not show (the host's fake device count
+    left out: it only says how many CPU devices exist)."""
+    import os
+    import re
+
+    xla = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")).split()
+    return {"XLA_FLAGS": " ".join(sorted(xla)), "LIBTPU_INIT_ARGS": os.environ.get("LIBTPU_INIT_ARGS", "")}
+
+
+def _devices(executable: Any) -> list[str]:
+    """The kind of each device the program runs on, in its order (which a lowered program does not show)."""
+    shardings = jax.tree.leaves(executable.input_shardings)
+    mesh = getattr(shardings[0], "mesh", None) if shardings else None
+    devices = list(mesh.devices.flat) if mesh is not None else sorted(shardings[0].device_set, key=lambda d: d.id)
+    return [f"{d.platform}:{d.device_kind}" for d in devices]
+
+
+def devices_of(mesh) -> list[str]:
+    """`_devices` of a program over `mesh`."""
+    return [f"{d.platform}:{d.device_kind}" for d in mesh.devices.flat]
+
+
+def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str, tuple[str, Any]]:
+    """The programs named `name` in a saved folder that run on devices of `mesh`'s kinds and count, loaded onto
+    them: program hash -> (file, executable). A folder that is not one, of another JAX or other compiler
+    settings, or a program this runtime cannot load, is a one-line error naming it."""
     from jax.experimental import serialize_executable
 
     from cogstream_jax.io_utils import as_path
@@ -59,18 +86,28 @@ def load(folder: str, name: str, flag: str = "--compiled_dir") -> dict[str, tupl
         raise ConfigError(f"{flag} {folder}: no {INDEX} (a folder written by compile-check --save_compiled)")
     try:
         index = json.loads((root / INDEX).read_text())
-        programs = [p for p in index["programs"] if p["name"] == name and p.get("program_sha256")]
+        programs = [(str(p["file"]), str(p["program_sha256"]), list(p["devices"])) for p in index["programs"]
+                    if p["name"] == name and p.get("program_sha256")]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{flag} {folder}: {INDEX} is not compile-check's index ({e!r})") from None
     if index.get("jax") != jax.__version__:
         raise ConfigError(f"{flag} {folder}: compiled with JAX {index.get('jax')}, this is JAX {jax.__version__}")
+    if index.get("compiler_flags") != compiler_flags():
+        raise ConfigError(f"{flag} {folder}: compiled with other compiler settings ({index.get('compiler_flags')}, "
+                          f"here {compiler_flags()}); run compile-check with this run's XLA_FLAGS/LIBTPU_INIT_ARGS")
+    here = devices_of(mesh)
     loaded = {}
-    for p in programs:
+    for file, digest, devices in programs:
+        if devices != here:  # another chip, or another device count
+            print(f"note: {flag}: {file} runs on {len(devices)} x {sorted(set(devices))}, this run's mesh on "
+                  f"{len(here)} x {sorted(set(here))}: not taken", file=sys.stderr)
+            continue
         try:
-            payload, in_tree, out_tree = pickle.loads((root / p["file"]).read_bytes())
-            executable = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-        except Exception as e:  # noqa: BLE001 - another platform, a damaged file: say which, stop
-            raise ConfigError(f"{flag} {folder}: {p['file']} cannot be loaded here: "
+            payload, in_tree, out_tree = pickle.loads((root / file).read_bytes())
+            executable = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                  execution_devices=list(mesh.devices.flat))
+        except Exception as e:  # noqa: BLE001 - a damaged file, a runtime that refuses it: say which, stop
+            raise ConfigError(f"{flag} {folder}: {file} cannot be loaded here: "
                               f"{(str(e).strip().splitlines() or [repr(e)])[0][:200]}") from None
-        loaded[p["program_sha256"]] = (p["file"], executable)
+        loaded[digest] = (file, executable)
     return loaded

@@ -57,17 +57,35 @@ def test_a_run_takes_its_gradient_programs_from_compile_check(tmp_path):
 def test_a_folder_that_is_not_compile_checks_is_a_one_line_error(tmp_path, capsys):
     from cogstream_jax import compiled_store
     from cogstream_jax.errors import ConfigError
+    from cogstream_jax.sharding import make_mesh
+
+    mesh = make_mesh("1,1,1", jax.devices()[:1])
+    here = compiled_store.devices_of(mesh)
+
+    def index(programs, **extra):
+        (tmp_path / "index.json").write_text(json.dumps({"jax": jax.__version__,
+                                                        "compiler_flags": compiled_store.compiler_flags(),
+                                                        "programs": programs, **extra}))
 
     with pytest.raises(ConfigError, match=r"--compiled_dir .*: no index.json \(a folder written by compile-check"):
-        compiled_store.load(str(tmp_path), "grad")
-    (tmp_path / "index.json").write_text(json.dumps({"jax": "0.0.1", "programs": []}))
+        compiled_store.load(str(tmp_path), "grad", mesh)
+    index([], jax="0.0.1")
     with pytest.raises(ConfigError, match="compiled with JAX 0.0.1, this is JAX"):
-        compiled_store.load(str(tmp_path), "grad")
-    (tmp_path / "index.json").write_text(json.dumps({"jax": jax.__version__, "programs": [
-        {"name": "grad", "file": "00_grad.pkl", "program_sha256": "ab"}]}))
+        compiled_store.load(str(tmp_path), "grad", mesh)
+    index([], compiler_flags={"XLA_FLAGS": "--xla_gpu_deterministic_ops=true", "LIBTPU_INIT_ARGS": ""})
+    with pytest.raises(ConfigError, match="compiled with other compiler settings"):
+        compiled_store.load(str(tmp_path), "grad", mesh)
+    index([{"name": "grad", "program_sha256": "ab", "devices": here}])  # no file
+    with pytest.raises(ConfigError, match="is not compile-check's index"):
+        compiled_store.load(str(tmp_path), "grad", mesh)
+    index([{"name": "grad", "file": "00_grad.pkl", "program_sha256": "ab", "devices": here}])
     (tmp_path / "00_grad.pkl").write_bytes(b"not a pickle")
     with pytest.raises(ConfigError, match="00_grad.pkl cannot be loaded here"):
-        compiled_store.load(str(tmp_path), "grad")
+        compiled_store.load(str(tmp_path), "grad", mesh)
+    # a program for other chips (or another device count) is not taken, with a note
+    index([{"name": "grad", "file": "00_grad.pkl", "program_sha256": "ab", "devices": ["tpu:TPU v5 lite"] * 4}])
+    assert compiled_store.load(str(tmp_path), "grad", mesh) == {}
+    assert "runs on 4 x ['tpu:TPU v5 lite'], this run's mesh on 1 x ['cpu:cpu']: not taken" in capsys.readouterr().err
     (tmp_path / "index.json").write_text("[]")
     with pytest.raises(ConfigError, match="is not compile-check's index"):
-        compiled_store.load(str(tmp_path), "grad")
+        compiled_store.load(str(tmp_path), "grad", mesh)

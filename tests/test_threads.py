@@ -97,3 +97,27 @@ def test_prep_workers():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigError, match="--prep_workers"):
             prep_workers(bad)
+
+
+def test_ordered_map_close_drops_waiting_items_and_can_wait_for_running_ones():
+    """Closing stops the workers (daemon threads: a stopping process never waits for them); items not started
+    are dropped, `wait=True` returns once the running ones have finished."""
+    import time
+
+    started, finished = [], []
+
+    def slow(x):
+        started.append(x)
+        time.sleep(0.2)
+        finished.append(x)
+        return x
+
+    got = OrderedMap(slow, range(100), workers=2, ahead=10)
+    assert all(t.daemon for t in got._threads)
+    while len(started) < 2:
+        time.sleep(0.01)
+    got.close(wait=True)
+    assert sorted(finished) == sorted(started) and len(started) <= 4
+    for thread in got._threads:
+        thread.join(30)
+    assert len(started) <= 4 and not any(t.is_alive() for t in got._threads)

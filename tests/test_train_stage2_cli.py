@@ -33,6 +33,7 @@ def test_stage2_missing_video_dir_is_a_clear_error(tmp_path, capsys):
     (("--token_bucket_count", "0"), "--token_bucket_count (0)"),
     (("--prep_workers", "0"), "--prep_workers: expected a positive integer, got 0"),
     (("--decode_threads", "0"), "--decode_threads: expected a positive integer, got 0"),
+    (("--token_buckets", "ladder", "--compiled_dir", "x"), "--compiled_dir serves the gradient programs a run"),
 ])
 def test_stage2_flags_that_cannot_train_are_refused(extra, message, tmp_path, capsys):
     from train.stage2 import main

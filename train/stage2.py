@@ -20,7 +20,8 @@ def build_parser():
                         "multiple of data x fsdp x --qas_per_device, the rest is accumulation")
     p.add_argument("--qas_per_device", type=int, default=1, help="QAs per device in one call (rows per device)")
     p.add_argument("--prefetch_qas", type=int, default=8,
-                   help="QAs prepared ahead by background threads (0: prepare each QA when it is needed)")
+                   help="QAs prepared ahead by background threads (0: prepare each QA when it is needed, on the "
+                        "training thread, whatever --prep_workers)")
     p.add_argument("--prep_workers", type=int, default=None,
                    help="QAs prepared at once by background threads, each decoding with --decode_threads (default: "
                         "a quarter of the usable cores, 1 to 4)")
@@ -40,8 +41,9 @@ def build_parser():
     p.add_argument("--bucket_scan_qas", "--bucket-scan-qas", type=int, default=512,
                    help="auto: distinct QAs from the start of the stream prepared once to choose the sizes")
     p.add_argument("--compiled_dir", default=None,
-                   help="gradient executables compiled ahead by compile-check --save_compiled (same flags, mesh and "
-                        "JAX): each one that fits this run exactly is used instead of compiling its token bucket")
+                   help="gradient executables compiled ahead by compile-check --save_compiled (same flags, mesh, "
+                        "JAX and compiler settings): each one whose program is this run's is used instead of "
+                        "compiling its token bucket (--token_buckets auto or a list)")
     p.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction,
                    help="question-aware event compression on top of DiffFP (when the module is available)")
     return p

@@ -146,19 +146,21 @@ class Processor:
                 pending = self._decoding[key] = Future()
         if not ours:
             return pending.result()
+        clip = None
         try:
             clip = decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
-        except BaseException as e:
             with self._frame_cache_lock:
-                del self._decoding[key]
-            pending.set_exception(e)
+                self._frame_cache[key] = clip
+                while len(self._frame_cache) > self._frame_cache_limit:
+                    self._frame_cache.popitem(last=False)
+        except BaseException as e:
+            pending.set_exception(e)  # every waiter gets it; the next request decodes again
             raise
-        with self._frame_cache_lock:
-            self._frame_cache[key] = clip
-            while len(self._frame_cache) > self._frame_cache_limit:
-                self._frame_cache.popitem(last=False)
-            del self._decoding[key]
-        pending.set_result(clip)
+        finally:
+            with self._frame_cache_lock:
+                self._decoding.pop(key, None)
+            if not pending.done():
+                pending.set_result(clip)
         return clip
 
     def load_image(self, item: Mapping[str, Any], where: str) -> VisualItem:

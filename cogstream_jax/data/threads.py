@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence, TypeVar
 
@@ -93,30 +95,46 @@ class OrderedMap:
     Items are pulled from `items` on the caller's thread, at the start and each time one is taken; an error of
     `items` itself reaches the caller after the results before it, an error of `fn` when its result is taken. The
     results are those of `[fn(x) for x in items]` whatever the worker count, as long as `fn` of one item does not
-    depend on another's (a stage-2 QA's host preparation, say)."""
+    depend on another's (a stage-2 QA's host preparation, say). The workers are daemon threads, so a process that
+    stops (an error, Ctrl-C) never waits for an item still being computed."""
 
     def __init__(self, fn: Callable[[T], R], items: Iterable[T], *, workers: int, ahead: int):
         self._fn, self._items, self._ahead = fn, iter(items), max(0, ahead)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, workers)) if self._ahead else None
         self._jobs: collections.deque[Future] = collections.deque()
         self._ended: BaseException | None = None  # StopIteration or the error `items` raised
-        if self._pool is not None:
-            self._top_up()  # the workers start now, before the first item is taken
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, daemon=True, name="ordered-map")
+                         for _ in range(max(1, workers) if self._ahead else 0)]
+        for thread in self._threads:
+            thread.start()
+        self._top_up()  # the workers start now, before the first item is taken
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            job, item = task
+            if not job.set_running_or_notify_cancel():
+                continue
+            try:
+                job.set_result(self._fn(item))
+            except BaseException as e:  # noqa: BLE001 - the caller raises it when it takes this item
+                job.set_exception(e)
 
     def _top_up(self) -> None:
-        while self._ended is None and len(self._jobs) < self._ahead:
+        while self._threads and self._ended is None and len(self._jobs) < self._ahead:
             try:
                 item = next(self._items)
             except Exception as e:  # StopIteration, or the iterable failed: after the results before it
                 self._ended = e
                 return
-            self._jobs.append(self._pool.submit(self._fn, item))
+            job: Future = Future()
+            self._jobs.append(job)
+            self._tasks.put((job, item))
 
     def __iter__(self) -> "OrderedMap":
         return self
 
     def __next__(self) -> R:
-        if self._pool is None:
+        if not self._threads:
             return self._fn(next(self._items))
         if not self._jobs:
             raise self._ended if self._ended is not None else StopIteration
@@ -124,8 +142,13 @@ class OrderedMap:
         self._top_up()  # keep the workers busy while the caller waits for this one
         return job.result()
 
-    def close(self) -> None:
-        """Drop the items not started; the ones running finish on their own (their results are not waited for)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._jobs.clear()
+    def close(self, wait: bool = False) -> None:
+        """Drop the items not started and stop the workers; `wait`: until the items running have finished (their
+        results are never taken)."""
+        running = [job for job in self._jobs if not job.cancel()]
+        self._jobs.clear()
+        for _ in self._threads:
+            self._tasks.put(None)
+        if wait:
+            for job in running:
+                job.exception()  # waits; whatever it raised is not ours to raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Sequence
 
@@ -144,11 +145,15 @@ class Stage2Device:
             key = _grad_key(arrays, inputs)
             if key in self._compiled or key in lowered:
                 continue
+            mark = CompileLog.mark()
             low = self._grad.lower(state, frozen, arrays, inputs)
             ahead = saved.get(program_hash(low)) if saved else None
+            if ahead is not None and ahead[1].in_tree != low.in_tree:  # the same program over another pytree
+                print(f"note: {ahead[0]} takes its arguments as another tree: compiling instead", file=sys.stderr)
+                ahead = None
             if ahead is not None:
                 self._compiled[key], taken = ahead[1], taken + 1
-                CompileLog.not_compiled(self.grad_name)
+                CompileLog.not_compiled(since=mark)
             else:
                 lowered[key] = low
         if lowered:

@@ -126,6 +126,8 @@ class QAStream:
             return prepare_item(sample, self.processor, self.events)
         except Exception as e:  # noqa: BLE001 - raised by the consumer, in its place in the stream
             return e
+        except BaseException as e:  # (SystemExit from a library, say) an error of this QA, shared like any other
+            return RuntimeError(f"stage-2 QA preparation stopped: {e!r}")
 
     def _start(self, skip: int):
         self.close()
@@ -163,9 +165,10 @@ class QAStream:
     def start_prefetch(self) -> None:  # grain's restore hook
         pass
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop preparing; `wait`: until the QAs being prepared have finished."""
         if self._items is not None:
-            self._items.close()
+            self._items.close(wait)
 
 
 #: stage-2 settings a resumed run may change on top of `run_common.RESUMABLE_CHANGES`: how the global batch is
@@ -198,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
     accumulation = check_global_batch(args.global_batch_qas, rows, dp, args.qas_per_device)
     workers = prep_workers(args.prep_workers)
     plan = stage2_token_buckets.parse(args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
+    if args.compiled_dir and plan is not None and not plan.chosen:
+        raise ConfigError(f"--compiled_dir serves the gradient programs a run compiles before its first update: "
+                          f"--token_buckets auto or a list, not {args.token_buckets}")
     check_resume(checkpoint_dir(args.output_dir), args.resume)  # before loading and scanning, not after
     buckets = (args.token_buckets, args.token_bucket_count, args.bucket_scan_qas)
     saved = stage2_token_buckets.saved_plan(latest_meta(args.output_dir) if args.resume else None, *buckets)
@@ -229,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = Stage2Device(setup)
         # before the scan: a folder this run cannot use fails now, not minutes later
-        executables = compiled_store.load(args.compiled_dir, device.grad_name) if args.compiled_dir else None
+        executables = (compiled_store.load(args.compiled_dir, device.grad_name, mesh) if args.compiled_dir
+                       else None)
         maker = CallMaker(setup, device, processor.tokenizer, rows=rows, seed=args.seed)
         # --prefetch_qas counts this process's QAs; the positions of other processes' rows pass through unprepared
         depth = args.prefetch_qas * rows // max(int(maker.own.sum()), 1)
@@ -309,9 +316,9 @@ def run(args: argparse.Namespace) -> int:
         compiling = time.perf_counter()
         compiled, taken = device.precompile(setup.state, setup.frozen, maker.empty_calls(
             plan.chosen, token_buckets=plan.ladder, answers=plan.answers), saved=executables)
+        ahead = f"{taken} taken from --compiled_dir (of {len(executables)} there), " if executables is not None else ""
+        executables = None  # those not taken leave the devices
         if plan.chosen:
-            ahead = (f"{taken} taken from --compiled_dir (of {len(executables)} there), " if executables is not None
-                     else "")
             print(f"stage 2: {len(plan.chosen)} gradient programs (token buckets {list(plan.chosen)}, "
                   f"{plan.answers} answer positions): {ahead}{compiled} compiled in "
                   f"{time.perf_counter() - compiling:.1f} s", file=sys.stderr)
