@@ -125,7 +125,8 @@ class Processor:
     def plan_videos(self, conversation: Sequence[Mapping[str, Any]], fix_trim: bool = False
                     ) -> tuple[list[ClipPlan], list[VideoProbe]]:
         """Frame choice and global timestamps of every video item, in conversation order."""
-        specs = [self.video_args(item, where) for item, where in _visual_items(conversation) if item_kind(item) == "video"]
+        specs = [self.video_args(item, where) for item, where in _visual_items(conversation)
+                 if item_kind(item) == "video"]
         return plan_stream([s[0] for s in specs], [s[1] for s in specs], [s[2] for s in specs], fix_trim=fix_trim)
 
     def decode(self, plan: ClipPlan, probe: VideoProbe | None = None) -> VideoClip:
