@@ -147,7 +147,6 @@ class Processor:
                 pending = self._decoding[key] = Future()
         if not ours:
             return pending.result()
-        clip = None
         try:
             clip = decode_plan(plan, probe, decoder=self.decoder, threads=self.threads)
             with self._frame_cache_lock:
@@ -157,11 +156,11 @@ class Processor:
         except BaseException as e:
             pending.set_exception(e)  # every waiter gets it; the next request decodes again
             raise
+        else:
+            pending.set_result(clip)
         finally:
             with self._frame_cache_lock:
-                self._decoding.pop(key, None)
-            if not pending.done():
-                pending.set_result(clip)
+                del self._decoding[key]
         return clip
 
     def load_image(self, item: Mapping[str, Any], where: str) -> VisualItem:

@@ -43,9 +43,10 @@ def prep_workers(workers: int | None) -> int:
     and resizing also runs on up to `default_threads()` threads of its own); otherwise a positive count."""
     if workers is None:
         return max(1, min(MAX_DEFAULT_WORKERS, usable_cores() // CORES_PER_WORKER))
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"--prep_workers: expected a positive integer, got {workers!r}")
-    return workers
+    try:
+        return resolve_threads(workers)
+    except ValueError:
+        raise ConfigError(f"--prep_workers: expected a positive integer, got {workers!r}") from None
 
 
 def resolve_threads(threads: int | None) -> int:

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cogstream_jax.compile_log import CompileLog
+from cogstream_jax.compiled_store import program_hash
 from cogstream_jax.model.frame_vision import encode_frames
 from cogstream_jax.training.stage2_buckets import Stage2Call
 from cogstream_jax.training.stage2_frames import FRAMES_PER_DEVICE, RowFrames
@@ -136,8 +137,6 @@ class Stage2Device:
         Python's lock), so that no update waits for a compile and a program that cannot compile fails first.
         `saved` (`compiled_store.load`): executables compiled ahead, by the hash of their lowered program; a call
         whose program lowers to one of them takes it instead of compiling. (Compiled, taken from `saved`)."""
-        from cogstream_jax.compiled_store import program_hash
-
         lowered, taken = {}, 0
         for call in calls:
             arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.rows) for k, v in call.arrays.items()}
