@@ -31,7 +31,9 @@ def program_hash(lowered: Any) -> str:
 
 def save(folder: str, reports: Sequence[Any]) -> None:
     """Serialise each report's executable beside `index.json`; each file is written atomically (a local rename,
-    or one upload to a gs:// URL)."""
+    or one upload to a gs:// URL). The executables must have been compiled, not read back from JAX's persistent
+    cache: a CPU executable read back serialises without its code (checked; compile-check compiles with the
+    cache off, in a process of its own)."""
     from jax.experimental import serialize_executable
 
     from cogstream_jax.io_utils import as_path, atomic_write_bytes, atomic_write_json
@@ -60,17 +62,20 @@ def compiler_flags() -> dict[str, str]:
     return {"XLA_FLAGS": " ".join(sorted(xla)), "LIBTPU_INIT_ARGS": os.environ.get("LIBTPU_INIT_ARGS", "")}
 
 
+def _kinds(devices) -> list[str]:
+    return [f"{d.platform}:{d.device_kind}" for d in devices]
+
+
 def _devices(executable: Any) -> list[str]:
     """The kind of each device the program runs on, in its order (which a lowered program does not show)."""
     shardings = jax.tree.leaves(executable.input_shardings)
     mesh = getattr(shardings[0], "mesh", None) if shardings else None
-    devices = list(mesh.devices.flat) if mesh is not None else sorted(shardings[0].device_set, key=lambda d: d.id)
-    return [f"{d.platform}:{d.device_kind}" for d in devices]
+    return _kinds(mesh.devices.flat if mesh is not None else sorted(shardings[0].device_set, key=lambda d: d.id))
 
 
 def devices_of(mesh) -> list[str]:
     """`_devices` of a program over `mesh`."""
-    return [f"{d.platform}:{d.device_kind}" for d in mesh.devices.flat]
+    return _kinds(mesh.devices.flat)
 
 
 def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str, tuple[str, Any]]:

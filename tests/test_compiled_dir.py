@@ -29,6 +29,9 @@ def compile_gradients(buckets, **flags) -> list:
     shape = jobs.JobShape(dtype="float32", frames=4, grid=(4, 4), kept=16, tokens=buckets[-1], answer_tokens=64,
                           token_buckets=buckets, seed=0, **flags)
     programs = [p for p in jobs.stage2_programs(tiny(), shape, make_mesh("1,1,1", jax.devices()[:1])) if p.trains]
+    # an earlier test of this process may hold the same program in JAX's in-memory cache, read back from the
+    # suite's persistent cache (which serialises without its code on CPU): compile it afresh, as compile-check does
+    jax.clear_caches()
     with report.no_persistent_cache():
         return [report.compile_program(p) for p in programs]
 

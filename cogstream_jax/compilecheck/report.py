@@ -50,13 +50,20 @@ class ProgramReport:
 @contextlib.contextmanager
 def no_persistent_cache():
     """Compile-only executables cannot be read back from JAX's persistent cache (the client cannot load them), so
-    writing them there only costs disk: off while compile-check compiles."""
+    writing them there only costs disk; and an executable read back from it is not one to serialise (on CPU it
+    comes back without its code): off while compile-check compiles. JAX decides once per process whether it uses
+    the cache, so the decision is reset on the way in and out (a process that used it before, a test's, would
+    otherwise go on reading it)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     previous = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", previous)
+        compilation_cache.reset_cache()
 
 
 def _flops(compiled) -> float:
