@@ -213,7 +213,7 @@ def test_processor_output_of_a_stage2_sample_rewrites_like_official():
     """End to end on real MP4s: the Processor's expanded text equals our rendering of the typed turns, and
     the gt-mode rewrite equals the official regex rewrite of that text."""
     from cogstream_jax.data.dataset import load_dataset
-    from cogstream_jax.data.pipelines import stage2_episode
+    from cogstream_jax.data.stage2_samples import stage2_episode
     from cogstream_jax.data.rewrite import turns_from_processor_output
     from cogstream_jax.data.synth import sample_dataset_dir
 

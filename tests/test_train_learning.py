@@ -10,7 +10,7 @@ from flax import nnx
 
 from cogstream_jax import config as configs, lora
 from cogstream_jax.data.dataset import load_dataset
-from cogstream_jax.data.pipelines import stage2_episode
+from cogstream_jax.data.stage2_samples import stage2_episode
 from cogstream_jax.data.processor import Processor
 from cogstream_jax.data.processor_config import load_tokenizer
 from cogstream_jax.data.selection import allowed_token_ids

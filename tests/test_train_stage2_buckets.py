@@ -24,7 +24,7 @@ from cogstream_jax.training.step import StepOptions
 def _prepared():
     """Four QAs before DiffFP (and the processor): 1 clip, 2 clips, no visual tokens, another video's grid."""
     from cogstream_jax.data.dataset import load_dataset
-    from cogstream_jax.data.pipelines import stage2_episode
+    from cogstream_jax.data.stage2_samples import stage2_episode
     from cogstream_jax.data.processor import Processor
     from cogstream_jax.data.synth import sample_dataset_dir
     from cogstream_jax.reference_files import bundled_model_dir

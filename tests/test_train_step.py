@@ -235,7 +235,7 @@ def test_event_compression_pooling_in_the_step_matches_the_streaming_module():
 
 def test_stage2_batch_applies_injected_minor_frames():
     from cogstream_jax.data.dataset import load_dataset
-    from cogstream_jax.data.pipelines import stage2_episode
+    from cogstream_jax.data.stage2_samples import stage2_episode
     from cogstream_jax.data.processor import Processor
     from cogstream_jax.data.synth import sample_dataset_dir
     from cogstream_jax.reference_files import bundled_model_dir

@@ -9,7 +9,8 @@ exactly the unsharded stream and the result does not depend on the number of pro
 Stage 1 yields one element per item: `input_ids`, `labels`, `attention_mask` [4, L] and `row_mask` [4] (the 1, 2
 or 4 augmented rows, like the official one-item-per-device-step collator), L from a small set of bucket lengths.
 Stage 2 yields `Stage2Sample` records, one per QA of a chain drawn per video and epoch, over the growing
-conversation with ground-truth answers; the processor decodes the segments later.
+conversation with ground-truth answers (`data/stage2_samples.py`, which needs no grain); the processor decodes the
+segments later.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import grain
 import numpy as np
 
 from cogstream_jax.data.dataset import CogStreamDataset, VideoRecord
-from cogstream_jax.data.prompts import format_selection
 from cogstream_jax.data.stage1 import (
     IGNORE_INDEX,
     Stage1Item,
@@ -31,10 +31,9 @@ from cogstream_jax.data.stage1 import (
     tokenize_sample,
 )
 from cogstream_jax.data.tokens import PAD_ID
+from cogstream_jax.data.stage2_samples import Stage2Config, Stage2Sample, stage2_episode
 from cogstream_jax.errors import ConfigError
 
-SYSTEM_PROMPT = "You are a helpful assistant."  # the official evaluation/stage-2 system turn
-ANSWER_SUFFIX = "<|im_end|>"
 DEFAULT_BUCKETS = (512, 1024, 1536, 2048)
 
 
@@ -46,14 +45,6 @@ class Stage1Config:
     max_length: int = 2048  # the official tokenizer max_length
     batch_size: int = 1  # items per batch (each item has 4 rows)
     augment: bool = True  # False: one row per item (the official collator's eval_mode)
-
-
-@dataclass(frozen=True)
-class Stage2Config:
-    seed: int = 42
-    num_epochs: int | None = 1
-    fps: float = 1
-    max_frames: int = 180
 
 
 def _shard(ds: grain.MapDataset, shard: grain.sharding.ShardOptions | None) -> grain.MapDataset:
@@ -113,55 +104,6 @@ def stage1_dataset(
     ds = ds.repeat(config.num_epochs)
     ds = _shard(ds, shard)
     return ds.to_iter_dataset().batch(config.batch_size, batch_fn=_stack_padded)
-
-
-@dataclass(frozen=True)
-class Stage2Sample:
-    """One stage-2 step: the official-style conversation up to the current question (GT answers as assistant
-    turns), the segment files of its video items, and the GT answer / COI / is_visual for the rewrite."""
-
-    video: str
-    chain_index: int
-    qa_index: int
-    conversation: tuple[dict, ...]
-    segment_paths: tuple[str, ...]
-    question: str
-    answer: str
-    coi: tuple[int, ...]
-    is_visual: bool
-
-    @property
-    def target(self) -> str:
-        """What the loss supervises: the GT answer plus `<|im_end|>` (official second_stage_training)."""
-        return self.answer + ANSWER_SUFFIX
-
-    @property
-    def selection(self) -> str:
-        """The ground-truth selection string fed to the rewrite, `[yes|no,*COI]`."""
-        return format_selection(self.is_visual, self.coi)
-
-
-def stage2_episode(video: VideoRecord, chain_index: int, config: Stage2Config = Stage2Config()) -> list[Stage2Sample]:
-    """All samples of one chain: the first QA of each segment carries the segment's video item (protocol 2)."""
-    chain = video.chains[chain_index]
-    segments = video.segment_of_qa[chain_index]
-    conversation: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}]
-    paths: list[str] = []
-    shown: set[int] = set()
-    samples = []
-    for k, (qa, seg) in enumerate(zip(chain.qas, segments)):
-        if seg not in shown:
-            shown.add(seg)
-            path = str(video.segments[seg])
-            paths.append(path)
-            item = {"type": "video", "video": {"video_path": path, "fps": config.fps, "max_frames": config.max_frames}}
-            conversation.append({"role": "user", "content": [item, {"type": "text", "text": qa.question}]})
-        else:
-            conversation.append({"role": "user", "content": qa.question})
-        samples.append(Stage2Sample(video.name, chain.index, k, tuple(conversation), tuple(paths), qa.question,
-                                    qa.answer, qa.coi, qa.is_visual))
-        conversation.append({"role": "assistant", "content": qa.answer})
-    return samples
 
 
 class _EpisodeToSamples(grain.experimental.FlatMapTransform):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cogstream_jax.data.pipelines import Stage2Sample
+from cogstream_jax.data.stage2_samples import Stage2Sample
 from cogstream_jax.data.rewrite import RewriteResult, rewrite, turns_from_processor_output
 from cogstream_jax.data.selection import gt_selection
 from cogstream_jax.data.stage1 import IGNORE_INDEX

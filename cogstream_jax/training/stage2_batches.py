@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cogstream_jax.data.difffp import difffp_mask, drop_masked_placeholders
-from cogstream_jax.data.pipelines import Stage2Sample
+from cogstream_jax.data.stage2_samples import Stage2Sample
 from cogstream_jax.data.rewrite import rewrite_for_mode, turns_from_processor_output
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
 from cogstream_jax.errors import InputError

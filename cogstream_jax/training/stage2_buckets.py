@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cogstream_jax.data.difffp import difffp_mask
-from cogstream_jax.data.pipelines import Stage2Sample
+from cogstream_jax.data.stage2_samples import Stage2Sample
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
 from cogstream_jax.errors import InputError
 from cogstream_jax.model.attention import BLOCK, pad_to_block
