@@ -1,5 +1,5 @@
 """Executables compiled ahead of a run (compile-check's `--save_compiled`), and a run taking them back
-(`train-stage2 --compiled_dir`), so that a job on rented chips need not spend minutes compiling.
+(`train-stage1/2 --compiled_dir`), so that a job on rented chips need not spend minutes compiling.
 
 A folder holds one pickle per program (`jax.experimental.serialize_executable`: the payload and its argument and
 output trees) and `index.json` naming them, each with the hash of its lowered program (`program_hash`) and the
@@ -15,10 +15,11 @@ import hashlib
 import json
 import pickle
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
+from cogstream_jax.compile_log import CompileLog
 from cogstream_jax.errors import ConfigError
 
 INDEX = "index.json"
@@ -116,3 +117,47 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
                               f"{(str(e).strip().splitlines() or [repr(e)])[0][:200]}") from None
         loaded[digest] = (file, executable)
     return loaded
+
+
+def take(saved: Mapping[str, tuple[str, Any]] | None, lowered: Any, since: int) -> Any | None:
+    """The executable of `saved` (`load`) whose program is `lowered`'s, over the same argument tree, or None.
+    A taken program leaves the active compile log (`since`: `CompileLog.mark()` before lowering it)."""
+    ahead = saved.get(program_hash(lowered)) if saved else None
+    if ahead is None:
+        return None
+    if ahead[1].in_tree != lowered.in_tree:  # the same program over another pytree
+        print(f"note: {ahead[0]} takes its arguments as another tree: compiling instead", file=sys.stderr)
+        return None
+    CompileLog.not_compiled(since=since)
+    return ahead[1]
+
+
+class ByShape:
+    """A jitted function called through one executable per argument shape: each new shape is lowered once, then
+    takes the saved executable of the same program (`take`) or compiles. Arguments must carry the shardings the
+    program expects (an executable does not move them)."""
+
+    def __init__(self, jitted: Any, saved: Mapping[str, tuple[str, Any]]):
+        self.jitted, self.saved = jitted, dict(saved)
+        self.taken: set[str] = set()  # files of the executables taken
+        self.compiled = 0
+        self._executables: dict[tuple, Any] = {}
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree.flatten(args)
+        key = (tree,) + tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+        run = self._executables.get(key)
+        if run is None:
+            mark = CompileLog.mark()
+            lowered = self.jitted.lower(*args)
+            run = take(self.saved, lowered, since=mark)
+            if run is None:
+                run, self.compiled = lowered.compile(), self.compiled + 1
+            else:
+                self.taken.add(program_hash(lowered))
+            self._executables[key] = run
+        return run(*args)
+
+    def summary(self) -> str:
+        return (f"{len(self.taken)} taken from --compiled_dir (of {len(self.saved)} there), "
+                f"{self.compiled} compiled")

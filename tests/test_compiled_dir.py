@@ -1,8 +1,8 @@
-"""compile-check's saved executables serve a training run (`train-stage2 --compiled_dir`): the gradient programs
-of the tiny stage-2 job, built and compiled by compile-check's own code (`jobs.stage2_programs`,
-`report.compile_program`, `compiled_store.save`) for this host's CPU, are taken by a run with the same flags
-instead of compiling, and train the same numbers; a program of other flags is not taken; a folder that is not
-compile-check's is a one-line error."""
+"""compile-check's saved executables serve a training run (`train-stage1/2 --compiled_dir`): the gradient programs
+of the tiny stage-1 and stage-2 jobs, built and compiled by compile-check's own code (`jobs.stage1_programs` /
+`jobs.stage2_programs`, `report.compile_program`, `compiled_store.save`) for this host's CPU, are taken by a run
+with the same flags instead of compiling, and train the same numbers; a program of other flags is not taken; a
+folder that is not compile-check's is a one-line error."""
 from __future__ import annotations
 
 import json
@@ -19,16 +19,21 @@ ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "
         "--token_buckets", ",".join(map(str, BUCKETS))]
 
 
-def compile_gradients(buckets, **flags) -> list:
-    """The tiny stage-2 job's gradient per token bucket, as compile-check compiles them, on one CPU device (the
-    run's mesh)."""
+def compile_gradients(buckets, job: str = "stage2", **flags) -> list:
+    """The tiny job's gradient per token bucket (stage 2) or padded length (stage 1), as compile-check compiles
+    them, on one CPU device (the run's mesh)."""
     from cogstream_jax.compilecheck import jobs, report
     from cogstream_jax.config import tiny
     from cogstream_jax.sharding import make_mesh
 
-    shape = jobs.JobShape(dtype="float32", frames=4, grid=(4, 4), kept=16, tokens=buckets[-1], answer_tokens=64,
-                          token_buckets=buckets, seed=0, **flags)
-    programs = [p for p in jobs.stage2_programs(tiny(), shape, make_mesh("1,1,1", jax.devices()[:1])) if p.trains]
+    if job == "stage2":
+        shape = jobs.JobShape(dtype="float32", frames=4, grid=(4, 4), kept=16, tokens=buckets[-1], answer_tokens=64,
+                              token_buckets=buckets, seed=0, **flags)
+    else:
+        shape = jobs.JobShape(dtype="float32", global_batch_size=8, max_length=S1_MAX_LENGTH, length_buckets=buckets,
+                              seed=0, **flags)
+    mesh = make_mesh("1,1,1", jax.devices()[:1])
+    programs = [p for p in jobs.BUILDERS[job](tiny(), shape, mesh) if p.trains]
     # an earlier test of this process may hold the same program in JAX's in-memory cache, read back from the
     # suite's persistent cache (which serialises without its code on CPU): compile it afresh, as compile-check does
     jax.clear_caches()
@@ -53,6 +58,36 @@ def test_a_run_takes_its_gradient_programs_from_compile_check(tmp_path):
     ahead, plain = metrics(tmp_path / "ahead"), metrics(tmp_path / "plain")
     assert [m["gradient_programs_compiled"] for m in ahead] == [0, 0, 0]  # the run compiled no gradient
     assert [m["gradient_programs_compiled"] for m in plain] == [2, 2, 2]
+    for a, p in zip(ahead, plain, strict=True):
+        assert a["loss"] == pytest.approx(p["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(p["grad_norm"])
+
+
+S1_MAX_LENGTH = 576
+S1_ARGS = ["--model_path", "tiny", "--QA_path", str(SAMPLE), "--global_batch_size", "8", "--max_length",
+           str(S1_MAX_LENGTH), "--num_train_epochs", "1", "--max_steps", "2", "--dtype", "float32", "--no_progress",
+           "--seed", "0"]
+
+
+@pytest.mark.slow
+def test_a_stage1_run_takes_its_gradient_programs_from_compile_check(tmp_path):
+    from cogstream_jax import compiled_store
+    from cogstream_jax.compilecheck.cli import stage1_lengths
+    from cogstream_jax.training.stage1_run import GRAD_PROGRAM
+
+    lengths = stage1_lengths("all", S1_MAX_LENGTH)
+    assert lengths == (512, 640)  # the lengths a --max_length 576 run pads its batches to
+    compiled_store.save(str(tmp_path / "compiled"), compile_gradients(lengths, "stage1") + compile_gradients(
+        lengths[-1:], "stage1", lora_dropout=0.2))
+    index = json.loads((tmp_path / "compiled" / "index.json").read_text())
+    assert [p["name"] for p in index["programs"]] == [GRAD_PROGRAM] * 3
+    err = run_single("train.stage1", [*S1_ARGS, "--compiled_dir", str(tmp_path / "compiled")], tmp_path / "ahead",
+                     devices=1, persistent_cache=False)
+    summary = [line for line in err.splitlines() if line.startswith("stage 1: gradient programs: ")]
+    assert len(summary) == 1 and summary[0].endswith("from --compiled_dir (of 3 there), 0 compiled"), err[-3000:]
+    assert not summary[0].startswith("stage 1: gradient programs: 0 taken")
+    run_single("train.stage1", S1_ARGS, tmp_path / "plain", devices=1, persistent_cache=False)
+    ahead, plain = metrics(tmp_path / "ahead"), metrics(tmp_path / "plain")
+    assert len(ahead) == len(plain) == 2
     for a, p in zip(ahead, plain, strict=True):
         assert a["loss"] == pytest.approx(p["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(p["grad_norm"])
 

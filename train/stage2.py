@@ -40,10 +40,6 @@ def build_parser():
                    help="auto: how many sizes to choose (each one gradient program)")
     p.add_argument("--bucket_scan_qas", "--bucket-scan-qas", type=int, default=512,
                    help="auto: distinct QAs from the start of the stream prepared once to choose the sizes")
-    p.add_argument("--compiled_dir", default=None,
-                   help="gradient executables compiled ahead by compile-check --save_compiled (same flags, mesh, "
-                        "JAX and compiler settings): each one whose program is this run's is used instead of "
-                        "compiling its token bucket (--token_buckets auto or a list)")
     p.add_argument("--event_compression", default=True, action=argparse.BooleanOptionalAction,
                    help="question-aware event compression on top of DiffFP (when the module is available)")
     return p

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global_batch_size", type=int, default=d.global_batch_size, help="stage 1: items per update")
     g.add_argument("--micro_batch_size", type=int, default=None, help="stage 1: items per micro-batch")
     g.add_argument("--max_length", type=int, default=d.max_length, help="stage 1: tokens per row")
+    g.add_argument("--length_buckets", default=None,
+                   help="stage 1: one gradient program per padded row length the run can meet: all (with "
+                        "--save_compiled, so a run compiles none) or some of them, e.g. 1024,2048; default: "
+                        "--max_length's")
     g.add_argument("--frames", type=int, default=d.frames, help="stage 2 / eval: frames of the largest QA")
     g.add_argument("--grid", default="x".join(map(str, d.grid)), help="patch grid per frame, HxW")
     g.add_argument("--kept", type=int, default=d.kept, help="visual tokens kept after DiffFP")
@@ -116,9 +120,29 @@ def job_shape(args: argparse.Namespace):
     return JobShape(dtype=args.dtype, compute_dtype=args.compute_dtype, attn_impl=args.attn_impl, remat=args.remat,
                     scan_layers=not args.no_scan_layers, lora_r=args.lora_r,
                     global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
-                    max_length=args.max_length, frames=args.frames, grid=grid, kept=args.kept, tokens=args.tokens,
+                    max_length=args.max_length, length_buckets=stage1_lengths(args.length_buckets, args.max_length),
+                    frames=args.frames, grid=grid, kept=args.kept, tokens=args.tokens,
                     answer_tokens=args.answer_tokens, token_buckets=buckets,
                     event_compression=args.event_compression, max_new_tokens=args.max_new_tokens)
+
+
+def stage1_lengths(text: str | None, max_length: int) -> tuple[int, ...]:
+    """--length_buckets: "all" of a stage-1 run's padded lengths (`stage1_run.length_buckets`), or some of them."""
+    from cogstream_jax.training.stage1_run import length_buckets
+
+    if text is None:
+        return ()
+    run = length_buckets(max_length)
+    if text.strip() == "all":
+        return run
+    try:
+        chosen = tuple(sorted({int(x) for x in text.split(",")}))
+    except ValueError:
+        chosen = ()
+    if not chosen or not set(chosen) <= set(run):
+        raise ConfigError(f"--length_buckets {text!r}: 'all' or some of a --max_length {max_length} run's padded "
+                          f"lengths {','.join(map(str, run))}")
+    return chosen
 
 
 def check_cudnn_library(topology: str) -> None:
@@ -187,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
               "attention": attention}
     if args.save_compiled:
         compiled_store.save(args.save_compiled, reports)
+        if args.job == "stage1" and not shape.length_buckets:
+            print(f"note: saved the --max_length {shape.max_length} gradient only; a run pads shorter batches to "
+                  "shorter lengths and compiles those (--length_buckets all saves every one)", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     hbm = target.generation.hbm_bytes

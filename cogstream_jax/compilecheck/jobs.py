@@ -1,6 +1,7 @@
 """The jitted programs of each job, built by the job's own code from abstract inputs (no weights, no data).
 
-stage1: the accumulating step (`TrainSetup.accumulating_step`) on a full global batch at `--max_length`.
+stage1: the accumulated gradient (`TrainSetup.accumulating_step`'s, the program a run compiles per batch shape) of
+        a full global batch at `--max_length`, or at each of `length_buckets`.
 stage2: the bucketed gradient (`stage2_device.Stage2Device.grad`: data x fsdp QAs of the largest QA shape,
         `stage2_buckets.synthetic_qa` packed by the same `pack_call` as real QAs) and the frozen vision tower's
         chunk program.
@@ -11,6 +12,7 @@ eval:   the segment encoder's vision pass, the answer prefill at the largest pro
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -51,6 +53,7 @@ class JobShape:
     global_batch_size: int = 32
     micro_batch_size: int | None = None
     max_length: int = 2048
+    length_buckets: tuple[int, ...] = ()  # stage 1: a gradient program per padded length (a run's); () = max_length
     # stage 2 / eval: one QA of `frames` frames at a `grid` patch grid, `kept` visual tokens after DiffFP
     frames: int = 180
     grid: tuple[int, int] = (14, 26)
@@ -108,16 +111,19 @@ def stage1_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     setup = abstract_setup(model_builder(config, shape), lora.LANGUAGE_MODULE,
                            _lora_spec(lora.language_module_spec, config, shape), stage1_optim(1), mesh,
                            seed=shape.seed, options=_options(shape))
-    items, length = shape.global_batch_size, shape.max_length
-    labels = np.full((items, MAX_SAMPLES_PER_ITEM, length), -100, np.int64)
-    labels[..., 1:MIN_POSITIONS + 1] = 0
-    element = {"input_ids": np.zeros((items, MAX_SAMPLES_PER_ITEM, length), np.int32), "labels": labels,
-               "attention_mask": np.ones((items, MAX_SAMPLES_PER_ITEM, length), np.int32)}
-    batch = _abstract(stage1_step_batch(element, accumulation, MIN_POSITIONS), batch_sharding(mesh))
     step = setup.accumulating_step(np.ones(config.text.vocab_size, bool))
-    del micro
-    return [Program("stage-1 update (accumulating step)", lambda: step.lower(setup.state, setup.frozen, batch),
-                    items * MAX_SAMPLES_PER_ITEM, trains=True)]
+    items = shape.global_batch_size
+    programs = []
+    for length in shape.length_buckets or (shape.max_length,):
+        labels = np.full((items, MAX_SAMPLES_PER_ITEM, length), -100, np.int64)
+        labels[..., 1:MIN_POSITIONS + 1] = 0
+        element = {"input_ids": np.zeros((items, MAX_SAMPLES_PER_ITEM, length), np.int32), "labels": labels,
+                   "attention_mask": np.ones((items, MAX_SAMPLES_PER_ITEM, length), np.int32)}
+        batch = _abstract(stage1_step_batch(element, accumulation, MIN_POSITIONS), batch_sharding(mesh))
+        programs.append(Program(f"stage-1 gradient ({accumulation} micro-batches x {micro} items, {length} tokens)",
+                                functools.partial(step.lower, setup.state, setup.frozen, batch),
+                                items * MAX_SAMPLES_PER_ITEM, trains=True))
+    return programs
 
 
 def stage2_layout(config: ModelConfig, shape: JobShape) -> VisualLayout:

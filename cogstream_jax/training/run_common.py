@@ -66,6 +66,10 @@ def build_common_parser(description: str) -> ArgumentParser:
                    help="store the frozen base kernels quantized with qwix (QLoRA: int8, or NF4 two codes per byte)")
     p.add_argument("--save_steps", type=int, default=None, help="checkpoint every N updates")
     p.add_argument("--keep_last", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--compiled_dir", default=None,
+                   help="gradient executables compiled ahead by compile-check --save_compiled (same flags, mesh, "
+                        "JAX and compiler settings): each one whose program is this run's is used instead of "
+                        "compiling (stage 2: --token_buckets auto or a list; stage 1: --length_buckets all there)")
     p.add_argument("--coordinator_address", default=None, help="multi-host: host:port of process 0")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
@@ -170,7 +174,8 @@ def resolved_config(args: argparse.Namespace, **derived: Any) -> dict[str, Any]:
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "max_steps", "save_steps", "keep_last", "no_progress", "mesh", "mesh_shape", "jax",
     "coordinator_address", "num_processes", "process_id", "remat", "no_scan_layers", "decode_threads", "model_path",
-    "QA_path", "query_dir", "video_dir", "micro_batch_size", "micro_batch_items", "accumulation_steps"})
+    "QA_path", "query_dir", "video_dir", "micro_batch_size", "micro_batch_items", "accumulation_steps",
+    "compiled_dir"})
 
 
 def run_fingerprint(config: dict[str, Any]) -> dict[str, Any]:

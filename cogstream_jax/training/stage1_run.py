@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import numpy as np
 
-from cogstream_jax import lora
+from cogstream_jax import compiled_store, lora
 from cogstream_jax.data.dataset import load_dataset
 from cogstream_jax.data.pipelines import Stage1Config, stage1_dataset
 from cogstream_jax.data.processor_config import load_tokenizer
@@ -34,6 +35,7 @@ from cogstream_jax.training.step import StepOptions, batch_sharding, check_rows_
 POSITION_MULTIPLE = 16
 MIN_POSITIONS = 32  # stage-1 targets are short ("[yes,0,5]<|im_end|>"): one static size avoids retraces
 BUCKET_CANDIDATES = (512, 768, 1024, 1536, 2048, 3072, 4096)
+GRAD_PROGRAM = "stage1_grad"  # `step.make_stage1_grad`'s program: what --compiled_dir serves
 
 
 def length_buckets(max_length: int) -> tuple[int, ...]:
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     run_common.start(args)
     mesh = make_mesh(args.mesh)
     micro, accumulation = batch_geometry(args, mesh)
+    # a folder this run cannot use fails now, not after loading the model
+    executables = compiled_store.load(args.compiled_dir, GRAD_PROGRAM, mesh) if args.compiled_dir else None
     dataset = load_dataset(dataset_root(args.QA_path))
     n_items = len(stage1_items(dataset))
     if n_items * args.num_train_epochs < args.global_batch_size:
@@ -111,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
                                                          buckets=length_buckets(args.max_length)))
     iterator = iter(ds)
     step_fn = setup.accumulating_step(allowed)
+    if executables is not None:
+        step_fn.grad = compiled_store.ByShape(step_fn.grad, executables)
     rows = batch_sharding(mesh)
 
     def update(state, it):
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
                       save_steps=run_common.given(args.save_steps, steps_per_epoch), keep_last=args.keep_last,
                       meta={"stage": 1, "run": run_common.run_fingerprint(config)},
                       show_progress=not args.no_progress, desc="stage1")
+    if isinstance(step_fn.grad, compiled_store.ByShape):
+        print(f"stage 1: gradient programs: {step_fn.grad.summary()}", file=sys.stderr)
     if result.exit_code == 0:
         run_common.export_adapter(setup.model(), lora.LANGUAGE_MODULE, args.output_dir)
     return result.exit_code

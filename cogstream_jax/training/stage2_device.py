@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Sequence
 
@@ -25,8 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from cogstream_jax import compiled_store
 from cogstream_jax.compile_log import CompileLog
-from cogstream_jax.compiled_store import program_hash
 from cogstream_jax.model.frame_vision import encode_frames
 from cogstream_jax.training.stage2_buckets import Stage2Call
 from cogstream_jax.training.stage2_frames import FRAMES_PER_DEVICE, RowFrames
@@ -146,13 +145,9 @@ class Stage2Device:
                 continue
             mark = CompileLog.mark()
             low = self._grad.lower(state, frozen, arrays, inputs)
-            ahead = saved.get(program_hash(low)) if saved else None
-            if ahead is not None and ahead[1].in_tree != low.in_tree:  # the same program over another pytree
-                print(f"note: {ahead[0]} takes its arguments as another tree: compiling instead", file=sys.stderr)
-                ahead = None
+            ahead = compiled_store.take(saved, low, since=mark)
             if ahead is not None:
-                self._compiled[key], taken = ahead[1], taken + 1
-                CompileLog.not_compiled(since=mark)
+                self._compiled[key], taken = ahead, taken + 1
             else:
                 lowered[key] = low
         if lowered:

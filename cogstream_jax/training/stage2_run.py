@@ -173,7 +173,7 @@ class QAStream:
 
 #: stage-2 settings a resumed run may change on top of `run_common.RESUMABLE_CHANGES`: how the global batch is
 #: cut into device calls and how the host feeds them (the QA order and every draw stay the same)
-RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "prep_workers", "compiled_dir",
+RESUMABLE_CHANGES = frozenset({"qas_per_device", "qas_per_call", "prefetch_qas", "prep_workers",
                                "logging_steps", "frame_cache_clips", "token_buckets", "token_bucket_count",
                                "bucket_scan_qas", "token_ladder", "precompiled_token_buckets", "answer_positions"})
 

@@ -1,8 +1,9 @@
 """The jitted training steps: pure functions of (state, frozen base, batch) with explicit shardings.
 
-Stage 1 runs one optimiser update per call: a `lax.scan` over the micro-batches (leading batch axis) adds the
-per-token CE sums and their gradients in fp32, then divides once by the total number of target tokens of the
-whole accumulated batch (not a mean of per-micro-batch means). The state is donated.
+Stage 1 makes one optimiser update per call of two programs: the gradient, a `lax.scan` over the micro-batches
+(leading batch axis) adding the per-token CE sums and their gradients in fp32, then dividing once by the total
+number of target tokens of the whole accumulated batch (not a mean of per-micro-batch means); then `apply`, the
+optimiser update, to which the state is donated.
 
 Stage 2 QAs have different shapes (growing conversation, different visual layouts). `make_stage2_grad` takes
 several QAs padded into one bucket (`stage2_buckets`), one per row split over data x fsdp, and returns the sum of
@@ -121,20 +122,20 @@ def _update(state: TrainState, grads, tx: optax.GradientTransformation):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
-def make_accumulating_step(graphdef, tx: optax.GradientTransformation, lr_schedule: Callable, *,
-                           allowed: np.ndarray | None, options: StepOptions, state_sharding: TrainState,
-                           frozen_sharding, mesh: Mesh):
-    """jit(step)(state, frozen, batch) -> (state, metrics); batch leaves are [micro_batches, rows, ...]."""
-    allowed_arr = None if allowed is None else jnp.asarray(allowed)
+def make_stage1_grad(graphdef, *, options: StepOptions, state_sharding: TrainState, frozen_sharding, mesh: Mesh):
+    """jit(stage1_grad)(state, frozen, batch, allowed) -> (grads, {"loss", "tokens"}) of one update.
 
-    def step(state: TrainState, frozen, batch):
+    batch leaves are [micro_batches, rows, ...]; allowed: [vocab] bool (the tokens the loss ranks over) or None.
+    The optimiser is a program of its own (`make_apply`), so this one depends on no schedule, learning rate or
+    vocabulary mask: compile-check can compile it ahead for any run of the same shapes (`compiled_store`)."""
+    def stage1_grad(state: TrainState, frozen, batch, allowed):
         key = dropout_key(state, options)
         n_micro = batch["input_ids"].shape[0]
 
         def micro(carry, xs):
             grads_acc, loss_acc, count_acc = carry
             mb, index = xs
-            fn = lambda p: _forward_sums(graphdef, p, frozen, mb, jax.random.fold_in(key, index), allowed_arr, options)
+            fn = lambda p: _forward_sums(graphdef, p, frozen, mb, jax.random.fold_in(key, index), allowed, options)
             (loss, count), grads = jax.value_and_grad(fn, has_aux=True)(state.params)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
             return (grads_acc, loss_acc + loss, count_acc + count), None
@@ -143,14 +144,46 @@ def make_accumulating_step(graphdef, tx: optax.GradientTransformation, lr_schedu
         (grads, loss, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)),
                                                unroll=n_micro if options.unroll_micro_batches else 1)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        metrics = {"loss": loss / denom, "tokens": count, "grad_norm": optax.tree.norm(grads),
-                   "lr": lr_schedule(state.step)}
-        return _update(state, grads, tx), metrics
+        return jax.tree.map(lambda g: g / denom, grads), {"loss": loss / denom, "tokens": count}
 
-    rows = batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, rows),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+    return jax.jit(stage1_grad, in_shardings=(state_sharding, frozen_sharding, batch_sharding(mesh), replicated(mesh)),
+                   out_shardings=(state_sharding.params, replicated(mesh)))
+
+
+class AccumulatingStep:
+    """One stage-1 update, step(state, frozen, batch) -> (state, metrics): the accumulated gradient
+    (`make_stage1_grad`, one program per batch shape) then the optimiser update (`make_apply`; the state is
+    donated). `grad` may be replaced by anything called like it (`compiled_store.ByShape`)."""
+
+    def __init__(self, grad, apply, allowed: np.ndarray | None, mesh: Mesh):
+        self.grad, self.apply = grad, apply
+        self._allowed = None if allowed is None else np.asarray(allowed, bool)
+        self._sharding = replicated(mesh)
+        self._placed = None  # the mask on the devices, at the first call (compile-check's devices hold nothing)
+
+    def __call__(self, state: TrainState, frozen, batch):
+        if self._allowed is not None and self._placed is None:  # every process passes its copy of the same mask
+            self._placed = jax.make_array_from_callback(self._allowed.shape, self._sharding,
+                                                        lambda index: self._allowed[index])
+        grads, metrics = self.grad(state, frozen, batch, self._placed)
+        state, applied = self.apply(state, grads)
+        return state, {**metrics, **applied}
+
+    def lower(self, state, frozen, batch):
+        """The gradient program lowered from (abstract) arguments (compile-check)."""
+        allowed = None if self._allowed is None else jax.ShapeDtypeStruct(self._allowed.shape, jnp.bool_,
+                                                                         sharding=self._sharding)
+        return self.grad.lower(state, frozen, batch, allowed)
+
+
+def make_accumulating_step(graphdef, tx: optax.GradientTransformation, lr_schedule: Callable, *,
+                           allowed: np.ndarray | None, options: StepOptions, state_sharding: TrainState,
+                           frozen_sharding, mesh: Mesh) -> AccumulatingStep:
+    """step(state, frozen, batch) -> (state, metrics); batch leaves are [micro_batches, rows, ...]."""
+    grad = make_stage1_grad(graphdef, options=options, state_sharding=state_sharding,
+                            frozen_sharding=frozen_sharding, mesh=mesh)
+    return AccumulatingStep(grad, make_apply(tx, lr_schedule, state_sharding=state_sharding, mesh=mesh), allowed,
+                            mesh)
 
 
 def make_qa_grad(graphdef, *, options: StepOptions, accumulation: int, state_sharding: TrainState, frozen_sharding,
