@@ -129,7 +129,28 @@ def take(saved: Mapping[str, tuple[str, Any]] | None, lowered: Any, since: int) 
         print(f"note: {ahead[0]} takes its arguments as another tree: compiling instead", file=sys.stderr)
         return None
     CompileLog.not_compiled(since=since)
-    return ahead[1]
+    return Taken(*ahead)
+
+
+class Taken:
+    """A saved executable in a run. One that this runtime loads but cannot run (a program for another runtime,
+    or one serialised without its code) fails at its first call: a one-line error naming its file, not a
+    traceback in the middle of the first update."""
+
+    def __init__(self, file: str, executable: Any):
+        self.file, self.executable, self._ran = file, executable, False
+
+    def __call__(self, *args):
+        if self._ran:
+            return self.executable(*args)
+        try:
+            out = jax.block_until_ready(self.executable(*args))  # once: errors of the first run surface here
+        except jax.errors.JaxRuntimeError as e:
+            raise ConfigError(f"--compiled_dir: {self.file} was loaded but fails here "
+                              f"({(str(e).strip().splitlines() or [repr(e)])[0][:200]}); compile again with "
+                              "compile-check --save_compiled on this runtime, or run without --compiled_dir") from None
+        self._ran = True
+        return out
 
 
 class ByShape:
@@ -154,7 +175,7 @@ class ByShape:
             if run is None:
                 run, self.compiled = lowered.compile(), self.compiled + 1
             else:
-                self.taken.add(program_hash(lowered))
+                self.taken.add(run.file)
             self._executables[key] = run
         return run(*args)
 

@@ -6,11 +6,13 @@ folder that is not compile-check's is a one-line error."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import pytest
 
-from multihost_helpers import SAMPLE, metrics, run_single
+from multihost_helpers import REPO, SAMPLE, TIMEOUT_S, clean_env, metrics, run_single
 
 BUCKETS = (256, 640)
 ARGS = ["--model_path", "tiny", "--video_dir", str(SAMPLE / "event_segments"), "--query_dir",
@@ -90,6 +92,47 @@ def test_a_stage1_run_takes_its_gradient_programs_from_compile_check(tmp_path):
     assert len(ahead) == len(plain) == 2
     for a, p in zip(ahead, plain, strict=True):
         assert a["loss"] == pytest.approx(p["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(p["grad_norm"])
+
+
+SAVE_READ_BACK = """
+import sys
+import jax
+sys.path.insert(0, "tests")
+from test_compiled_dir import S1_MAX_LENGTH
+from cogstream_jax import compiled_store
+from cogstream_jax.compilecheck import jobs, report
+from cogstream_jax.config import tiny
+from cogstream_jax.sharding import make_mesh
+
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+shape = jobs.JobShape(dtype="float32", global_batch_size=8, max_length=S1_MAX_LENGTH, length_buckets=(640,), seed=0)
+programs = jobs.stage1_programs(tiny(), shape, make_mesh("1,1,1", jax.devices()[:1]))
+for p in programs:
+    p.lower().compile()  # into the persistent cache
+jax.clear_caches()
+compiled_store.save(sys.argv[1], [report.compile_program(p) for p in programs])  # read back: without code on CPU
+"""
+
+
+@pytest.mark.slow
+def test_a_saved_program_that_loads_but_cannot_run_is_a_one_line_error(tmp_path):
+    """An executable this runtime loads but cannot run: here one that compile-check's code read back from JAX's
+    persistent cache, which serialises without its code on CPU with our pinned JAX (compile-check itself compiles
+    with the cache off). The run stops at its first update with one line naming the file, exit 2."""
+    env = clean_env(1)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", SAVE_READ_BACK, str(tmp_path / "compiled"), str(tmp_path / "cache")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "train.stage1", *S1_ARGS, "--compiled_dir", str(tmp_path / "compiled"),
+                           "--output_dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --compiled_dir: 00_stage1_grad.pkl was loaded but fails here (") and \
+        "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
 def test_a_folder_that_is_not_compile_checks_is_a_one_line_error(tmp_path, capsys):
