@@ -74,7 +74,7 @@ S1_ARGS = ["--model_path", "tiny", "--QA_path", str(SAMPLE), "--global_batch_siz
 def test_a_stage1_run_takes_its_gradient_programs_from_compile_check(tmp_path):
     from cogstream_jax import compiled_store
     from cogstream_jax.compilecheck.cli import stage1_lengths
-    from cogstream_jax.training.stage1_run import GRAD_PROGRAM
+    from cogstream_jax.training.stage1_geometry import GRAD_PROGRAM
 
     lengths = stage1_lengths("all", S1_MAX_LENGTH)
     assert lengths == (512, 640)  # the lengths a --max_length 576 run pads its batches to

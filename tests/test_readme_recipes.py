@@ -21,7 +21,7 @@ for argv in commands:
     cmd, args = argv[0], argv[1:]
     if cmd == "train-stage1":
         from train.stage1 import build_parser
-        from cogstream_jax.training.stage1_run import batch_geometry
+        from cogstream_jax.training.stage1_geometry import batch_geometry
         a = build_parser().parse_args(args)
         mesh = make_mesh(a.mesh)
         micro, accumulation = batch_geometry(a, mesh)

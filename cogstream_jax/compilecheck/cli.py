@@ -128,10 +128,10 @@ def job_shape(args: argparse.Namespace):
 
 def stage1_lengths(text: str | None, max_length: int) -> tuple[int, ...]:
     """--length_buckets: "all" of a stage-1 run's padded lengths (`stage1_run.length_buckets`), or some of them."""
-    from cogstream_jax.training.stage1_run import length_buckets
-
     if text is None:
         return ()
+    from cogstream_jax.training.stage1_geometry import length_buckets
+
     run = length_buckets(max_length)
     if text.strip() == "all":
         return run
@@ -188,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
         for program in programs:
             reports.append(report.compile_program(program))
             print(report.describe(reports[-1], target), file=sys.stderr)
-        if jobs.has_loops(args.job, shape, mesh) and not any(r.error for r in reports):
+        if target.platform == "gpu":
+            pass  # XLA's GPU cost analysis counts no FLOPs: unrolled counting compiles would count none either
+        elif jobs.has_loops(args.job, shape, mesh) and not any(r.error for r in reports):
             from cogstream_jax.compilecheck.flops import unrolled_flops
 
             print("the job runs loops (layer scan, micro-batch accumulation) whose body XLA counts once: FLOPs from "

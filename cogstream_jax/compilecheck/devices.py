@@ -16,7 +16,9 @@ from cogstream_jax.errors import ConfigError
 
 INSTALL_HINT = {"tpu": 'pip install "cogstream-jax[tpu]" (jax[tpu]==0.10.2, i.e. libtpu 0.0.42)',
                 "gpu": 'pip install "cogstream-jax[cuda12]" (jax-cuda12-plugin/pjrt 0.10.2)'}
-_PLUGIN = {"tpu": "libtpu", "gpu": "jax_cuda12_plugin"}
+#: the modules that describe each platform's devices (CUDA 13 builds of JAX, like the lent GPUs' jax 0.11, bring
+#: jax_cuda13_plugin)
+_PLUGINS = {"tpu": ("libtpu",), "gpu": ("jax_cuda12_plugin", "jax_cuda13_plugin")}
 
 
 def compile_only_devices(target: Target) -> list[jax.Device]:
@@ -24,7 +26,7 @@ def compile_only_devices(target: Target) -> list[jax.Device]:
     from jax.experimental import topologies
 
     platform = target.platform
-    if importlib.util.find_spec(_PLUGIN[platform]) is None:
+    if all(importlib.util.find_spec(name) is None for name in _PLUGINS[platform]):
         raise ConfigError(f"--topology {target.name}: compiling for {platform.upper()} needs "
                           f"{INSTALL_HINT[platform]}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server on a non-TPU host

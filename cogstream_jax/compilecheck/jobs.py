@@ -105,7 +105,7 @@ def stage1_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     from cogstream_jax.data.stage1 import MAX_SAMPLES_PER_ITEM
     from cogstream_jax.training.batching import stage1_step_batch
     from cogstream_jax.training.optim import stage1_optim
-    from cogstream_jax.training.stage1_run import MIN_POSITIONS, batch_geometry
+    from cogstream_jax.training.stage1_geometry import MIN_POSITIONS, batch_geometry
 
     micro, accumulation = batch_geometry(shape, mesh)
     setup = abstract_setup(model_builder(config, shape), lora.LANGUAGE_MODULE,
@@ -170,14 +170,14 @@ def stage2_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
 
 def _scoring_program(setup, device, layout: VisualLayout, frames: int) -> Program:
     """The batched event scoring of one call whose every row is a stream of `frames` frames (`stage2_scoring`)."""
-    from cogstream_jax.data.processor import Processor
+    from cogstream_jax.data.processor_config import load_tokenizer
     from cogstream_jax.inference.events import segment_count
     from cogstream_jax.model.generate import bucket_length
     from cogstream_jax.reference_files import bundled_model_dir
     from cogstream_jax.training.stage2_scoring import score_rows, scoring_arrays, scoring_length, synthetic_row
 
     model = setup.model(setup.state)
-    tokenizer = Processor.from_pretrained(bundled_model_dir()).tokenizer
+    tokenizer = load_tokenizer(bundled_model_dir())
     row = synthetic_row(frames, layout.num_tokens // frames, tokenizer, model.config.placeholder_ids)
     rows = device.dp
     arrays = _abstract(scoring_arrays({r: row for r in range(rows)}, rows, scoring_length(row.length)), device.rows)
@@ -199,7 +199,7 @@ def _grad_program(setup, device, call, config: ModelConfig) -> Program:
 
 
 def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Program]:
-    from cogstream_jax.inference import segments
+    from cogstream_jax.inference.segment_vision import encode_segment, padded_frames
     from cogstream_jax.inference.prefix_cache import MIN_CAPACITY
     from cogstream_jax.model.generate import DEFAULT_EOS, bucket_length, decode_loop, prefill, prefill_empty_cache
     from cogstream_jax.model.qwen2 import KVCache
@@ -241,10 +241,10 @@ def eval_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Prog
                                  sds((1, vocab), jnp.bool_), None, key, sds((len(DEFAULT_EOS),), jnp.int32),
                                  sds((), jnp.int32), max_new_tokens=shape.max_new_tokens, sampling=sampling)
 
-    frames = [sds(a.shape, a.dtype) for a in segments.padded_frames(
+    frames = [sds(a.shape, a.dtype) for a in padded_frames(
         np.zeros((layout.num_patches, config.vision.patch_dim), np.float32), layout)]
-    return [Program("segment vision encoding", lambda: segments._encode.lower(graphdef, state, *frames,
-                                                                              merge=layout.merges[0]), 1),
+    return [Program("segment vision encoding", lambda: encode_segment.lower(graphdef, state, *frames,
+                                                                            merge=layout.merges[0]), 1),
             Program("answer prefill into an empty cache (largest prompt bucket; fused attention)",
                     lower_prefill(prefill_empty_cache), 1),
             Program("answer prefill after a kept prefix (largest prompt bucket; XLA attention over the cache)",
@@ -260,7 +260,7 @@ def has_loops(job: str, shape: JobShape, mesh: Mesh) -> bool:
     if shape.scan_layers:
         return True
     if job == "stage1":
-        from cogstream_jax.training.stage1_run import batch_geometry
+        from cogstream_jax.training.stage1_geometry import batch_geometry
 
         return batch_geometry(shape, mesh)[1] > 1
     return False

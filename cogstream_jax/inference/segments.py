@@ -7,7 +7,6 @@ re-encode a segment).
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from cogstream_jax.data.difffp import difffp_mask
 from cogstream_jax.data.image import compute_resize
 from cogstream_jax.data.processor import Processor, VisualItem
 from cogstream_jax.data.video import ClipPlan, VideoProbe, plan_clip, probe_video, stream_trim_time
+from cogstream_jax.inference.segment_vision import encode_segment, padded_frames
 from cogstream_jax.lora import set_adapter
-from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket, encode_frames, frame_arrays
 from cogstream_jax.model.vision import VisualLayout
 
 VIDEO_FPS = 1
@@ -57,30 +56,6 @@ class EncodedSegment:
         return (h // self.merge_size) * (w // self.merge_size)
 
 
-#: frames per encoded segment are padded to one of these (patches per frame to `stage2_buckets.PATCH_BUCKETS`),
-#: so the faithful resize, which re-encodes every clip at a new grid as the stream grows, reuses a few programs
-FRAME_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "merge"))
-def _encode(graphdef, state, pixels, rows, cols, valid, *, merge):
-    """Padded frames [F, P, 588] -> projected features [F, P / merge^2, hidden] (the same buckets as training)."""
-    model = nnx.merge(graphdef, state)
-    feats = encode_frames(model.vision_encoder, pixels, rows, cols, valid, merge, impl=model.attn_impl,
-                          mesh=model.attn_mesh, interpret=model.attn_interpret, dtype=model.dtype,
-                          scan=model.scan_layers)
-    return model.mm_projector(feats)
-
-
-def padded_frames(rows: np.ndarray, layout: VisualLayout):
-    """A clip's packed patch rows -> (pixels, rows, cols, valid) in its (frames, patches) bucket."""
-    (t, h, w), = layout.grids
-    frames = bucket(t, FRAME_BUCKETS) or t
-    patches = bucket(h * w, PATCH_BUCKETS) or h * w
-    pix, prow, pcol, valid, _ = frame_arrays(np.asarray(rows, np.float32), layout, patches, frames)
-    return pix, prow, pcol, valid
-
-
 class SegmentEncoder:
     """Turns decoded clips into `EncodedSegment`s with the model's answer adapter active."""
 
@@ -95,7 +70,7 @@ class SegmentEncoder:
         graphdef, state = nnx.split(self.model)
         t, h, w = (int(g) for g in grid)
         m = item.merge_size
-        out = _encode(graphdef, state, *(jnp.asarray(a) for a in padded_frames(rows, layout)), merge=m)
+        out = encode_segment(graphdef, state, *(jnp.asarray(a) for a in padded_frames(rows, layout)), merge=m)
         features = out[:t, :(h // m) * (w // m)].reshape(t * (h // m) * (w // m), -1)
         self.calls += 1
         mask = difffp_mask(rows, [grid], [item.merge_size]).reshape(grid[0], -1)
