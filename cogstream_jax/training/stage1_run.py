@@ -29,6 +29,7 @@ from cogstream_jax.training.stage1_geometry import (GRAD_PROGRAM, MIN_POSITIONS,
                                                     length_buckets)
 from cogstream_jax.training.step import StepOptions, batch_sharding
 
+
 def dataset_root(qa_path: str):
     """--QA_path may name the dataset root or its QA_Dataset folder (local, or an object-store URL)."""
     from cogstream_jax.io_utils import as_path
