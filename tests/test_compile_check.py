@@ -109,6 +109,19 @@ def test_scanned_layers_report_the_unrolled_flops(reports):
         assert abs(s["flops_per_chip"] - u["flops_per_chip"]) <= 0.01 * u["flops_per_chip"], (s, u)
 
 
+def test_no_flop_count_reports_xlas_own_count_without_counting_compiles(reports, small_model, capsys):
+    """`--no_flop_count` (for runs that only save executables): XLA's count, each scanned layer body once."""
+    code, report, err = _check(capsys, "--topology", SCANNED[1], "--job", SCANNED[0], "--model_path", str(small_model),
+                               f"--mesh={SCANNED[2]}", "--json", "--no_flop_count", *SMALL)
+    counted = reports[(*SCANNED[:2], True)][1]
+    assert code == 0 and "1- and 2-layer compiles" not in err
+    assert [p["name"] for p in report["programs"]] == [p["name"] for p in counted["programs"]]
+    for own, extrapolated in zip(report["programs"], counted["programs"]):
+        assert own["flops_method"] == "compiled (loop bodies counted once)"
+        assert 0 < own["flops_per_chip"] < extrapolated["flops_per_chip"]
+        assert own["per_chip_bytes"] == extrapolated["per_chip_bytes"]
+
+
 def _model_sized_programs(run) -> set[str]:
     """Names of the programs a real run compiled that take a tower's weights (vision encoder or LLM)."""
     from cogstream_jax.model.videollama3 import VideoLlama3

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         f"training jobs' {DEFAULT_MESH}, FSDP over all devices)")
     p.add_argument("--json", action="store_true", help="one JSON line last")
     p.add_argument("--save_compiled", default=None, help="folder (or gs:// URL) for the serialised executables")
+    p.add_argument("--no_flop_count", action="store_true",
+                   help="skip the extra compiles that count the FLOPs of loops (layer scan, micro-batches, TPU "
+                        "windowed einsums) and report XLA's own count, loop bodies once (e.g. when only saving)")
     g = p.add_argument_group("the job's own flags")
     g.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"])
     g.add_argument("--compute_dtype", default=None, choices=["bfloat16", "float32"])
@@ -190,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
             print(report.describe(reports[-1], target), file=sys.stderr)
         if target.platform == "gpu":
             pass  # XLA's GPU cost analysis counts no FLOPs: unrolled counting compiles would count none either
+        elif args.no_flop_count:
+            for r in reports:
+                r.flops_method = "compiled (loop bodies counted once)"
         elif jobs.has_loops(args.job, shape, mesh) and not any(r.error for r in reports):
             from cogstream_jax.compilecheck.flops import unrolled_flops
 
