@@ -1,11 +1,15 @@
 """The GPU check's scripts and compile-check start on the lent GPU machines' image, which has the project's code on
 PYTHONPATH but not all of its dependencies: no grain, PyAV or decord there (device KINDS.md's package list). Code
 whose imports reach one of them fails before measuring anything, as `bench/gpu_stage2.py` once did through the
-grain pipelines. Here each script's whole import graph, and every program compile-check builds, load with those
-three modules made unimportable."""
+grain pipelines. Here the GPU check's CPU smoke stages (`SMOKE=1 bash bench/gpu_check.sh`: tiny shapes, the
+same code paths) run, and every program compile-check builds is lowered, with those three modules made
+unimportable; `bench/train_mfu.py` (not part of the check) runs its CPU smoke too."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -20,8 +24,8 @@ for name in {absent!r}:
 """
 RUN = BLOCK + """
 import runpy
-sys.argv = [{script!r}, "--help"]
-runpy.run_path({script!r}, run_name="__main__")
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 # every job's programs, lowered (what compile-check imports only as it builds them); 136 frames: event scoring too
 LOWER_JOBS = BLOCK + """
@@ -44,12 +48,24 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("script", ["bench/gpu_attention.py", "bench/gpu_7b.py", "bench/gpu_stage2.py",
-                                    "bench/train_mfu.py"])
-def test_gpu_bench_imports_without_packages_the_gpu_image_lacks(script):
-    out = _run(RUN.format(absent=ABSENT_ON_GPU_IMAGE, script=script))
+def smoke_stages() -> list[list[str]]:
+    """The argument lists of `bench/gpu_check.sh`'s SMOKE=1 stages (`stage NAME SECONDS SCRIPT ARGS...`)."""
+    text = open(os.path.join(ROOT, "bench", "gpu_check.sh")).read()
+    block = re.search(r'if \[ "\$\{SMOKE:-0\}" = 1 \]; then(.*?)\nelse', text, re.S).group(1)
+    return [shlex.split(line)[3:] for line in block.splitlines() if line.strip().startswith("stage ")]
+
+
+STAGES = smoke_stages() + [["bench/train_mfu.py", "--config", "tiny", "--rows", "2", "--length", "128"]]
+
+
+@pytest.mark.parametrize("argv", STAGES, ids=[os.path.basename(a[0]) for a in STAGES])
+def test_gpu_check_smoke_stage_runs_without_packages_the_gpu_image_lacks(argv):
+    out = _run(RUN.format(absent=ABSENT_ON_GPU_IMAGE, argv=argv))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "usage:" in out.stdout
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bench"] == os.path.basename(argv[0])[:-3] and result.get("ok", True) is not False
+    if result["bench"] == "gpu_attention":
+        assert result["value"] == 0  # failed checks
 
 
 def test_compile_check_builds_every_job_without_packages_the_gpu_image_lacks():
