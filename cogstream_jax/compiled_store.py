@@ -146,9 +146,10 @@ class Taken:
         try:
             out = jax.block_until_ready(self.executable(*args))  # once: errors of the first run surface here
         except jax.errors.JaxRuntimeError as e:
-            raise ConfigError(f"--compiled_dir: {self.file} was loaded but fails here "
-                              f"({(str(e).strip().splitlines() or [repr(e)])[0][:200]}); compile again with "
-                              "compile-check --save_compiled on this runtime, or run without --compiled_dir") from None
+            raise ConfigError(f"--compiled_dir: {self.file} fails at its first run here "
+                              f"({(str(e).strip().splitlines() or [repr(e)])[0][:200]}); if the saved program is at "
+                              "fault (another runtime, no code), compile-check --save_compiled again on this runtime "
+                              "or run without --compiled_dir") from None
         self._ran = True
         return out
 

@@ -241,6 +241,8 @@ def test_stage2_compiles_one_gradient_per_listed_token_bucket(capsys):
      "must be multiples of 128"),
     (["--topology", "v5e-4", "--job", "stage1", "--model_path", "tiny", "--length_buckets", "600"],
      "--length_buckets '600': 'all' or some of a --max_length 2048 run's padded lengths 512,768,1024,1536,2048"),
+    (["--topology", "v5e-4", "--job", "stage2", "--model_path", "tiny", "--length_buckets", "all"],
+     "--length_buckets is for --job stage1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     argv = [a.replace("{empty}", str(tmp_path)) for a in argv]

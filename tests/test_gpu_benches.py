@@ -37,30 +37,35 @@ from cogstream_jax.sharding import make_mesh
 mesh = make_mesh("1,1,1", jax.devices()[:1])
 shape = jobs.JobShape(frames=136, grid=(2, 2), kept=136, tokens=512, answer_tokens=32, global_batch_size=1,
                       max_length=512, max_new_tokens=8)
-names = [p.lower() and job for job in jobs.JOBS for p in jobs.BUILDERS[job](tiny(), shape, mesh)]
-print("lowered", len(names))
+lowered = 0
+for job in jobs.JOBS:
+    for program in jobs.BUILDERS[job](tiny(), shape, mesh):
+        program.lower()
+        lowered += 1
+print("lowered", lowered)
 """
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
+def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout)
 
 
-def smoke_stages() -> list[list[str]]:
-    """The argument lists of `bench/gpu_check.sh`'s SMOKE=1 stages (`stage NAME SECONDS SCRIPT ARGS...`)."""
+def smoke_stages() -> list[tuple[int, list[str]]]:
+    """(seconds, arguments) of `bench/gpu_check.sh`'s SMOKE=1 stages (`stage NAME SECONDS SCRIPT ARGS...`)."""
     text = open(os.path.join(ROOT, "bench", "gpu_check.sh")).read()
     block = re.search(r'if \[ "\$\{SMOKE:-0\}" = 1 \]; then(.*?)\nelse', text, re.S).group(1)
-    return [shlex.split(line)[3:] for line in block.splitlines() if line.strip().startswith("stage ")]
+    stages = [shlex.split(line) for line in block.splitlines() if line.strip().startswith("stage ")]
+    return [(int(words[2]), words[3:]) for words in stages]
 
 
-STAGES = smoke_stages() + [["bench/train_mfu.py", "--config", "tiny", "--rows", "2", "--length", "128"]]
+STAGES = smoke_stages() + [(300, ["bench/train_mfu.py", "--config", "tiny", "--rows", "2", "--length", "128"])]
 
 
-@pytest.mark.parametrize("argv", STAGES, ids=[os.path.basename(a[0]) for a in STAGES])
-def test_gpu_check_smoke_stage_runs_without_packages_the_gpu_image_lacks(argv):
-    out = _run(RUN.format(absent=ABSENT_ON_GPU_IMAGE, argv=argv))
+@pytest.mark.parametrize("seconds, argv", STAGES, ids=[os.path.basename(a[0]) for _, a in STAGES])
+def test_gpu_check_smoke_stage_runs_without_packages_the_gpu_image_lacks(seconds, argv):
+    out = _run(RUN.format(absent=ABSENT_ON_GPU_IMAGE, argv=argv), timeout=seconds)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["bench"] == os.path.basename(argv[0])[:-3] and result.get("ok", True) is not False

@@ -111,6 +111,8 @@ def job_shape(args: argparse.Namespace):
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.remat is not None and args.remat not in REMAT_CHOICES:
         raise ConfigError(f"--remat {args.remat!r}: choose {', '.join(REMAT_CHOICES)}")
+    if args.length_buckets is not None and args.job != "stage1":
+        raise ConfigError(f"--length_buckets is for --job stage1 (padded row lengths), not --job {args.job}")
     buckets = ()
     if args.token_buckets is not None:
         from cogstream_jax.training.stage2_token_buckets import parse
@@ -130,7 +132,7 @@ def job_shape(args: argparse.Namespace):
 
 
 def stage1_lengths(text: str | None, max_length: int) -> tuple[int, ...]:
-    """--length_buckets: "all" of a stage-1 run's padded lengths (`stage1_run.length_buckets`), or some of them."""
+    """--length_buckets: "all" of a stage-1 run's padded lengths (`stage1_geometry.length_buckets`), or some."""
     if text is None:
         return ()
     from cogstream_jax.training.stage1_geometry import length_buckets
@@ -159,7 +161,8 @@ def check_cudnn_library(topology: str) -> None:
         available = False
     if not available:
         raise ConfigError(f"--topology {topology}: cuDNN attention cannot be compiled here: the cuDNN library is not "
-                          "installed (pip install --no-deps 'nvidia-cudnn-cu12>=9.8,<10'), or pass --attn_impl xla")
+                          "installed (pip install --no-deps 'nvidia-cudnn-cu12>=9.8,<10'; nvidia-cudnn-cu13 beside "
+                          "a CUDA 13 plugin), or pass --attn_impl xla")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,8 +197,9 @@ def run(args: argparse.Namespace) -> int:
         if target.platform == "gpu":
             pass  # XLA's GPU cost analysis counts no FLOPs: unrolled counting compiles would count none either
         elif args.no_flop_count:
-            for r in reports:
-                r.flops_method = "compiled (loop bodies counted once)"
+            if jobs.has_loops(args.job, shape, mesh):
+                for r in reports:
+                    r.flops_method = "compiled (loop bodies counted once)"
         elif jobs.has_loops(args.job, shape, mesh) and not any(r.error for r in reports):
             from cogstream_jax.compilecheck.flops import unrolled_flops
 
@@ -220,8 +224,9 @@ def run(args: argparse.Namespace) -> int:
     if args.save_compiled:
         compiled_store.save(args.save_compiled, reports)
         if args.job == "stage1" and not shape.length_buckets:
-            print(f"note: saved the --max_length {shape.max_length} gradient only; a run pads shorter batches to "
-                  "shorter lengths and compiles those (--length_buckets all saves every one)", file=sys.stderr)
+            print(f"note: saved the gradient of the longest padded length only ({programs[-1].label}); a run pads "
+                  "shorter batches to shorter lengths and compiles those (--length_buckets all saves every one)",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     hbm = target.generation.hbm_bytes

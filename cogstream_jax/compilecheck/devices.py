@@ -15,7 +15,8 @@ from cogstream_jax.compilecheck.hardware import Target
 from cogstream_jax.errors import ConfigError
 
 INSTALL_HINT = {"tpu": 'pip install "cogstream-jax[tpu]" (jax[tpu]==0.10.2, i.e. libtpu 0.0.42)',
-                "gpu": 'pip install "cogstream-jax[cuda12]" (jax-cuda12-plugin/pjrt 0.10.2)'}
+                "gpu": 'pip install "cogstream-jax[cuda12]" (jax-cuda12-plugin/pjrt 0.10.2; a CUDA 13 build of '
+                       'JAX brings jax-cuda13-plugin, which serves too)'}
 #: the modules that describe each platform's devices (CUDA 13 builds of JAX, like the lent GPUs' jax 0.11, bring
 #: jax_cuda13_plugin)
 _PLUGINS = {"tpu": ("libtpu",), "gpu": ("jax_cuda12_plugin", "jax_cuda13_plugin")}

@@ -105,7 +105,7 @@ def stage1_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     from cogstream_jax.data.stage1 import MAX_SAMPLES_PER_ITEM
     from cogstream_jax.training.batching import stage1_step_batch
     from cogstream_jax.training.optim import stage1_optim
-    from cogstream_jax.training.stage1_geometry import MIN_POSITIONS, batch_geometry
+    from cogstream_jax.training.stage1_geometry import MIN_POSITIONS, batch_geometry, length_buckets
 
     micro, accumulation = batch_geometry(shape, mesh)
     setup = abstract_setup(model_builder(config, shape), lora.LANGUAGE_MODULE,
@@ -114,7 +114,8 @@ def stage1_programs(config: ModelConfig, shape: JobShape, mesh: Mesh) -> list[Pr
     step = setup.accumulating_step(np.ones(config.text.vocab_size, bool))
     items = shape.global_batch_size
     programs = []
-    for length in shape.length_buckets or (shape.max_length,):
+    # default: the longest padded length a run can meet (--max_length rounded up to the attention block)
+    for length in shape.length_buckets or length_buckets(shape.max_length)[-1:]:
         labels = np.full((items, MAX_SAMPLES_PER_ITEM, length), -100, np.int64)
         labels[..., 1:MIN_POSITIONS + 1] = 0
         element = {"input_ids": np.zeros((items, MAX_SAMPLES_PER_ITEM, length), np.int32), "labels": labels,
