@@ -113,10 +113,14 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
             executable = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                                   execution_devices=list(mesh.devices.flat))
         except Exception as e:  # noqa: BLE001 - a damaged file, a runtime that refuses it: say which, stop
-            raise ConfigError(f"{flag} {folder}: {file} cannot be loaded here: "
-                              f"{(str(e).strip().splitlines() or [repr(e)])[0][:200]}") from None
+            raise ConfigError(f"{flag} {folder}: {file} cannot be loaded here: {_first_line(e)}") from None
         loaded[digest] = (file, executable)
     return loaded
+
+
+def _first_line(error: Exception) -> str:
+    """An error's first line (a runtime's messages run to pages), for a one-line message."""
+    return (str(error).strip().splitlines() or [repr(error)])[0][:200]
 
 
 def take(saved: Mapping[str, tuple[str, Any]] | None, lowered: Any, since: int) -> Any | None:
@@ -146,10 +150,9 @@ class Taken:
         try:
             out = jax.block_until_ready(self.executable(*args))  # once: errors of the first run surface here
         except jax.errors.JaxRuntimeError as e:
-            raise ConfigError(f"--compiled_dir: {self.file} fails at its first run here "
-                              f"({(str(e).strip().splitlines() or [repr(e)])[0][:200]}); if the saved program is at "
-                              "fault (another runtime, no code), compile-check --save_compiled again on this runtime "
-                              "or run without --compiled_dir") from None
+            raise ConfigError(f"--compiled_dir: {self.file} fails at its first run here ({_first_line(e)}); if the "
+                              "saved program is at fault (another runtime, no code), compile-check --save_compiled "
+                              "again on this runtime or run without --compiled_dir") from None
         self._ran = True
         return out
 

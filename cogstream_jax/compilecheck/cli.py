@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_length", type=int, default=d.max_length, help="stage 1: tokens per row")
     g.add_argument("--length_buckets", default=None,
                    help="stage 1: one gradient program per padded row length the run can meet: all (with "
-                        "--save_compiled, so a run compiles none) or some of them, e.g. 1024,2048; default: "
-                        "--max_length's")
+                        "--save_compiled, so a run compiles none) or some of them, e.g. 1024,2048; default: the "
+                        "longest, --max_length rounded up to 128")
     g.add_argument("--frames", type=int, default=d.frames, help="stage 2 / eval: frames of the largest QA")
     g.add_argument("--grid", default="x".join(map(str, d.grid)), help="patch grid per frame, HxW")
     g.add_argument("--kept", type=int, default=d.kept, help="visual tokens kept after DiffFP")

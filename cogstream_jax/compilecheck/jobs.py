@@ -53,7 +53,7 @@ class JobShape:
     global_batch_size: int = 32
     micro_batch_size: int | None = None
     max_length: int = 2048
-    length_buckets: tuple[int, ...] = ()  # stage 1: a gradient program per padded length (a run's); () = max_length
+    length_buckets: tuple[int, ...] = ()  # stage 1: a gradient program per padded length; () = the longest
     # stage 2 / eval: one QA of `frames` frames at a `grid` patch grid, `kept` visual tokens after DiffFP
     frames: int = 180
     grid: tuple[int, int] = (14, 26)
