@@ -4,7 +4,9 @@ JAX reports every backend compilation through `jax.monitoring` (event `/jax/core
 with the program's name) and logs "Compiling <name> with global shapes and types <avals>" just before lowering
 it to XLA (its arguments there are the ones the program uses: jit drops unused inputs). `CompileLog` listens to
 both while it is active, so a run can count its model-sized programs (those that take a tower's weight
-matrices) and tests can compare a real run with compile-check.
+matrices) and tests can compare a real run with compile-check. A program that JAX's persistent compilation cache
+(`persistent_cache`) serves is lowered (and logged) but not compiled: the cache's hit message lists it in
+`read_back` too, and its time (reading it back) is not compile time.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import numpy as np
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _PXLA_LOGGER = "jax._src.interpreters.pxla"
+_COMPILER_LOGGER = "jax._src.compiler"  # "Persistent compilation cache hit for '<module>' ..."
+_LOGGERS = (_PXLA_LOGGER, _COMPILER_LOGGER)
 
 
 @dataclasses.dataclass
@@ -55,19 +59,26 @@ class CompileLog:
     _lock = threading.Lock()
 
     def __init__(self):
-        self.programs: list[CompiledProgram] = []
+        self.programs: list[CompiledProgram] = []  # each program the code needed, compiled or read back
+        self.read_back: list[CompiledProgram] = []  # those of `programs` read from the persistent compilation cache
         self._pending: dict[str, list[CompiledProgram]] = {}
 
     # -- hooks
     def _filter(self, record: logging.LogRecord) -> bool:
-        if record.msg.startswith("Compiling %s with global shapes") and len(record.args or ()) >= 2:
+        msg = str(record.msg)
+        if msg.startswith("Compiling %s with global shapes") and len(record.args or ()) >= 2:
             name = program_name(str(record.args[0]))
             avals = record.args[1]
             entry = CompiledProgram(name, sum(_aval_bytes(a) for a in avals),
                                     tuple(tuple(getattr(a, "shape", ())) for a in avals))
             self.programs.append(entry)
             self._pending.setdefault(name, []).append(entry)
-        return record.levelno >= self._level  # records below the level the logger had are not for anyone else
+        elif msg.startswith("Persistent compilation cache hit for") and record.args:
+            waiting = self._pending.get(program_name(str(record.args[0])))
+            if waiting:  # the oldest lowered program of that name (its duration event comes next, as a compile's)
+                self.read_back.append(waiting[0])
+        # records below the level the logger had are not for anyone else
+        return record.levelno >= self._levels.get(record.name, logging.WARNING)
 
     def _on_duration(self, event: str, duration: float, **kwargs) -> None:
         if event != _BACKEND_COMPILE_EVENT or CompileLog._active is not self:
@@ -99,11 +110,12 @@ class CompileLog:
             if CompileLog._active is not None:
                 raise RuntimeError("another CompileLog is already active")
             CompileLog._active = self
-        logger = logging.getLogger(_PXLA_LOGGER)
-        self._level = logger.getEffectiveLevel()
-        self._saved_level = logger.level
-        logger.setLevel(logging.DEBUG)
-        logger.addFilter(self._filter)
+        self._levels, self._saved_levels = {}, {}
+        for name in _LOGGERS:
+            logger = logging.getLogger(name)
+            self._levels[name], self._saved_levels[name] = logger.getEffectiveLevel(), logger.level
+            logger.setLevel(logging.DEBUG)
+            logger.addFilter(self._filter)
         if not getattr(CompileLog, "_listener_installed", False):
             jax.monitoring.register_event_duration_secs_listener(_dispatch_duration)
             CompileLog._listener_installed = True
@@ -111,9 +123,10 @@ class CompileLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        logger = logging.getLogger(_PXLA_LOGGER)
-        logger.removeFilter(self._filter)
-        logger.setLevel(self._saved_level)
+        for name in _LOGGERS:
+            logger = logging.getLogger(name)
+            logger.removeFilter(self._filter)
+            logger.setLevel(self._saved_levels[name])
         with CompileLog._lock:
             CompileLog._active = None
 
@@ -131,8 +144,10 @@ class CompileLog:
 
     @property
     def compile_seconds(self) -> float:
-        """Wall time spent compiling: programs compiled at the same time (`Stage2Device.precompile`) count once."""
-        spans = sorted((p.ended - p.seconds, p.ended) for p in self.programs if p.seconds > 0)
+        """Wall time spent compiling: programs compiled at the same time (`Stage2Device.precompile`) count once,
+        programs read back from the persistent cache not at all."""
+        read = {id(p) for p in self.read_back}
+        spans = sorted((p.ended - p.seconds, p.ended) for p in self.programs if p.seconds > 0 and id(p) not in read)
         total, reach = 0.0, float("-inf")
         for start, end in spans:
             if end > reach:

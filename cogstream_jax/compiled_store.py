@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 
+from cogstream_jax import persistent_cache
 from cogstream_jax.compile_log import CompileLog
 from cogstream_jax.errors import ConfigError
 
@@ -166,6 +167,7 @@ class ByShape:
         self.jitted, self.saved = jitted, dict(saved)
         self.taken: set[str] = set()  # files of the executables taken
         self.compiled = 0
+        self.read_back = 0  # from JAX's persistent compilation cache (`--compilation_cache_dir`)
         self._executables: dict[tuple, Any] = {}
 
     def __call__(self, *args):
@@ -177,12 +179,25 @@ class ByShape:
             lowered = self.jitted.lower(*args)
             run = take(self.saved, lowered, since=mark)
             if run is None:
-                run, self.compiled = lowered.compile(), self.compiled + 1
+                before = persistent_cache.reads()
+                run = lowered.compile()
+                if persistent_cache.reads() > before:
+                    self.read_back += 1
+                else:
+                    self.compiled += 1
             else:
                 self.taken.add(run.file)
             self._executables[key] = run
         return run(*args)
 
     def summary(self) -> str:
-        return (f"{len(self.taken)} taken from --compiled_dir (of {len(self.saved)} there), "
-                f"{self.compiled} compiled")
+        return f"{ahead_text(len(self.taken), len(self.saved), self.read_back)}{self.compiled} compiled"
+
+
+def ahead_text(taken: int, there: int | None, read_back: int) -> str:
+    """What a run did not compile, as the start of its report ("" if nothing): executables taken from
+    --compiled_dir (`there`: the programs the folder had for it; None: no folder) and programs read back from
+    JAX's persistent compilation cache."""
+    parts = [] if there is None else [f"{taken} taken from --compiled_dir (of {there} there)"]
+    parts += [f"{read_back} read back from the compilation cache"] if read_back else []
+    return "".join(f"{part}, " for part in parts)

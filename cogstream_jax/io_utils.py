@@ -72,7 +72,7 @@ def check_writable(folder: Any, orbax: bool = False) -> None:
     if orbax:
         check_orbax_folder(folder)
     path = as_path(folder)
-    probe = path / f".cogstream-write-probe-{os.getpid()}"
+    probe = path / f".cogstream-write-probe-{os.getpid()}-{os.urandom(4).hex()}"  # unique across hosts too
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")

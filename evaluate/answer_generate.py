@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cogstream_jax import persistent_cache
 from cogstream_jax.cli_utils import add_flag as _add
 from cogstream_jax.cli_utils import run_cli
 from cogstream_jax.errors import UserError
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="local devices holding one copy of the model, fsdp-sharded when > 1 (auto: the fewest whose memory "
               "holds the weights)")
     _add(parser, "no_progress", action="store_true", help="no progress bar")
+    persistent_cache.add_compilation_cache_flag(parser)
     return parser
 
 
@@ -78,7 +80,12 @@ def _auto_or_int(text: str) -> str | int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: _run(args))
+
+    def body():
+        with persistent_cache.using(args.compilation_cache_dir):
+            return _run(args)
+
+    return run_cli(body)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,11 +1,12 @@
 """Object-store paths for real: a Google Cloud Storage emulator served on 127.0.0.1 (fake-gcs-server), with
 gcsfs (behind etils.epath) and TensorStore's gcs driver (behind orbax) pointed at it. A stage-1 run reads its
 dataset from gs://, writes train_config.json, metrics.jsonl, checkpoints and the adapter there, resumes from
-there, and leaves nothing under its working directory; URLs are validated; an unwritable remote folder is a
-one-line error."""
+there (JAX's compilation cache too: the resumed run reads back what the first compiled), and leaves nothing
+under its working directory; URLs are validated; an unwritable remote folder is a one-line error."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -28,6 +29,14 @@ def _stage1(env, cwd, *args, timeout=900):
                           text=True, timeout=timeout)
 
 
+def _cache_use(stderr: str, cache: str) -> tuple[int, int, int]:
+    """(read back, compiled, written) from a run's compilation cache summary."""
+    found = re.search(rf"compilation cache {re.escape(cache)}: (\d+) programs read back, (\d+) compiled "
+                      rf"\((\d+) written\)", stderr)
+    assert found, stderr[-3000:]
+    return tuple(int(n) for n in found.groups())
+
+
 @pytest.mark.slow
 def test_stage1_reads_and_writes_gs_and_resumes(gcs, tmp_path):
     from etils import epath
@@ -39,14 +48,19 @@ def test_stage1_reads_and_writes_gs_and_resumes(gcs, tmp_path):
     cwd.mkdir()
     upload(SAMPLE / "QA_Dataset", f"{data}/QA_Dataset")
     upload(SAMPLE / "event_segments", f"{data}/event_segments")
-    first = _stage1(gcs, cwd, "--QA_path", data, "--output_dir", run, "--max_steps", "1",
-                    "--save_steps", "1")
+    # JAX's persistent compilation cache there too, keeping what compiles in over 0.2 s (the model's programs)
+    cache, keep = f"gs://{BUCKET}/xla-cache", {**gcs, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
+    first = _stage1(keep, cwd, "--QA_path", data, "--output_dir", run, "--max_steps", "1",
+                    "--save_steps", "1", "--compilation_cache_dir", cache)
     assert first.returncode == 0, first.stderr[-3000:]
     root = epath.Path(run)
     assert (root / "checkpoints" / "1").is_dir()
-    again = _stage1(gcs, cwd, "--QA_path", data, "--output_dir", run, "--max_steps", "2", "--save_steps", "1",
-                    "--resume")
+    assert _cache_use(first.stderr, cache)[2] > 0
+    assert any(name.startswith("jit_stage1_grad-") for name in tree(cache))
+    again = _stage1(keep, cwd, "--QA_path", data, "--output_dir", run, "--max_steps", "2", "--save_steps", "1",
+                    "--resume", "--compilation-cache-dir", cache)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert _cache_use(again.stderr, cache)[0] > 0  # the resumed run reads back what the first compiled
     assert list(cwd.iterdir()) == []  # nothing landed under the working directory (no `gs:` folder)
     config = json.loads((root / "train_config.json").read_text())
     assert config["output_dir"] == run

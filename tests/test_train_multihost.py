@@ -41,7 +41,11 @@ def _restore(out: pathlib.Path):
 def test_two_processes_match_one_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_single("train.stage1", [*ARGS, "--mesh", MESH], single)
-    run_multi("train.stage1", [*ARGS, "--mesh", MESH], multi, via="env")
+    cache = tmp_path / "xla"  # JAX's persistent compilation cache: process 0 writes, both read
+    errors = run_multi("train.stage1", [*ARGS, "--mesh", MESH, "--compilation_cache_dir", str(cache)], multi,
+                       via="env")
+    assert [f"compilation cache {cache}: " in e for e in errors] == [True, False]  # reported once
+    assert any(p.name.startswith("jit_stage1_grad-") for p in cache.iterdir())
 
     a, b = metrics(single), metrics(multi)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cogstream_jax import persistent_cache
 from cogstream_jax.cli_utils import ArgumentParser
 from cogstream_jax.config import tiny
 from cogstream_jax.errors import ConfigError
@@ -70,6 +71,7 @@ def build_common_parser(description: str) -> ArgumentParser:
                    help="gradient executables compiled ahead by compile-check --save_compiled (same flags, mesh, "
                         "JAX and compiler settings): each one whose program is this run's is used instead of "
                         "compiling (stage 2: --token_buckets auto or a list; stage 1: --length_buckets all there)")
+    persistent_cache.add_compilation_cache_flag(p)
     p.add_argument("--coordinator_address", default=None, help="multi-host: host:port of process 0")
     p.add_argument("--num_processes", type=int, default=None)
     p.add_argument("--process_id", type=int, default=None)
@@ -85,7 +87,12 @@ def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run_module: st
     from cogstream_jax.cli_utils import forward, run_cli
 
     args = build_parser().parse_args(forward(argv))
-    return run_cli(lambda: importlib.import_module(run_module).run(args))
+
+    def body():
+        with persistent_cache.using(args.compilation_cache_dir):
+            return importlib.import_module(run_module).run(args)
+
+    return run_cli(body)
 
 
 def start(args: argparse.Namespace) -> None:
@@ -175,7 +182,7 @@ RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "max_steps", "save_steps", "keep_last", "no_progress", "mesh", "mesh_shape", "jax",
     "coordinator_address", "num_processes", "process_id", "remat", "no_scan_layers", "decode_threads", "model_path",
     "QA_path", "query_dir", "video_dir", "micro_batch_size", "micro_batch_items", "accumulation_steps",
-    "compiled_dir"})
+    "compiled_dir", "compilation_cache_dir"})
 
 
 def run_fingerprint(config: dict[str, Any]) -> dict[str, Any]:

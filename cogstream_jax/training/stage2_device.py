@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cogstream_jax import compiled_store
+from cogstream_jax import compiled_store, persistent_cache
 from cogstream_jax.compile_log import CompileLog
 from cogstream_jax.model.frame_vision import encode_frames
 from cogstream_jax.training.stage2_buckets import Stage2Call
@@ -135,7 +135,8 @@ class Stage2Device:
         """Compile the gradient for each call's shapes before training, several at a time (XLA compiles outside
         Python's lock), so that no update waits for a compile and a program that cannot compile fails first.
         `saved` (`compiled_store.load`): executables compiled ahead, by the hash of their lowered program; a call
-        whose program lowers to one of them takes it instead of compiling. (Compiled, taken from `saved`)."""
+        whose program lowers to one of them takes it instead of compiling. (Compiled, taken from `saved`, read back
+        from JAX's persistent compilation cache)."""
         lowered, taken = {}, 0
         for call in calls:
             arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.rows) for k, v in call.arrays.items()}
@@ -150,11 +151,13 @@ class Stage2Device:
                 self._compiled[key], taken = ahead, taken + 1
             else:
                 lowered[key] = low
+        before = persistent_cache.reads()
         if lowered:
             threads = threads or min(4, os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=max(1, min(threads, len(lowered)))) as pool:
                 self._compiled.update(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
-        return len(lowered), taken
+        read_back = persistent_cache.reads() - before
+        return len(lowered) - read_back, taken, read_back
 
     def lower_grad(self, state, frozen, arrays, inputs):
         return self._grad.lower(state, frozen, arrays, inputs)

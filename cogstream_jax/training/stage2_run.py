@@ -314,9 +314,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         # every planned gradient program before the first update (the stream already prepares QAs meanwhile)
         compiling = time.perf_counter()
-        compiled, taken = device.precompile(setup.state, setup.frozen, maker.empty_calls(
+        compiled, taken, read_back = device.precompile(setup.state, setup.frozen, maker.empty_calls(
             plan.chosen, token_buckets=plan.ladder, answers=plan.answers), saved=executables)
-        ahead = f"{taken} taken from --compiled_dir (of {len(executables)} there), " if executables is not None else ""
+        ahead = compiled_store.ahead_text(taken, None if executables is None else len(executables), read_back)
         executables = None  # those not taken leave the devices
         if plan.chosen:
             print(f"stage 2: {len(plan.chosen)} gradient programs (token buckets {list(plan.chosen)}, "
