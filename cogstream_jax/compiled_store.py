@@ -49,8 +49,10 @@ def save(folder: str, reports: Sequence[Any]) -> None:
         payload, in_tree, out_tree = serialize_executable.serialize(r.executable)
         path = out / f"{i:02d}_{r.name}.pkl"
         atomic_write_bytes(path, pickle.dumps((payload, in_tree, out_tree)))
+        devices = _program_devices(r.executable)
         index.append({"name": r.name, "label": r.label, "file": path.name,
-                      "program_sha256": getattr(r, "program_sha256", None), "devices": _devices(r.executable)})
+                      "program_sha256": getattr(r, "program_sha256", None), "devices": _kinds(devices),
+                      "device_ids": _ids(devices)})
     atomic_write_json(out / INDEX, {"jax": jax.__version__, "compiler_flags": compiler_flags(), "programs": index})
 
 
@@ -68,16 +70,16 @@ def _kinds(devices) -> list[str]:
     return [f"{d.platform}:{d.device_kind}" for d in devices]
 
 
-def _devices(executable: Any) -> list[str]:
-    """The kind of each device the program runs on, in its order (which a lowered program does not show)."""
+def _ids(devices) -> list[int]:
+    return [int(d.id) for d in devices]
+
+
+def _program_devices(executable: Any) -> list:
+    """The devices a program runs on, in its mesh's order (which a lowered program does not show): their kinds and
+    ids must be a run's, in the same order (a TPU slice's compile-only devices carry the slice's ids)."""
     shardings = jax.tree.leaves(executable.input_shardings)
     mesh = getattr(shardings[0], "mesh", None) if shardings else None
-    return _kinds(mesh.devices.flat if mesh is not None else sorted(shardings[0].device_set, key=lambda d: d.id))
-
-
-def devices_of(mesh) -> list[str]:
-    """`_devices` of a program over `mesh`."""
-    return _kinds(mesh.devices.flat)
+    return list(mesh.devices.flat) if mesh is not None else sorted(shardings[0].device_set, key=lambda d: d.id)
 
 
 def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str, tuple[str, Any]]:
@@ -93,8 +95,8 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
         raise ConfigError(f"{flag} {folder}: no {INDEX} (a folder written by compile-check --save_compiled)")
     try:
         index = json.loads((root / INDEX).read_text())
-        programs = [(str(p["file"]), str(p["program_sha256"]), list(p["devices"])) for p in index["programs"]
-                    if p["name"] == name and p.get("program_sha256")]
+        programs = [(str(p["file"]), str(p["program_sha256"]), list(p["devices"]), p.get("device_ids"))
+                    for p in index["programs"] if p["name"] == name and p.get("program_sha256")]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{flag} {folder}: {INDEX} is not compile-check's index ({e!r})") from None
     if index.get("jax") != jax.__version__:
@@ -102,12 +104,16 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
     if index.get("compiler_flags") != compiler_flags():
         raise ConfigError(f"{flag} {folder}: compiled with other compiler settings ({index.get('compiler_flags')}, "
                           f"here {compiler_flags()}); run compile-check with this run's XLA_FLAGS/LIBTPU_INIT_ARGS")
-    here = devices_of(mesh)
+    here, here_ids = _kinds(mesh.devices.flat), _ids(mesh.devices.flat)
     loaded = {}
-    for file, digest, devices in programs:
+    for file, digest, devices, ids in programs:
         if devices != here:  # another chip, or another device count
             print(f"note: {flag}: {file} runs on {len(devices)} x {sorted(set(devices))}, this run's mesh on "
                   f"{len(here)} x {sorted(set(here))}: not taken", file=sys.stderr)
+            continue
+        if ids is not None and list(ids) != here_ids:  # another device order, or the ids of another process layout
+            print(f"note: {flag}: {file} was compiled for devices {_short(ids)} in this order, this run's mesh has "
+                  f"{_short(here_ids)}: not taken", file=sys.stderr)
             continue
         try:
             payload, in_tree, out_tree = pickle.loads((root / file).read_bytes())
@@ -117,6 +123,12 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
             raise ConfigError(f"{flag} {folder}: {file} cannot be loaded here: {_first_line(e)}") from None
         loaded[digest] = (file, executable)
     return loaded
+
+
+def _short(ids: Sequence[int]) -> str:
+    """Device ids for a one-line note: a long list is cut (a pod has hundreds)."""
+    ids = [int(i) for i in ids]
+    return str(ids) if len(ids) <= 8 else f"[{', '.join(map(str, ids[:8]))}, ... ({len(ids)})]"
 
 
 def _first_line(error: Exception) -> str:

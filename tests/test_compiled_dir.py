@@ -143,7 +143,7 @@ def test_a_folder_that_is_not_compile_checks_is_a_one_line_error(tmp_path, capsy
     from cogstream_jax.sharding import make_mesh
 
     mesh = make_mesh("1,1,1", jax.devices()[:1])
-    here = compiled_store.devices_of(mesh)
+    here = ["cpu:cpu"]
 
     def index(programs, **extra):
         (tmp_path / "index.json").write_text(json.dumps({"jax": jax.__version__,
@@ -169,6 +169,11 @@ def test_a_folder_that_is_not_compile_checks_is_a_one_line_error(tmp_path, capsy
     index([{"name": "grad", "file": "00_grad.pkl", "program_sha256": "ab", "devices": ["tpu:TPU v5 lite"] * 4}])
     assert compiled_store.load(str(tmp_path), "grad", mesh) == {}
     assert "runs on 4 x ['tpu:TPU v5 lite'], this run's mesh on 1 x ['cpu:cpu']: not taken" in capsys.readouterr().err
+    # the same kind of device with another id (another device order, or another process layout) neither
+    index([{"name": "grad", "file": "00_grad.pkl", "program_sha256": "ab", "devices": here, "device_ids": [5]}])
+    assert compiled_store.load(str(tmp_path), "grad", mesh) == {}
+    assert "00_grad.pkl was compiled for devices [5] in this order, this run's mesh has [0]: not taken" in (
+        capsys.readouterr().err)
     (tmp_path / "index.json").write_text("[]")
     with pytest.raises(ConfigError, match="is not compile-check's index"):
         compiled_store.load(str(tmp_path), "grad", mesh)

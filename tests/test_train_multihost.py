@@ -1,7 +1,8 @@
 """Multi-host for real: two processes on 127.0.0.1 (jax.distributed + gloo CPU collectives, 4 fake devices
 each), started from the README's JAX_* variables only, train 3 stage-1 updates on a (2, 2, 2) mesh and match the
 single-process 8-device run: losses, the final checkpoint and the final adapter directory (which every process
-helps write). The project's own flags (--coordinator_address ...) resolve to the same jax.distributed call;
+helps write), with their gradient executables saved by a two-process compile (`--compiled_dir`) and a shared
+compilation cache. The project's own flags (--coordinator_address ...) resolve to the same jax.distributed call;
 tests/test_distributed_startup.py checks how flags, COGSTREAM_* and JAX_* variables resolve."""
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from multihost_helpers import SAMPLE, assert_no_temp_leftovers, assert_same_adapters, metrics, run_multi, run_single
+from multihost_helpers import (SAMPLE, assert_no_temp_leftovers, assert_same_adapters, launch, metrics, run_multi,
+                              run_single)
 
 ARGS = ["--model_path", "tiny", "--QA_path", str(SAMPLE), "--global_batch_size", "4", "--max_length", "576",
         "--dtype", "float32", "--num_train_epochs", "1", "--no_progress", "--seed", "0",
@@ -41,11 +43,19 @@ def _restore(out: pathlib.Path):
 def test_two_processes_match_one_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_single("train.stage1", [*ARGS, "--mesh", MESH], single)
-    cache = tmp_path / "xla"  # JAX's persistent compilation cache: process 0 writes, both read
-    errors = run_multi("train.stage1", [*ARGS, "--mesh", MESH, "--compilation_cache_dir", str(cache)], multi,
-                       via="env")
+    # the two processes take their gradients from executables that two processes compiled with compile-check's
+    # code (the CPU analogue of a pod slice's compile-only devices: the same device ids), and share JAX's
+    # persistent compilation cache for the rest (process 0 writes it, both read)
+    compiled, cache = tmp_path / "compiled", tmp_path / "xla"
+    launch(["tests.two_process_compile", str(compiled), "576", "4", MESH])
+    errors = run_multi("train.stage1", [*ARGS, "--mesh", MESH, "--compiled_dir", str(compiled),
+                                        "--compilation_cache_dir", str(cache)], multi, via="env")
+    for err in errors:
+        summary = [line for line in err.splitlines() if line.startswith("stage 1: gradient programs: ")]
+        assert len(summary) == 1 and summary[0].endswith("(of 2 there), 0 compiled"), err[-3000:]
+        assert "not taken" not in err and not summary[0].startswith("stage 1: gradient programs: 0 taken")
     assert [f"compilation cache {cache}: " in e for e in errors] == [True, False]  # reported once
-    assert any(p.name.startswith("jit_stage1_grad-") for p in cache.iterdir())
+    assert any(p.name.startswith("jit_apply-") for p in cache.iterdir())  # the optimiser update, compiled
 
     a, b = metrics(single), metrics(multi)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3]
