@@ -21,7 +21,7 @@ import jax
 
 from cogstream_jax import persistent_cache
 from cogstream_jax.compile_log import CompileLog
-from cogstream_jax.errors import ConfigError
+from cogstream_jax.errors import ConfigError, first_line
 
 INDEX = "index.json"
 
@@ -120,7 +120,7 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
             executable = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
                                                                   execution_devices=list(mesh.devices.flat))
         except Exception as e:  # noqa: BLE001 - a damaged file, a runtime that refuses it: say which, stop
-            raise ConfigError(f"{flag} {folder}: {file} cannot be loaded here: {_first_line(e)}") from None
+            raise ConfigError(f"{flag} {folder}: {file} cannot be loaded here: {first_line(e)}") from None
         loaded[digest] = (file, executable)
     return loaded
 
@@ -129,11 +129,6 @@ def _short(ids: Sequence[int]) -> str:
     """Device ids for a one-line note: a long list is cut (a pod has hundreds)."""
     ids = [int(i) for i in ids]
     return str(ids) if len(ids) <= 8 else f"[{', '.join(map(str, ids[:8]))}, ... ({len(ids)})]"
-
-
-def _first_line(error: Exception) -> str:
-    """An error's first line (a runtime's messages run to pages), for a one-line message."""
-    return (str(error).strip().splitlines() or [repr(error)])[0][:200]
 
 
 def take(saved: Mapping[str, tuple[str, Any]] | None, lowered: Any, since: int) -> Any | None:
@@ -163,7 +158,7 @@ class Taken:
         try:
             out = jax.block_until_ready(self.executable(*args))  # once: errors of the first run surface here
         except jax.errors.JaxRuntimeError as e:
-            raise ConfigError(f"--compiled_dir: {self.file} fails at its first run here ({_first_line(e)}); if the "
+            raise ConfigError(f"--compiled_dir: {self.file} fails at its first run here ({first_line(e)}); if the "
                               "saved program is at fault (another runtime, no code), compile-check --save_compiled "
                               "again on this runtime or run without --compiled_dir") from None
         self._ran = True

@@ -29,3 +29,10 @@ class VideoError(UserError):
 
 class InputError(UserError):
     """Model inputs are inconsistent (pixel rows vs grids, placeholder counts, context length)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first line (runtimes' messages run to pages of traces), for a one-line error; its type's
+    name when it has no message."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

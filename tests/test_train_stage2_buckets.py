@@ -12,6 +12,7 @@ from flax import nnx
 
 from cogstream_jax import config as configs
 from cogstream_jax import lora
+from cogstream_jax.model.frame_vision import PATCH_BUCKETS
 from cogstream_jax.sharding import make_mesh
 from cogstream_jax.training import stage2_buckets as sb
 from cogstream_jax.training import stage2_frames as sf
@@ -208,7 +209,7 @@ def test_bucket_ladders():
     assert all(b / a <= 2.0 for a, b in zip(sb.TOKEN_BUCKETS, sb.TOKEN_BUCKETS[1:]))
     assert sb.bucket(1, sb.TOKEN_BUCKETS) == 256 and sb.bucket(257, sb.TOKEN_BUCKETS) == 512
     assert sb.bucket(sb.TOKEN_BUCKETS[-1] + 1, sb.TOKEN_BUCKETS) is None
-    assert all(p % 4 == 0 for p in sb.PATCH_BUCKETS)
+    assert all(p % 4 == 0 for p in PATCH_BUCKETS)
     from cogstream_jax.training.stage2_scoring import scoring_length
 
     # event scoring: 1.5x steps for short streams, 1024-token steps above 4096 (a 180-frame stream's ~18k tokens)

@@ -12,7 +12,7 @@ import jax
 
 from cogstream_jax.compilecheck.gpu_specs import GPU_SPECS, target_config_text
 from cogstream_jax.compilecheck.hardware import Target
-from cogstream_jax.errors import ConfigError
+from cogstream_jax.errors import ConfigError, first_line
 
 INSTALL_HINT = {"tpu": 'pip install "cogstream-jax[tpu]" (jax[tpu]==0.10.2, i.e. libtpu 0.0.42)',
                 "gpu": 'pip install "cogstream-jax[cuda12]" (jax-cuda12-plugin/pjrt 0.10.2; a CUDA 13 build of '
@@ -42,9 +42,8 @@ def compile_only_devices(target: Target) -> list[jax.Device]:
                 desc = topologies.get_topology_desc(platform="cuda", topology=target.topology,
                                                     target_config=target_config_text(spec))
     except Exception as e:  # libtpu/plugin errors carry long multi-line traces; keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--topology {target.name}: no compile-only devices for {target.topology} "
-                          f"({first})") from None
+                          f"({first_line(e)})") from None
     devices = list(desc.devices)
     if len(devices) != target.devices:
         raise ConfigError(f"--topology {target.name}: expected {target.devices} devices, the topology description "

@@ -12,7 +12,7 @@ from flax import nnx
 from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket, encode_frames, frame_arrays
 from cogstream_jax.model.vision import VisualLayout
 
-#: frames per encoded segment are padded to one of these (patches per frame to `stage2_buckets.PATCH_BUCKETS`),
+#: frames per encoded segment are padded to one of these (patches per frame to `frame_vision.PATCH_BUCKETS`),
 #: so the faithful resize, which re-encodes every clip at a new grid as the stream grows, reuses a few programs
 FRAME_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 

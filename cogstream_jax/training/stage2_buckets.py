@@ -37,7 +37,7 @@ from cogstream_jax.data.stage2_samples import Stage2Sample
 from cogstream_jax.data.tokens import IMAGE_TOKEN_ID, PAD_ID
 from cogstream_jax.errors import InputError
 from cogstream_jax.model.attention import BLOCK, pad_to_block
-from cogstream_jax.model.frame_vision import PATCH_BUCKETS, bucket
+from cogstream_jax.model.frame_vision import bucket
 from cogstream_jax.model.vision import VisualLayout
 from cogstream_jax.training.losses import IGNORE_INDEX, supervised_positions
 from cogstream_jax.training.stage2_batches import render_teacher_forced
