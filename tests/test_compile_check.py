@@ -209,7 +209,7 @@ def test_remat_offload_keeps_the_layer_inputs_in_host_memory(reports, small_mode
     pinned_host in the compiled program), which compile-check reports apart from the device's bytes."""
     mesh = f"--mesh={SCANNED[2]}"
     code, report, err = _check(capsys, "--topology", SCANNED[1], "--job", "stage2", "--model_path", str(small_model),
-                               mesh, "--json", *SMALL, "--remat", "offload")
+                               mesh, "--json", *SMALL, "--remat", "offload", "--no_flop_count")
     full = {p["name"]: p for p in reports[(*SCANNED[:2], True)][1]["programs"]}
     grads = [p for p in report["programs"] if p["name"] == "grad"]
     assert code == 0 and len(grads) == 1 and full["grad"]["host_bytes"] == 0
@@ -221,7 +221,7 @@ def test_stage2_compiles_one_gradient_per_listed_token_bucket(capsys):
     """`--token_buckets` (a run's planned buckets): the vision chunk and one gradient per bucket, each at the
     run's call shape (U = 2 L, every call's answer positions)."""
     code, report, _ = _check(capsys, "--topology", "v5e-4", "--job", "stage2", "--model_path", "tiny", "--json",
-                             "--mesh=-1,1,1", *SMALL, "--token_buckets", "256,128")
+                             "--mesh=-1,1,1", *SMALL, "--token_buckets", "256,128", "--no_flop_count")
     assert code == 0 and len(report["programs"]) == 3
     grads = [p["label"] for p in report["programs"][1:]]
     assert grads == ["stage-2 gradient (4 QAs, bucket L=128 U=256 A=64)",
