@@ -6,8 +6,8 @@ random model (vision 768 x 6 layers, LLM 896 x 8 layers), a 4-segment synthetic 
 greedy, after a warm-up pass over an identical stream (all shapes compiled). On random weights the retrieval
 output is random (its length, and a `no` head that drops all video), so by default the retrieval decode runs its
 full 50 tokens and its result is pinned to "keep every history QA and the video" (`[yes,0,...,n-1]`): every turn
-does the full work, deterministically (`--free_retrieval` uses the model's own output instead). Every turn's latency is printed for
-both. Headline value = fixed-session latency at turn 12 / at turn 2 (target <= 1.5).
+does the full work, deterministically (`--free_retrieval` uses the model's own output instead). Every turn's
+latency is printed for both. Headline value = fixed-session latency at turn 12 / at turn 2 (target <= 1.5).
 Run: `.venv/bin/python bench/streaming.py [--repeats 1]`.
 """
 from __future__ import annotations

@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-merged": ("convert.export_merged", "write base + adapter merged safetensors"),
     "eval": ("evaluate.answer_generate", "streaming QA evaluation run (official result JSON)"),
     "score": ("evaluate.metrics", "CogStream metrics, retrieval quality and the report"),
-    "compile-check": ("cogstream_jax.compilecheck.cli", "compile a job for a TPU slice or GPU host here: per-chip memory, "
-                                                        "FLOPs, fits or not"),
+    "compile-check": ("cogstream_jax.compilecheck.cli",
+                      "compile a job for a TPU slice or GPU host here: per-chip memory, FLOPs, fits or not"),
     "demo": ("cogstream_jax.demo", "the whole life cycle on the bundled sample with a tiny random model"),
 }
 

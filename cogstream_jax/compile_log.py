@@ -62,6 +62,7 @@ class CompileLog:
         self.programs: list[CompiledProgram] = []  # each program the code needed, compiled or read back
         self.read_back: list[CompiledProgram] = []  # those of `programs` read from the persistent compilation cache
         self._pending: dict[str, list[CompiledProgram]] = {}
+        self._hit = threading.local()  # a cache hit was logged in this thread, its duration event not yet seen
 
     # -- hooks
     def _filter(self, record: logging.LogRecord) -> bool:
@@ -73,10 +74,8 @@ class CompileLog:
                                     tuple(tuple(getattr(a, "shape", ())) for a in avals))
             self.programs.append(entry)
             self._pending.setdefault(name, []).append(entry)
-        elif msg.startswith("Persistent compilation cache hit for") and record.args:
-            waiting = self._pending.get(program_name(str(record.args[0])))
-            if waiting:  # the oldest lowered program of that name (its duration event comes next, as a compile's)
-                self.read_back.append(waiting[0])
+        elif msg.startswith("Persistent compilation cache hit for"):
+            self._hit.now = True  # the duration event this thread records next is that program's (`_on_duration`)
         # records below the level the logger had are not for anyone else
         return record.levelno >= self._levels.get(record.name, logging.WARNING)
 
@@ -87,6 +86,9 @@ class CompileLog:
         if waiting:
             entry = waiting.pop(0)
             entry.seconds, entry.ended = duration, time.perf_counter()
+            if getattr(self._hit, "now", False):
+                self.read_back.append(entry)
+        self._hit.now = False
 
     @classmethod
     def mark(cls) -> int:

@@ -95,7 +95,8 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
         raise ConfigError(f"{flag} {folder}: no {INDEX} (a folder written by compile-check --save_compiled)")
     try:
         index = json.loads((root / INDEX).read_text())
-        programs = [(str(p["file"]), str(p["program_sha256"]), list(p["devices"]), p.get("device_ids"))
+        programs = [(str(p["file"]), str(p["program_sha256"]), list(p["devices"]),
+                     None if p.get("device_ids") is None else [int(i) for i in p["device_ids"]])
                     for p in index["programs"] if p["name"] == name and p.get("program_sha256")]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{flag} {folder}: {INDEX} is not compile-check's index ({e!r})") from None
@@ -111,7 +112,7 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
             print(f"note: {flag}: {file} runs on {len(devices)} x {sorted(set(devices))}, this run's mesh on "
                   f"{len(here)} x {sorted(set(here))}: not taken", file=sys.stderr)
             continue
-        if ids is not None and list(ids) != here_ids:  # another device order, or the ids of another process layout
+        if ids is not None and ids != here_ids:  # another device order, or the ids of another process layout
             print(f"note: {flag}: {file} was compiled for devices {_short(ids)} in this order, this run's mesh has "
                   f"{_short(here_ids)}: not taken", file=sys.stderr)
             continue
@@ -127,7 +128,6 @@ def load(folder: str, name: str, mesh, flag: str = "--compiled_dir") -> dict[str
 
 def _short(ids: Sequence[int]) -> str:
     """Device ids for a one-line note: a long list is cut (a pod has hundreds)."""
-    ids = [int(i) for i in ids]
     return str(ids) if len(ids) <= 8 else f"[{', '.join(map(str, ids[:8]))}, ... ({len(ids)})]"
 
 

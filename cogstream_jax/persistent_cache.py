@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
-from typing import Iterator
+import threading
+from typing import Any, Callable, Iterator
 
 import jax
 
@@ -43,27 +44,25 @@ class CacheUse:
                 f"({self.written} written)")
 
 
-_active: CacheUse | None = None
-_listening = False
+_totals = CacheUse("")  # this process's, whoever turned the cache on (a flag, JAX_COMPILATION_CACHE_DIR)
+_lock = threading.Lock()  # compiles run in several threads (`Stage2Device.precompile`, eval streams)
+_FIELDS = {_REQUEST: "requests", _HIT: "read_back", _WRITE: "written"}
 
 
 def _count(event: str, **kwargs) -> None:
-    use = _active
-    if use is None:
-        return
-    if event == _REQUEST:
-        use.requests += 1
-    elif event == _HIT:
-        use.read_back += 1
-    elif event == _WRITE:
-        use.written += 1
+    field = _FIELDS.get(event)
+    if field is not None:
+        with _lock:
+            setattr(_totals, field, getattr(_totals, field) + 1)
+
+
+jax.monitoring.register_event_listener(_count)
 
 
 def reads() -> int:
-    """Programs read back from the cache so far in the active `using` block (0 outside one): a caller compares the
-    count before and after a compile to tell a read from a compile."""
-    use = _active
-    return use.read_back if use is not None else 0
+    """Programs this process has read back from the cache so far: a caller compares the count before and after a
+    compile to tell a read from a compile."""
+    return _totals.read_back
 
 
 def add_compilation_cache_flag(parser) -> None:
@@ -73,22 +72,37 @@ def add_compilation_cache_flag(parser) -> None:
                         help="JAX's persistent compilation cache (a folder or gs:// URL, trusted: it holds "
                              "executables): programs compiled by an earlier run of the same programs on the same "
                              "kind of devices are read back instead of compiled; process 0 writes those that took "
-                             "over a second (default: JAX_COMPILATION_CACHE_DIR, else no cache)")
+                             "a second or more (default: JAX_COMPILATION_CACHE_DIR, else no cache)")
+
+
+@contextlib.contextmanager
+def configured(**settings: Any) -> Iterator[None]:
+    """JAX config `settings` that concern the cache while the block runs, then the previous values. JAX opens the
+    cache (or decides not to) once per process, so it is reset on the way in and out."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 @contextlib.contextmanager
 def using(path: str | None, flag: str = "--compilation_cache_dir", report: bool = True) -> Iterator[CacheUse | None]:
     """JAX's persistent compilation cache in `path` while the block runs (None: the cache as the environment set
     it, e.g. JAX_COMPILATION_CACHE_DIR). A folder that cannot be written is a one-line error before anything
-    compiles. `report`: process 0 prints its reads and compiles when the block ends without an error."""
-    global _active, _listening
+    compiles. `report`: process 0 prints the block's reads and compiles when it ends without an error."""
     if path is None:
         yield None
         return
-    from jax.experimental.compilation_cache import compilation_cache
-
     from cogstream_jax.errors import ConfigError
-    from cogstream_jax.io_utils import check_writable
+    from cogstream_jax.io_utils import check_writable, is_url
 
     if not jax.config.jax_enable_compilation_cache:
         raise ConfigError(f"{flag} {path}: JAX's compilation cache is disabled here (JAX_ENABLE_COMPILATION_CACHE)")
@@ -96,19 +110,23 @@ def using(path: str | None, flag: str = "--compilation_cache_dir", report: bool 
         check_writable(path)
     except ConfigError as e:
         raise ConfigError(f"{flag}: {e}") from None
-    if not _listening:
-        jax.monitoring.register_event_listener(_count)
-        _listening = True
-    previous = jax.config.jax_compilation_cache_dir
+    settings: dict[str, Any] = {"jax_compilation_cache_dir": str(path)}
+    if is_url(path):  # XLA's own GPU caches (autotuning) go under the folder as a local path: gs:/bucket/...
+        settings["jax_persistent_cache_enable_xla_caches"] = "none"
+    start = dataclasses.replace(_totals)
     use = CacheUse(str(path))
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    compilation_cache.reset_cache()  # the cache opens its folder once: at the next compile, this one
-    _active = use
-    try:
+    with configured(**settings):
         yield use
-    finally:
-        _active = None
-        jax.config.update("jax_compilation_cache_dir", previous)
-        compilation_cache.reset_cache()
+    for field in _FIELDS.values():  # the block's share of the process's counts
+        setattr(use, field, getattr(_totals, field) - getattr(start, field))
     if report and jax.process_index() == 0:  # after a run that ended well (its backends are up by then)
         print(use.summary(), file=sys.stderr)
+
+
+def wrap(path: str | None, body: Callable[[], Any]) -> Callable[[], Any]:
+    """`body` run inside `using(path)` (for `cli_utils.run_cli`, whose one-line errors cover the cache's)."""
+    def run() -> Any:
+        with using(path):
+            return body()
+
+    return run

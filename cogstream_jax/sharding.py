@@ -93,9 +93,9 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
                     units: Mapping[str, int] | Sequence[tuple[str, int]] | None = None) -> PartitionSpec:
     """PartitionSpec for one array; mesh axes of size 1, reused axes and indivisible dims are dropped.
 
-    `units` {logical axis: size} (or its items): that dimension is only split in whole multiples of `size` (attention heads:
-    a GQA model whose kv heads do not divide the tensor axis keeps them whole, replicated, instead of cutting
-    a head across ranks)."""
+    `units` {logical axis: size} (or its items): that dimension is only split in whole multiples of `size`
+    (attention heads: a GQA model whose kv heads do not divide the tensor axis keeps them whole, replicated, instead
+    of cutting a head across ranks)."""
     if not axes:
         return PartitionSpec()
     units = dict(units or ())

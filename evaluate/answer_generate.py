@@ -80,12 +80,7 @@ def _auto_or_int(text: str) -> str | int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def body():
-        with persistent_cache.using(args.compilation_cache_dir):
-            return _run(args)
-
-    return run_cli(body)
+    return run_cli(persistent_cache.wrap(args.compilation_cache_dir, lambda: _run(args)))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -174,6 +174,9 @@ def test_a_folder_that_is_not_compile_checks_is_a_one_line_error(tmp_path, capsy
     assert compiled_store.load(str(tmp_path), "grad", mesh) == {}
     assert "00_grad.pkl was compiled for devices [5] in this order, this run's mesh has [0]: not taken" in (
         capsys.readouterr().err)
+    index([{"name": "grad", "file": "00_grad.pkl", "program_sha256": "ab", "devices": here, "device_ids": 5}])
+    with pytest.raises(ConfigError, match="is not compile-check's index"):
+        compiled_store.load(str(tmp_path), "grad", mesh)
     (tmp_path / "index.json").write_text("[]")
     with pytest.raises(ConfigError, match="is not compile-check's index"):
         compiled_store.load(str(tmp_path), "grad", mesh)

@@ -44,8 +44,8 @@ def test_two_processes_match_one_process(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_single("train.stage1", [*ARGS, "--mesh", MESH], single)
     # the two processes take their gradients from executables that two processes compiled with compile-check's
-    # code (the CPU analogue of a pod slice's compile-only devices: the same device ids), and share JAX's
-    # persistent compilation cache for the rest (process 0 writes it, both read)
+    # code (the CPU analogue of a pod slice's compile-only devices: the same device ids), and name one folder for
+    # JAX's persistent compilation cache (process 0 writes it, reports once)
     compiled, cache = tmp_path / "compiled", tmp_path / "xla"
     launch(["tests.two_process_compile", str(compiled), "576", "4", MESH])
     errors = run_multi("train.stage1", [*ARGS, "--mesh", MESH, "--compiled_dir", str(compiled),

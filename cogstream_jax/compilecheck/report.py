@@ -54,16 +54,10 @@ def no_persistent_cache():
     comes back without its code): off while compile-check compiles. JAX decides once per process whether it uses
     the cache, so the decision is reset on the way in and out (a process that used it before, a test's, would
     otherwise go on reading it)."""
-    from jax.experimental.compilation_cache import compilation_cache
+    from cogstream_jax.persistent_cache import configured
 
-    previous = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    try:
+    with configured(jax_enable_compilation_cache=False):
         yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", previous)
-        compilation_cache.reset_cache()
 
 
 def _flops(compiled) -> float:

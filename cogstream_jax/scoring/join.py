@@ -45,7 +45,8 @@ def join_video(video: VideoResult, dataset_dir: Path, allow_partial: bool = Fals
     records, mismatches = [], []
     for chain in video.chains:
         if chain.chain_id >= len(labels):
-            raise DataError(f"{video.path}: chain {chain.chain_id} not in the dataset, which has {len(labels)} chain(s)")
+            raise DataError(f"{video.path}: chain {chain.chain_id} not in the dataset, which has "
+                            f"{len(labels)} chain(s)")
         chain_labels = labels[chain.chain_id]
         too_short_ok = allow_partial and len(chain.qas) < len(chain_labels)
         if len(chain.qas) != len(chain_labels) and not too_short_ok:

@@ -85,7 +85,8 @@ def _problem_section(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any], plots: bool = True) -> str:
     judge, inputs = report["judge"], report["inputs"]
-    note = " (offline proxy: text similarity, not the paper's LLM judge)" if judge["identity"].startswith("offline") else ""
+    offline = judge["identity"].startswith("offline")
+    note = " (offline proxy: text similarity, not the paper's LLM judge)" if offline else ""
     lines = ["# CogStream evaluation report", "",
              f"Judge: `{judge['identity']}`{note}; {judge['requests']} judgements, {judge['cache_hits']} from the "
              f"cache, {len(judge['failures'])} failed.",

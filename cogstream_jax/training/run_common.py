@@ -87,12 +87,8 @@ def cli_main(build_parser: Callable[[], argparse.ArgumentParser], run_module: st
     from cogstream_jax.cli_utils import forward, run_cli
 
     args = build_parser().parse_args(forward(argv))
-
-    def body():
-        with persistent_cache.using(args.compilation_cache_dir):
-            return importlib.import_module(run_module).run(args)
-
-    return run_cli(body)
+    return run_cli(persistent_cache.wrap(args.compilation_cache_dir,
+                                         lambda: importlib.import_module(run_module).run(args)))
 
 
 def start(args: argparse.Namespace) -> None:

@@ -299,11 +299,15 @@ def run(args: argparse.Namespace) -> int:
             out.update(loss=float(np.mean(trained)) if trained else float("nan"),
                        **{k: float(v) for k, v in pending[-1][2].items()})
             elapsed = time.perf_counter() - stats["started"]
-            compiled = log.model_sized(*towers)
+            built = log.model_sized(*towers)
+            read = [p for p in built if any(p is r for r in log.read_back)]  # from the persistent cache
+            compiled = [p for p in built if all(p is not r for r in read)]
             # the gradient programs (one per token bucket) apart: the frozen vision chunk and event scoring
             # compile once each, whatever the QAs' lengths
             out.update(model_programs_compiled=float(len(compiled)),
                        gradient_programs_compiled=float(sum(p.name == device.grad_name for p in compiled)),
+                       model_programs_read_back=float(len(read)),
+                       gradient_programs_read_back=float(sum(p.name == device.grad_name for p in read)),
                        compile_seconds=float(log.compile_seconds),
                        compile_share=float(log.compile_seconds / elapsed) if elapsed > 0 else 0.0,
                        padding_overhead=float(stats["padded"] / max(stats["real"], 1) - 1.0),
