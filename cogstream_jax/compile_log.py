@@ -31,6 +31,7 @@ class CompiledProgram:
     argument_shapes: tuple[tuple[int, ...], ...]
     seconds: float = 0.0
     ended: float = 0.0  # time.perf_counter() when its backend compile finished
+    from_cache: bool = False  # read back from the persistent compilation cache, not compiled
 
 
 def program_name(module_name: str) -> str:
@@ -60,7 +61,6 @@ class CompileLog:
 
     def __init__(self):
         self.programs: list[CompiledProgram] = []  # each program the code needed, compiled or read back
-        self.read_back: list[CompiledProgram] = []  # those of `programs` read from the persistent compilation cache
         self._pending: dict[str, list[CompiledProgram]] = {}
         self._hit = threading.local()  # a cache hit was logged in this thread, its duration event not yet seen
 
@@ -86,8 +86,7 @@ class CompileLog:
         if waiting:
             entry = waiting.pop(0)
             entry.seconds, entry.ended = duration, time.perf_counter()
-            if getattr(self._hit, "now", False):
-                self.read_back.append(entry)
+            entry.from_cache = getattr(self._hit, "now", False)
         self._hit.now = False
 
     @classmethod
@@ -145,11 +144,15 @@ class CompileLog:
         return [p for p in self.programs if any(uses(p, t) for t in towers)]
 
     @property
+    def read_back(self) -> list[CompiledProgram]:
+        """The programs read from the persistent compilation cache."""
+        return [p for p in self.programs if p.from_cache]
+
+    @property
     def compile_seconds(self) -> float:
         """Wall time spent compiling: programs compiled at the same time (`Stage2Device.precompile`) count once,
         programs read back from the persistent cache not at all."""
-        read = {id(p) for p in self.read_back}
-        spans = sorted((p.ended - p.seconds, p.ended) for p in self.programs if p.seconds > 0 and id(p) not in read)
+        spans = sorted((p.ended - p.seconds, p.ended) for p in self.programs if p.seconds > 0 and not p.from_cache)
         total, reach = 0.0, float("-inf")
         for start, end in spans:
             if end > reach:

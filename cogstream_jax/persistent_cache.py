@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
+FLAG = "--compilation_cache_dir"
 _REQUEST = "/jax/compilation_cache/compile_requests_use_cache"  # a program to compile or read back
 _HIT = "/jax/compilation_cache/cache_hits"  # read back
 _WRITE = "/jax/compilation_cache/cache_misses"  # JAX records it when it writes an entry
@@ -67,7 +68,7 @@ def reads() -> int:
 
 def add_compilation_cache_flag(parser) -> None:
     """`--compilation_cache_dir` (and its hyphenated alias) on a run's parser."""
-    parser.add_argument("--compilation_cache_dir", "--compilation-cache-dir", dest="compilation_cache_dir",
+    parser.add_argument(FLAG, FLAG.replace("_", "-"), dest=FLAG[2:],
                         default=None,
                         help="JAX's persistent compilation cache (a folder or gs:// URL, trusted: it holds "
                              "executables): programs compiled by an earlier run of the same programs on the same "
@@ -94,10 +95,11 @@ def configured(**settings: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def using(path: str | None, flag: str = "--compilation_cache_dir", report: bool = True) -> Iterator[CacheUse | None]:
-    """JAX's persistent compilation cache in `path` while the block runs (None: the cache as the environment set
-    it, e.g. JAX_COMPILATION_CACHE_DIR). A folder that cannot be written is a one-line error before anything
-    compiles. `report`: process 0 prints the block's reads and compiles when it ends without an error."""
+def using(path: str | None) -> Iterator[CacheUse | None]:
+    """JAX's persistent compilation cache in `path` (`--compilation_cache_dir`) while the block runs (None: the
+    cache as the environment set it, e.g. JAX_COMPILATION_CACHE_DIR). A folder that cannot be written is a
+    one-line error before anything compiles. Process 0 prints the block's reads and compiles when it ends without
+    an error."""
     if path is None:
         yield None
         return
@@ -105,11 +107,11 @@ def using(path: str | None, flag: str = "--compilation_cache_dir", report: bool 
     from cogstream_jax.io_utils import check_writable, is_url
 
     if not jax.config.jax_enable_compilation_cache:
-        raise ConfigError(f"{flag} {path}: JAX's compilation cache is disabled here (JAX_ENABLE_COMPILATION_CACHE)")
+        raise ConfigError(f"{FLAG} {path}: JAX's compilation cache is disabled here (JAX_ENABLE_COMPILATION_CACHE)")
     try:  # every process (nothing here may start JAX's backends: multi-host runs initialise them later)
         check_writable(path)
     except ConfigError as e:
-        raise ConfigError(f"{flag}: {e}") from None
+        raise ConfigError(f"{FLAG}: {e}") from None
     settings: dict[str, Any] = {"jax_compilation_cache_dir": str(path)}
     if is_url(path):  # XLA's own GPU caches (autotuning) go under the folder as a local path: gs:/bucket/...
         settings["jax_persistent_cache_enable_xla_caches"] = "none"
@@ -119,7 +121,7 @@ def using(path: str | None, flag: str = "--compilation_cache_dir", report: bool 
         yield use
     for field in _FIELDS.values():  # the block's share of the process's counts
         setattr(use, field, getattr(_totals, field) - getattr(start, field))
-    if report and jax.process_index() == 0:  # after a run that ended well (its backends are up by then)
+    if jax.process_index() == 0:  # after a run that ended well (its backends are up by then)
         print(use.summary(), file=sys.stderr)
 
 

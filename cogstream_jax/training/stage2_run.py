@@ -300,8 +300,8 @@ def run(args: argparse.Namespace) -> int:
                        **{k: float(v) for k, v in pending[-1][2].items()})
             elapsed = time.perf_counter() - stats["started"]
             built = log.model_sized(*towers)
-            read = [p for p in built if any(p is r for r in log.read_back)]  # from the persistent cache
-            compiled = [p for p in built if all(p is not r for r in read)]
+            read = [p for p in built if p.from_cache]  # from the persistent compilation cache
+            compiled = [p for p in built if not p.from_cache]
             # the gradient programs (one per token bucket) apart: the frozen vision chunk and event scoring
             # compile once each, whatever the QAs' lengths
             out.update(model_programs_compiled=float(len(compiled)),
